@@ -1,0 +1,85 @@
+"""`hackboot`: the command-line interface, built on the SDK.
+
+Exit codes: 0 ok, 1 error, 2 bad usage or input (4xx), 3 not found, 4 not authenticated or not
+allowed, 5 conflict or quota, 6 server unreachable or failing, 7 timed out waiting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import typer
+
+from hackboot.cli import identity
+from hackboot.cli.context import state
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def main(
+    profile: str = typer.Option("default", "--profile", envvar="HACKBOOT_PROFILE", help="CLI profile to use"),
+    url: str = typer.Option(None, "--url", envvar="HACKBOOT_URL", help="API address (overrides the profile)"),
+    token: str = typer.Option(None, "--token", envvar="HACKBOOT_TOKEN", help="API token (overrides the profile)"),
+    project: str = typer.Option(None, "--project-id", envvar="HACKBOOT_PROJECT",
+                                help="Project to act in (overrides the profile)"),
+) -> None:
+    state.profile, state.url, state.token, state.project = profile, url, token, project
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, "--host", help="API listen address (default 127.0.0.1)"),
+    port: int = typer.Option(None, "--port", help="API port (default 8080)"),
+    state_dir: str = typer.Option(None, "--state-dir", help="Where state lives (default ./var)"),
+    no_agent: bool = typer.Option(False, "--no-agent", help="Do not run the local host agent"),
+) -> None:
+    """Run the control plane (REST API, S3 endpoint, workers) and, by default, a local host agent."""
+    for env, value in (("HACKBOOT_API_HOST", host), ("HACKBOOT_API_PORT", port), ("HACKBOOT_STATE_DIR", state_dir)):
+        if value is not None:
+            os.environ[env] = str(value)
+    if no_agent:
+        os.environ["HACKBOOT_RUN_LOCAL_AGENT"] = "false"
+    from hackboot import server
+    from hackboot.core.config import get_settings, reset_settings_cache
+
+    reset_settings_cache()
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    password = server.prepare()
+    banner(settings, password)
+    server.serve()
+
+
+def banner(settings: object, password: str | None) -> None:
+    from hackboot.core.config import Settings
+
+    assert isinstance(settings, Settings)
+    pw_file = settings.state_dir / "initial-admin-password"
+    if password is None and pw_file.exists():
+        password = pw_file.read_text().strip()
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    typer.echo(f"""
+Hackboot Cloud is running.
+  API          {api}   (docs {api}/docs)
+  S3 endpoint  http://{settings.s3_host}:{settings.s3_port}
+  State        {settings.state_dir.resolve()}  ({settings.effective_database_url.split(':')[0]})
+  Admin        user 'admin', password {password or '(changed by the admin; see your records)'}
+
+Next steps:
+  .venv/bin/hackboot login --url {api} -u admin
+  .venv/bin/hackboot region list
+  .venv/bin/hackboot flavor list
+  .venv/bin/hackboot capacity
+""", err=False)
+
+
+identity.register(app)
+for _module in ("catalog", "events", "compute", "images", "volumes", "s3"):
+    try:
+        importlib.import_module(f"hackboot.cli.{_module}").register(app)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"hackboot.cli.{_module}":
+            raise

@@ -1,0 +1,92 @@
+"""The FastAPI application shell: error rendering, health, metrics. Routers come from server.py."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hackboot.core.config import get_settings
+from hackboot.core.db import session_scope
+from hackboot.core.errors import ApiError
+from hackboot.core.middleware import ApiMiddleware
+
+log = logging.getLogger("hackboot.api")
+PROBLEM = "application/problem+json"
+_HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
+               415: "unsupported_media_type", 422: "validation_failed", 429: "too_many_requests"}
+
+
+def _problem(request: Request, status: int, code: str, title: str, detail: str, **extra: object) -> JSONResponse:
+    body = {"type": f"https://hackboot.cloud/problems/{code}", "title": title, "status": status, "code": code,
+            "detail": detail, "instance": request.url.path,
+            "request_id": request.scope.get("state", {}).get("request_id", "")} | extra
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API") -> FastAPI:
+    app = FastAPI(title=title, version="1.0.0", description=(
+        "Self-hostable IaaS: identity, catalog, compute, volumes, object storage. "
+        "Authenticate with `Authorization: Bearer <token>`; errors are RFC 9457 problem+json."))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        resp = JSONResponse(exc.to_problem(request.url.path)
+                            | {"request_id": request.scope.get("state", {}).get("request_id", "")},
+                            status_code=exc.status, media_type=PROBLEM)
+        resp.headers.update(exc.headers)
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [{"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        summary = "; ".join(f"{'.'.join(f['loc'])}: {f['msg']}" for f in fields[:5])
+        return _problem(request, 422, "validation_failed", "Validation failed", summary or "Invalid request",
+                        errors=fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        resp = _problem(request, exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail))
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _problem(request, 500, "internal_error", "Internal error",
+                        "An unexpected error occurred; quote the request_id when reporting it")
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """Readiness: the database answers."""
+        try:
+            with session_scope(write=False) as s:
+                s.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any database failure means not ready
+            return JSONResponse({"status": "unavailable", "detail": str(exc)[:200]}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Prometheus metrics: request counts and latency histograms per route."""
+        return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
+
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(ApiMiddleware, max_body_bytes=get_settings().max_body_bytes)
+    return app

@@ -1,0 +1,124 @@
+"""Who is calling: bearer tokens → a Principal with a project and a role.
+
+A token is scoped to one project with a role (viewer < member < admin). A
+superuser's login token may be unscoped and choose a project per request with the
+`X-Hackboot-Project` header. Another project's resource is always a 404.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select, update
+
+from hackboot.core import errors
+from hackboot.core.crypto import hash_token
+from hackboot.core.db import session_scope, utcnow
+
+ROLE_RANK = {"viewer": 0, "member": 1, "admin": 2}
+PROJECT_HEADER = "X-Hackboot-Project"
+_LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    username: str
+    token_id: str
+    role: str
+    is_superuser: bool
+    project_id: str | None
+
+    def has_role(self, role: str) -> bool:
+        return self.is_superuser or ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+    @property
+    def project(self) -> str:
+        """The project the request acts in; a clear 400 when a superuser has not chosen one."""
+        if self.project_id is None:
+            raise errors.BadRequest(
+                f"This token is not scoped to a project: send the {PROJECT_HEADER} header or use a project token",
+                code="project_required")
+        return self.project_id
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise errors.Unauthenticated("Missing Authorization header: send 'Authorization: Bearer <token>'")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthenticated("Authorization header must be 'Bearer <token>'", code="bad_auth_scheme")
+    return token.strip()
+
+
+def authenticate_token(token: str, requested_project: str | None = None) -> Principal:
+    from hackboot.identity.models import ApiToken, Membership, User
+
+    now = utcnow()
+    with session_scope(write=False) as s:
+        row = s.execute(
+            select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(
+                ApiToken.token_hash == hash_token(token))
+        ).first()
+        if row is None:
+            raise errors.Unauthenticated("Unknown or deleted token", code="invalid_token")
+        tok, user = row
+        if tok.revoked_at is not None:
+            raise errors.Unauthenticated("This token was revoked", code="token_revoked")
+        if tok.expires_at is not None and tok.expires_at <= now:
+            raise errors.Unauthenticated("This token has expired", code="token_expired")
+        if user.disabled:
+            raise errors.Unauthenticated("This user is disabled", code="user_disabled")
+        project_id = tok.project_id
+        role = tok.role
+        if project_id is None and requested_project:
+            if not user.is_superuser:
+                raise errors.Forbidden("Only superusers may choose a project per request")
+            project_id = requested_project
+        elif project_id is not None and not user.is_superuser:
+            # A demoted or removed member loses the rights their older tokens carried.
+            member_role = s.scalar(select(Membership.role).where(
+                Membership.project_id == project_id, Membership.user_id == user.id))
+            if member_role is None:
+                raise errors.Unauthenticated("The token's user is no longer a member of its project",
+                                             code="membership_revoked")
+            if ROLE_RANK[member_role] < ROLE_RANK[role]:
+                role = member_role
+        stale = tok.last_used_at is None or now - tok.last_used_at > _LAST_USED_RESOLUTION
+        principal = Principal(user_id=user.id, username=user.username, token_id=tok.id, role=role,
+                              is_superuser=user.is_superuser, project_id=project_id)
+    if stale:  # bounded write rate: at most once a minute per token
+        with session_scope() as s:
+            s.execute(update(ApiToken).where(ApiToken.id == principal.token_id).values(last_used_at=now))
+    return principal
+
+
+def authenticated(request: Request) -> Principal:
+    principal = authenticate_token(_bearer(request), request.headers.get(PROJECT_HEADER))
+    request.state.principal = principal
+    return principal
+
+
+def _need(role: str):  # type: ignore[no-untyped-def]
+    def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if not principal.has_role(role):
+            raise errors.Forbidden(f"This action needs the '{role}' role; the token has '{principal.role}'")
+        return principal
+
+    return dependency
+
+
+def _superuser(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    if not principal.is_superuser:
+        raise errors.Forbidden("Only cloud administrators (superusers) may do this")
+    return principal
+
+
+Viewer = Annotated[Principal, Depends(_need("viewer"))]
+Member = Annotated[Principal, Depends(_need("member"))]
+Admin = Annotated[Principal, Depends(_need("admin"))]
+Superuser = Annotated[Principal, Depends(_superuser)]

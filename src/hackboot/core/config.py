@@ -1,0 +1,74 @@
+"""One settings object for the whole cloud.
+
+Values come from (highest first) environment variables `HACKBOOT_*`, a TOML file
+(`HACKBOOT_CONFIG`, default `./hackboot.toml` when present), then the embedded
+defaults, which run a complete cloud on one machine with SQLite under `./var/`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+def _toml_path() -> Path:
+    return Path(os.environ.get("HACKBOOT_CONFIG", "hackboot.toml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HACKBOOT_", extra="ignore")
+
+    state_dir: Path = Field(default=Path("var"), description="Where the cloud keeps its state on this host")
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty means SQLite in state_dir")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    s3_host: str = "127.0.0.1"
+    s3_port: int = 9000
+    public_url: str = ""
+    # Master key wrapping every stored secret (S3 secret keys, volume keys, webhook secrets).
+    # Empty: generated once into state_dir/master.key (mode 0600).
+    master_key: str = ""
+    max_body_bytes: int = 1024 * 1024
+    token_default_ttl_hours: int = 24 * 30
+    login_token_ttl_hours: int = 12
+    run_local_agent: bool = True
+    run_workers: bool = True
+    webhook_timeout_s: float = 5.0
+    webhook_max_attempts: int = 8
+    host_down_after_s: float = 30.0
+    region: str = "PAR1"
+    zone: str = "PAR1-a"
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_path()))
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_dir / 'hackboot.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def reset_settings_cache() -> None:
+    """Tests and `serve` call this after changing the environment."""
+    get_settings.cache_clear()

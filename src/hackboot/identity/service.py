@@ -1,0 +1,304 @@
+"""Identity rules: organisations, projects, users, memberships, tokens, bootstrap admin."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from hackboot.core import errors, quotas
+from hackboot.core.auth import ROLE_RANK, Principal
+from hackboot.core.config import get_settings
+from hackboot.core.crypto import hash_password, hash_token, new_secret, verify_password
+from hackboot.core.db import session_scope, utcnow
+from hackboot.core.ids import new_id
+from hackboot.events.service import emit
+from hackboot.identity.models import ApiToken, Membership, Organisation, Project, User
+
+TOKEN_PREFIX = "hbk_"
+ADMIN_USERNAME = "admin"
+DEFAULT_ORG = "default"
+
+
+@dataclass
+class IssuedToken:
+    token: ApiToken
+    secret: str  # shown once, never stored
+
+
+# --- bootstrap -------------------------------------------------------------------------------------
+
+def bootstrap(state_dir: Path) -> str | None:
+    """Create the default organisation, project and admin once. Returns the new password, or None.
+
+    The password is stored hashed; its clear text is written once to a 0600 file in the state
+    dir (as Jenkins and Argo CD do) so `make up` can print it again until the admin changes it.
+    """
+    with session_scope() as s:
+        if s.scalar(select(User).where(User.username == ADMIN_USERNAME)) is not None:
+            return None
+        org = Organisation(id=new_id("org"), name=DEFAULT_ORG)
+        s.add(org)
+        s.flush()
+        password = secrets.token_urlsafe(18)
+        admin = User(id=new_id("usr"), org_id=org.id, username=ADMIN_USERNAME, password_hash=hash_password(password),
+                     is_superuser=True)
+        project = Project(id=new_id("prj"), org_id=org.id, name="default", description="Created at bootstrap")
+        s.add_all([admin, project])
+        s.flush()
+        s.add(Membership(project_id=project.id, user_id=admin.id, role="admin"))
+        quotas.init_project_quotas(s, project.id)
+        emit(s, "project.created", resource_type="project", resource_id=project.id, project_id=project.id)
+    path = state_dir / "initial-admin-password"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
+
+
+# --- tokens ----------------------------------------------------------------------------------------
+
+def _issue(s: Session, *, user: User, project_id: str | None, role: str, name: str, ttl: dt.timedelta | None,
+           created_by: str) -> IssuedToken:
+    secret = new_secret(TOKEN_PREFIX)
+    tok = ApiToken(id=new_id("tok"), user_id=user.id, project_id=project_id, role=role, name=name,
+                   token_hash=hash_token(secret), prefix=secret[:10],
+                   expires_at=(utcnow() + ttl) if ttl else None, created_by=created_by)
+    s.add(tok)
+    s.flush()
+    return IssuedToken(token=tok, secret=secret)
+
+
+def login(username: str, password: str, project_id: str | None) -> IssuedToken:
+    """Exchange a password for a short-lived token (project-scoped unless a superuser asks for none)."""
+    with session_scope() as s:
+        user = s.scalar(select(User).where(User.username == username))
+        # Same message whether the user exists or not: no account enumeration.
+        if user is None or user.disabled or not user.password_hash or not verify_password(password,
+                                                                                          user.password_hash):
+            raise errors.Unauthenticated("Wrong username or password", code="invalid_credentials")
+        role = "admin"
+        if project_id is not None:
+            if not user.is_superuser:
+                membership = s.get(Membership, (project_id, user.id))
+                if membership is None:
+                    raise errors.NotFound(f"Project {project_id} not found")
+                role = membership.role
+            elif s.get(Project, project_id) is None:
+                raise errors.NotFound(f"Project {project_id} not found")
+        elif not user.is_superuser:
+            memberships = list(s.scalars(select(Membership).where(Membership.user_id == user.id)))
+            if len(memberships) != 1:
+                raise errors.BadRequest("You belong to several projects (or none): pass project_id",
+                                        code="project_required")
+            project_id, role = memberships[0].project_id, memberships[0].role
+        ttl = dt.timedelta(hours=get_settings().login_token_ttl_hours)
+        issued = _issue(s, user=user, project_id=project_id, role=role, name="login", ttl=ttl, created_by=user.id)
+        emit(s, "token.created", resource_type="token", resource_id=issued.token.id, project_id=project_id,
+             actor=user.id)
+        return issued
+
+
+def create_token(p: Principal, *, project_id: str, role: str, name: str, user_id: str | None,
+                 expires_in_hours: int | None) -> IssuedToken:
+    """A project token for yourself, or (project admins) for another member of the project."""
+    with session_scope() as s:
+        _visible_project(s, p, project_id)
+        target_id = user_id or p.user_id
+        user = s.get(User, target_id)
+        if user is None:
+            raise errors.NotFound(f"User {target_id} not found")
+        if not p.is_superuser:
+            if target_id != p.user_id and not _is_project_admin(s, p, project_id):
+                raise errors.Forbidden("Only project admins may create tokens for other users")
+            # Never mint more rights than the target holds in the project, nor more than the caller.
+            caller_role = _role_in(s, p.user_id, project_id) or "viewer"
+            if ROLE_RANK[role] > ROLE_RANK[caller_role]:
+                raise errors.Forbidden(f"You cannot grant '{role}': your role in this project is '{caller_role}'")
+        target_role = "admin" if user.is_superuser else _role_in(s, target_id, project_id)
+        if target_role is None:
+            raise errors.Conflict(f"User {user.username} is not a member of project {project_id}: add them first",
+                                  code="not_a_member")
+        if ROLE_RANK[role] > ROLE_RANK[target_role]:
+            raise errors.Conflict(f"User {user.username} is only '{target_role}' in this project",
+                                  code="role_too_high")
+        hours = expires_in_hours if expires_in_hours is not None else get_settings().token_default_ttl_hours
+        issued = _issue(s, user=user, project_id=project_id, role=role, name=name,
+                        ttl=dt.timedelta(hours=hours), created_by=p.user_id)
+        emit(s, "token.created", resource_type="token", resource_id=issued.token.id, project_id=project_id,
+             actor=p.user_id, data={"user_id": user.id, "role": role})
+        return issued
+
+
+def list_tokens(s: Session, p: Principal, project_id: str | None) -> list[ApiToken]:
+    stmt = select(ApiToken).where(ApiToken.revoked_at.is_(None))
+    if p.is_superuser:
+        if project_id:
+            stmt = stmt.where(ApiToken.project_id == project_id)
+    elif project_id and _is_project_admin(s, p, project_id):
+        stmt = stmt.where(ApiToken.project_id == project_id)
+    else:
+        stmt = stmt.where(ApiToken.user_id == p.user_id)
+    return list(s.scalars(stmt.order_by(ApiToken.id)))
+
+
+def revoke_token(p: Principal, token_id: str) -> ApiToken:
+    with session_scope() as s:
+        tok = s.get(ApiToken, token_id)
+        allowed = tok is not None and (
+            p.is_superuser or tok.user_id == p.user_id
+            or (tok.project_id is not None and _is_project_admin(s, p, tok.project_id)))
+        if tok is None or not allowed:
+            raise errors.NotFound(f"Token {token_id} not found")
+        if tok.revoked_at is None:
+            tok.revoked_at = utcnow()
+            emit(s, "token.revoked", resource_type="token", resource_id=tok.id, project_id=tok.project_id,
+                 actor=p.user_id)
+        return tok
+
+
+# --- projects and members --------------------------------------------------------------------------
+
+def _role_in(s: Session, user_id: str, project_id: str) -> str | None:
+    return s.scalar(select(Membership.role).where(Membership.project_id == project_id,
+                                                  Membership.user_id == user_id))
+
+
+def _is_project_admin(s: Session, p: Principal, project_id: str) -> bool:
+    return p.is_superuser or _role_in(s, p.user_id, project_id) == "admin"
+
+
+def _visible_project(s: Session, p: Principal, project_id: str) -> Project:
+    project = s.get(Project, project_id)
+    if project is None or (not p.is_superuser and _role_in(s, p.user_id, project_id) is None):
+        raise errors.NotFound(f"Project {project_id} not found")
+    return project
+
+
+def get_project(s: Session, p: Principal, project_id: str) -> Project:
+    return _visible_project(s, p, project_id)
+
+
+def create_project(p: Principal, name: str, description: str, org_id: str | None) -> Project:
+    with session_scope() as s:
+        me = s.get(User, p.user_id)
+        assert me is not None
+        org = org_id or me.org_id
+        if org != me.org_id and not p.is_superuser:
+            raise errors.NotFound(f"Organisation {org} not found")
+        if s.get(Organisation, org) is None:
+            raise errors.NotFound(f"Organisation {org} not found")
+        if s.scalar(select(Project).where(Project.org_id == org, Project.name == name)) is not None:
+            raise errors.Conflict(f"A project named '{name}' already exists in this organisation",
+                                  code="already_exists")
+        project = Project(id=new_id("prj"), org_id=org, name=name, description=description)
+        s.add(project)
+        s.flush()
+        s.add(Membership(project_id=project.id, user_id=p.user_id, role="admin"))
+        quotas.init_project_quotas(s, project.id)
+        emit(s, "project.created", resource_type="project", resource_id=project.id, project_id=project.id,
+             actor=p.user_id)
+        return project
+
+
+def project_query(p: Principal):  # type: ignore[no-untyped-def]
+    stmt = select(Project)
+    if not p.is_superuser:
+        stmt = stmt.join(Membership, Membership.project_id == Project.id).where(Membership.user_id == p.user_id)
+    return stmt
+
+
+def add_member(p: Principal, project_id: str, user_id: str, role: str) -> Membership:
+    with session_scope() as s:
+        _visible_project(s, p, project_id)
+        if not _is_project_admin(s, p, project_id):
+            raise errors.Forbidden("Only project admins may manage members")
+        if s.get(User, user_id) is None:
+            raise errors.NotFound(f"User {user_id} not found")
+        m = s.get(Membership, (project_id, user_id))
+        if m is None:
+            m = Membership(project_id=project_id, user_id=user_id, role=role)
+            s.add(m)
+        else:
+            m.role = role
+        emit(s, "project.member_set", resource_type="project", resource_id=project_id, project_id=project_id,
+             actor=p.user_id, data={"user_id": user_id, "role": role})
+        s.flush()
+        return m
+
+
+def remove_member(p: Principal, project_id: str, user_id: str) -> None:
+    with session_scope() as s:
+        _visible_project(s, p, project_id)
+        if not _is_project_admin(s, p, project_id):
+            raise errors.Forbidden("Only project admins may manage members")
+        m = s.get(Membership, (project_id, user_id))
+        if m is None:
+            raise errors.NotFound(f"User {user_id} is not a member of {project_id}")
+        s.delete(m)
+        emit(s, "project.member_removed", resource_type="project", resource_id=project_id,
+             project_id=project_id, actor=p.user_id, data={"user_id": user_id})
+
+
+def members(s: Session, p: Principal, project_id: str) -> list[Membership]:
+    _visible_project(s, p, project_id)
+    return list(s.scalars(select(Membership).where(Membership.project_id == project_id)
+                          .order_by(Membership.user_id)))
+
+
+# --- users -----------------------------------------------------------------------------------------
+
+def create_user(p: Principal, username: str, password: str | None, email: str, superuser: bool) -> User:
+    with session_scope() as s:
+        me = s.get(User, p.user_id)
+        assert me is not None
+        if superuser and not p.is_superuser:
+            raise errors.Forbidden("Only superusers may create superusers")
+        if not p.is_superuser and not s.scalar(select(Membership).where(Membership.user_id == p.user_id,
+                                                                          Membership.role == "admin")):
+            raise errors.Forbidden("Only project admins may create users")
+        user = User(id=new_id("usr"), org_id=me.org_id, username=username, email=email,
+                    password_hash=hash_password(password) if password else None, is_superuser=superuser)
+        s.add(user)
+        try:
+            s.flush()
+        except IntegrityError:
+            raise errors.Conflict(f"Username '{username}' is taken", code="already_exists") from None
+        emit(s, "user.created", resource_type="user", resource_id=user.id, project_id=None, actor=p.user_id)
+        return user
+
+
+def user_query(s: Session, p: Principal):  # type: ignore[no-untyped-def]
+    me = s.get(User, p.user_id)
+    assert me is not None
+    stmt = select(User)
+    if not p.is_superuser:
+        stmt = stmt.where(User.org_id == me.org_id)
+    return stmt
+
+
+def get_user(s: Session, p: Principal, user_id: str) -> User:
+    user = s.get(User, user_id)
+    me = s.get(User, p.user_id)
+    if user is None or me is None or (not p.is_superuser and user.org_id != me.org_id):
+        raise errors.NotFound(f"User {user_id} not found")
+    return user
+
+
+def change_password(p: Principal, user_id: str, old_password: str | None, new_password: str) -> None:
+    with session_scope() as s:
+        user = get_user(s, p, user_id)
+        if user.id != p.user_id and not p.is_superuser:
+            raise errors.NotFound(f"User {user_id} not found")
+        if user.id == p.user_id and user.password_hash and not verify_password(old_password or "",
+                                                                               user.password_hash):
+            raise errors.Forbidden("The current password is wrong", code="wrong_password")
+        user.password_hash = hash_password(new_password)
+        emit(s, "user.password_changed", resource_type="user", resource_id=user.id, project_id=None,
+             actor=p.user_id)

@@ -1,0 +1,70 @@
+"""SDK: login, projects, members, users, tokens, quotas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hackboot.sdk.client import Client, Resource
+
+
+class Auth(Resource):
+    def login(self, username: str, password: str, project_id: str | None = None) -> dict[str, Any]:
+        return self.c.post("/v1/auth/login", {"username": username, "password": password,
+                                              "project_id": project_id})
+
+    def whoami(self) -> dict[str, Any]:
+        return self.c.get("/v1/auth/whoami")
+
+
+class Projects(Resource):
+    path = "/v1/projects"
+
+    def create(self, name: str, description: str = "") -> dict[str, Any]:
+        return self.c.post(self.path, {"name": name, "description": description})
+
+    def members(self, project_id: str) -> list[dict[str, Any]]:
+        return self.c.get(f"{self.path}/{project_id}/members")
+
+    def set_member(self, project_id: str, user_id: str, role: str) -> dict[str, Any]:
+        return self.c.put(f"{self.path}/{project_id}/members/{user_id}", {"role": role})
+
+    def remove_member(self, project_id: str, user_id: str) -> None:
+        self.c.delete(f"{self.path}/{project_id}/members/{user_id}")
+
+    def quotas(self, project_id: str) -> list[dict[str, Any]]:
+        return self.c.get(f"{self.path}/{project_id}/quotas")
+
+    def set_quota(self, project_id: str, resource: str, limit: int) -> dict[str, Any]:
+        return self.c.put(f"{self.path}/{project_id}/quotas/{resource}", {"limit": limit})
+
+
+class Users(Resource):
+    path = "/v1/users"
+
+    def create(self, username: str, password: str | None = None, email: str = "",
+               is_superuser: bool = False) -> dict[str, Any]:
+        return self.c.post(self.path, {"username": username, "password": password, "email": email,
+                                       "is_superuser": is_superuser})
+
+    def set_password(self, user_id: str, new_password: str, old_password: str | None = None) -> None:
+        self.c.post(f"{self.path}/{user_id}/password", {"new_password": new_password,
+                                                       "old_password": old_password})
+
+
+class Tokens(Resource):
+    path = "/v1/tokens"
+
+    def create(self, *, project_id: str | None = None, role: str = "member", name: str = "api",
+               user_id: str | None = None, expires_in_hours: int | None = None) -> dict[str, Any]:
+        return self.c.post(self.path, {"project_id": project_id, "role": role, "name": name, "user_id": user_id,
+                                       "expires_in_hours": expires_in_hours})
+
+    def revoke(self, token_id: str) -> dict[str, Any]:
+        return self.c.delete(f"{self.path}/{token_id}")
+
+
+def attach(client: Client) -> None:
+    client.auth = Auth(client)  # type: ignore[attr-defined]
+    client.projects = Projects(client)  # type: ignore[attr-defined]
+    client.users = Users(client)  # type: ignore[attr-defined]
+    client.tokens = Tokens(client)  # type: ignore[attr-defined]
