@@ -83,3 +83,7 @@ for _module in ("catalog", "events", "compute", "images", "volumes", "s3"):
     except ModuleNotFoundError as _exc:
         if _exc.name != f"hackboot.cli.{_module}":
             raise
+
+
+if __name__ == "__main__":
+    app()

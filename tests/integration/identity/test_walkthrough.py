@@ -1,0 +1,75 @@
+"""Identity and tenancy through the SDK, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from hackboot.sdk import ApiError
+from tests.support import Cloud
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_member_token_walkthrough(any_cloud: Cloud) -> None:
+    admin = any_cloud.admin_client_unscoped()
+    project = admin.projects.create(_name("proj"))
+    user = admin.users.create(_name("alice"), password="correct-horse-1")
+    admin.projects.set_member(project["id"], user["id"], "member")
+    issued = admin.tokens.create(project_id=project["id"], role="member", user_id=user["id"], name="ci")
+    assert issued["token"].startswith("hbk_")
+    member = any_cloud.client(issued["token"])
+    me = member.auth.whoami()
+    assert me == {"user_id": user["id"], "username": user["username"], "token_id": issued["id"],
+                  "role": "member", "is_superuser": False, "project_id": project["id"]}
+    # The member sees only their project; another project's is a 404, never a 403.
+    assert [p["id"] for p in member.projects.list()] == [project["id"]]
+    with pytest.raises(ApiError) as err:
+        member.projects.get(any_cloud.project_id)
+    assert err.value.status == 404
+    # A member cannot mint an admin token.
+    with pytest.raises(ApiError) as err:
+        member.tokens.create(project_id=project["id"], role="admin")
+    assert err.value.status == 403
+
+
+def test_viewer_cannot_write_and_revoked_token_is_refused(any_cloud: Cloud) -> None:
+    admin = any_cloud.admin_client_unscoped()
+    project = admin.projects.create(_name("proj"))
+    user = admin.users.create(_name("victor"))
+    admin.projects.set_member(project["id"], user["id"], "viewer")
+    issued = admin.tokens.create(project_id=project["id"], role="viewer", user_id=user["id"])
+    viewer = any_cloud.client(issued["token"])
+    assert viewer.projects.get(project["id"])["id"] == project["id"]
+    with pytest.raises(ApiError) as err:
+        viewer.projects.create(_name("nope"))
+    assert err.value.status == 403 and err.value.code == "forbidden"
+    admin.tokens.revoke(issued["id"])
+    with pytest.raises(ApiError) as err:
+        viewer.auth.whoami()
+    assert err.value.status == 401 and err.value.code == "token_revoked"
+
+
+def test_unauthenticated_gets_401_with_challenge(any_cloud: Cloud) -> None:
+    import httpx
+
+    resp = httpx.get(any_cloud.url + "/v1/projects")
+    assert resp.status_code == 401
+    assert resp.headers["www-authenticate"].startswith("Bearer")
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert resp.json()["code"] == "unauthenticated"
+
+
+def test_idempotency_key_returns_the_same_project(any_cloud: Cloud) -> None:
+    admin = any_cloud.admin_client_unscoped()
+    name = _name("idem")
+    first = admin.request("POST", "/v1/projects", json={"name": name}, idempotency_key="k-" + name)
+    again = admin.request("POST", "/v1/projects", json={"name": name}, idempotency_key="k-" + name)
+    assert first == again
+    assert len(admin.projects.list(name=name)) == 1
+    with pytest.raises(ApiError) as err:
+        admin.request("POST", "/v1/projects", json={"name": name + "x"}, idempotency_key="k-" + name)
+    assert err.value.code == "idempotency_key_reused"
