@@ -48,6 +48,7 @@ def serve(
     reset_settings_cache()
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     password = server.prepare()
     banner(settings, password)
     server.serve()

@@ -88,5 +88,44 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
 
     for router in routers:
         app.include_router(router)
+    _document_problems(app)
     app.add_middleware(ApiMiddleware, max_body_bytes=get_settings().max_body_bytes)
     return app
+
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "code", "detail"],
+    "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+        "code": {"type": "string", "description": "Stable machine-readable error code"},
+        "detail": {"type": "string"}, "instance": {"type": "string"}, "request_id": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+    },
+}
+_PROBLEM_STATUSES = {"400": "Bad request", "401": "Not authenticated", "403": "Not allowed or over quota",
+                     "404": "Not found (including other projects' resources)", "409": "Conflict with current state",
+                     "413": "Body too large", "422": "Validation failed", "503": "Not ready"}
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Declare the problem+json answers every operation can give, so clients and fuzzers know them."""
+    original = app.openapi
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+        ref = {"content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for path_item in schema.get("paths", {}).values():
+            for op in path_item.values():
+                responses = op.setdefault("responses", {})
+                for status, description in _PROBLEM_STATUSES.items():
+                    if status == "422" and status in responses:
+                        responses[status] = {"description": description} | ref
+                    responses.setdefault(status, {"description": description} | ref)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

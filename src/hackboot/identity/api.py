@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from enum import Enum
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
@@ -18,6 +19,7 @@ from hackboot.identity.models import ApiToken, Project, User
 
 router = APIRouter(prefix="/v1", tags=["identity"])
 Role = Literal["viewer", "member", "admin"]
+QuotaResource = Enum("QuotaResource", {k: k for k in quotas.DEFAULT_QUOTAS}, type=str)  # type: ignore[misc]
 
 
 class LoginIn(Body):
@@ -205,10 +207,10 @@ def get_quotas(project_id: str, p: Viewer) -> list[QuotaOut]:
 
 
 @router.put("/projects/{project_id}/quotas/{resource}", response_model=QuotaOut)
-def set_quota(project_id: str, resource: str, body: QuotaIn, p: Superuser) -> QuotaOut:
+def set_quota(project_id: str, resource: QuotaResource, body: QuotaIn, p: Superuser) -> QuotaOut:
     with session_scope() as s:
         service.get_project(s, p, project_id)
-        return QuotaOut.model_validate(quotas.set_limit(s, project_id, resource, body.limit))
+        return QuotaOut.model_validate(quotas.set_limit(s, project_id, resource.value, body.limit))
 
 
 @router.post("/users", status_code=201, response_model=UserOut)

@@ -1,0 +1,32 @@
+# Hackboot Cloud — the two commands: `make up` and `make test`.
+SHELL := /bin/bash
+STATE_DIR ?= var
+IMAGES_DIR := $(STATE_DIR)/images/builtin
+PYTEST_ARGS ?=
+
+.PHONY: up test deps images images-tiny lint bench-smoke clean
+
+up: deps images
+	.venv/bin/hackboot serve --state-dir $(STATE_DIR)
+
+test: deps images-tiny
+	.venv/bin/python -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+
+deps:
+	@./scripts/install-deps.sh
+
+# Guest images are built locally from Debian packages, once, then cached.
+images: deps
+	.venv/bin/python -m hackboot.images.builder all --out $(IMAGES_DIR)
+
+images-tiny: deps
+	.venv/bin/python -m hackboot.images.builder tiny --out $(IMAGES_DIR)
+
+lint: deps
+	.venv/bin/ruff check src tests bench
+
+bench-smoke: deps images-tiny
+	for b in bench/*.py; do .venv/bin/python $$b --smoke || exit 1; done
+
+clean:
+	rm -rf .venv $(STATE_DIR)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what Hackboot Cloud needs on Debian 12, idempotently: apt packages, then .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils          # hypervisor and disk images
+  linux-image-cloud-amd64             # guest kernel for the built-in images
+  busybox-static dropbear-bin         # the `tiny` guest
+  debootstrap                         # the `debian-12` guest
+  genisoimage cpio e2fsprogs          # cloud-init seeds, initramfs, root filesystems
+  postgresql                          # multi-host state (tests run against it too)
+  openssh-client iproute2 procps curl
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "==> apt-get install ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.hackboot-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "==> pip install -e .[test]"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
