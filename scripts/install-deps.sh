@@ -11,6 +11,7 @@ APT_PACKAGES=(
   genisoimage cpio e2fsprogs          # cloud-init seeds, initramfs, root filesystems
   postgresql                          # multi-host state (tests run against it too)
   openssh-client iproute2 procps curl
+  wrk                                 # load generator of the API benchmark
 )
 
 missing=()

@@ -8,9 +8,12 @@ superuser's login token may be unscoped and choose a project per request with th
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from sqlalchemy import select, update
 
@@ -19,6 +22,12 @@ from hackboot.core.crypto import hash_token
 from hackboot.core.db import session_scope, utcnow
 
 ROLE_RANK = {"viewer": 0, "member": 1, "admin": 2}
+# Verified tokens are cached briefly: authentication then costs no query on hot paths.
+# Revocation through this process clears the cache at once; other control-plane
+# processes see it within CACHE_TTL_S.
+CACHE_TTL_S = 5.0
+_cache: dict[tuple[str, str | None], tuple[float, "Principal", dt.datetime | None]] = {}
+_cache_lock = threading.Lock()
 PROJECT_HEADER = "X-Hackboot-Project"
 _LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 
@@ -55,7 +64,33 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
+def forget_cached_tokens() -> None:
+    """Called when tokens, users or memberships change."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _cached(key: tuple[str, str | None]) -> Principal | None:
+    hit = _cache.get(key)
+    if hit is not None and hit[0] > time.monotonic() and (hit[2] is None or hit[2] > utcnow()):
+        return hit[1]
+    return None
+
+
 def authenticate_token(token: str, requested_project: str | None = None) -> Principal:
+    key = (hash_token(token), requested_project)
+    principal = _cached(key)
+    if principal is not None:
+        return principal
+    principal, expires_at = _authenticate(token, requested_project)
+    with _cache_lock:
+        if len(_cache) > 10_000:
+            _cache.clear()
+        _cache[key] = (time.monotonic() + CACHE_TTL_S, principal, expires_at)
+    return principal
+
+
+def _authenticate(token: str, requested_project: str | None) -> tuple[Principal, dt.datetime | None]:
     from hackboot.identity.models import ApiToken, Membership, User
 
     now = utcnow()
@@ -91,20 +126,26 @@ def authenticate_token(token: str, requested_project: str | None = None) -> Prin
         stale = tok.last_used_at is None or now - tok.last_used_at > _LAST_USED_RESOLUTION
         principal = Principal(user_id=user.id, username=user.username, token_id=tok.id, role=role,
                               is_superuser=user.is_superuser, project_id=project_id)
+        expires_at = tok.expires_at
     if stale:  # bounded write rate: at most once a minute per token
         with session_scope() as s:
             s.execute(update(ApiToken).where(ApiToken.id == principal.token_id).values(last_used_at=now))
-    return principal
+    return principal, expires_at
 
 
-def authenticated(request: Request) -> Principal:
-    principal = authenticate_token(_bearer(request), request.headers.get(PROJECT_HEADER))
+async def authenticated(request: Request) -> Principal:
+    # async, so a cache hit costs no thread hop; a miss queries the database in a worker thread.
+    token = _bearer(request)
+    project = request.headers.get(PROJECT_HEADER)
+    principal = _cached((hash_token(token), project))
+    if principal is None:
+        principal = await anyio.to_thread.run_sync(authenticate_token, token, project)
     request.state.principal = principal
     return principal
 
 
 def _need(role: str):  # type: ignore[no-untyped-def]
-    def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
         if not principal.has_role(role):
             raise errors.Forbidden(f"This action needs the '{role}' role; the token has '{principal.role}'")
         return principal
@@ -112,7 +153,7 @@ def _need(role: str):  # type: ignore[no-untyped-def]
     return dependency
 
 
-def _superuser(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+async def _superuser(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
     if not principal.is_superuser:
         raise errors.Forbidden("Only cloud administrators (superusers) may do this")
     return principal

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.types import TypeDecorator
 
 from hackboot.core.config import get_settings
@@ -56,7 +56,7 @@ def utcnow() -> dt.datetime:
 
 
 _engine: Engine | None = None
-_sessions: sessionmaker[Session] | None = None
+_read_engine: Engine | None = None
 
 
 def make_engine(url: str) -> Engine:
@@ -84,19 +84,19 @@ def make_engine(url: str) -> Engine:
 
 
 def get_engine() -> Engine:
-    global _engine, _sessions
+    global _engine, _read_engine
     if _engine is None:
         _engine = make_engine(get_settings().effective_database_url)
-        _sessions = sessionmaker(bind=_engine, expire_on_commit=False)
+        _read_engine = _engine.execution_options(sqlite_begin="DEFERRED")
     return _engine
 
 
 def dispose_engine() -> None:
-    global _engine, _sessions
+    global _engine, _read_engine
     if _engine is not None:
         _engine.dispose()
     _engine = None
-    _sessions = None
+    _read_engine = None
 
 
 @contextmanager
@@ -106,7 +106,7 @@ def session_scope(*, write: bool = True) -> Iterator[Session]:
     Never do slow work (processes, network, disk copies) inside one.
     """
     engine = get_engine()
-    bind = engine if write else engine.execution_options(sqlite_begin="DEFERRED")
+    bind = engine if write else _read_engine
     session = Session(bind=bind, expire_on_commit=False)
     try:
         yield session

@@ -42,7 +42,7 @@ class PageParams:
         return raw[3:]
 
 
-def _page_params(
+async def _page_params(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"Page size, at most {MAX_LIMIT}")] = 100,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
 ) -> PageParams:

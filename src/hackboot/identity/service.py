@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hackboot.core import errors, quotas
-from hackboot.core.auth import ROLE_RANK, Principal
+from hackboot.core.auth import ROLE_RANK, Principal, forget_cached_tokens
 from hackboot.core.config import get_settings
 from hackboot.core.crypto import hash_password, hash_token, new_secret, verify_password
 from hackboot.core.db import session_scope, utcnow
@@ -160,7 +160,8 @@ def revoke_token(p: Principal, token_id: str) -> ApiToken:
             tok.revoked_at = utcnow()
             emit(s, "token.revoked", resource_type="token", resource_id=tok.id, project_id=tok.project_id,
                  actor=p.user_id)
-        return tok
+    forget_cached_tokens()  # after commit, so no request re-caches the old state
+    return tok
 
 
 # --- projects and members --------------------------------------------------------------------------
@@ -230,7 +231,8 @@ def add_member(p: Principal, project_id: str, user_id: str, role: str) -> Member
         emit(s, "project.member_set", resource_type="project", resource_id=project_id, project_id=project_id,
              actor=p.user_id, data={"user_id": user_id, "role": role})
         s.flush()
-        return m
+    forget_cached_tokens()
+    return m
 
 
 def remove_member(p: Principal, project_id: str, user_id: str) -> None:
@@ -244,6 +246,7 @@ def remove_member(p: Principal, project_id: str, user_id: str) -> None:
         s.delete(m)
         emit(s, "project.member_removed", resource_type="project", resource_id=project_id,
              project_id=project_id, actor=p.user_id, data={"user_id": user_id})
+    forget_cached_tokens()
 
 
 def members(s: Session, p: Principal, project_id: str) -> list[Membership]:
