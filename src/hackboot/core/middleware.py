@@ -144,8 +144,11 @@ class ApiMiddleware:
             return await receive()
 
         captured: dict[str, Any] = {"status": 500, "ctype": "", "location": "", "body": []}
+        messages: list[Message] = []
 
         async def capture(message: Message) -> None:
+            # Held back until the key is recorded as done: a retry racing the first answer
+            # must see the stored response, not "in progress".
             if message["type"] == "http.response.start":
                 captured["status"] = message["status"]
                 for k, v in message.get("headers", []):
@@ -155,7 +158,7 @@ class ApiMiddleware:
                         captured["location"] = v.decode("latin-1")
             elif message["type"] == "http.response.body":
                 captured["body"].append(message.get("body", b""))
-            await send(message)
+            messages.append(message)
 
         try:
             await self.app(scope, replay_body, capture)
@@ -164,6 +167,8 @@ class ApiMiddleware:
             raise
         await anyio.to_thread.run_sync(idempotency.complete, kh, captured["status"], captured["ctype"],
                                        captured["location"], b"".join(captured["body"]))
+        for message in messages:
+            await send(message)
 
 
 def _audit(principal: Any, method: str, path: str, status: int, request_id: str) -> None:
