@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 8
     host_down_after_s: float = 30.0
+    # Images: where `make up` builds the built-in guest images, and upload limits.
+    builtin_images_dir: Path | None = None  # default: state_dir/images/builtin
+    image_max_bytes: int = 64 * 1024**3
+    image_max_virtual_bytes: int = 4 * 1024**4
     region: str = "PAR1"
     zone: str = "PAR1-a"
     log_level: str = "info"

@@ -11,9 +11,8 @@ the old one while instances may still use it.
 
 Slow work (streaming, hashing, ``qemu-img``) always runs outside database transactions.
 
-Settings read from the environment until they join ``Settings``:
-``HACKBOOT_BUILTIN_IMAGES_DIR`` (default ``<state_dir>/images/builtin``),
-``HACKBOOT_IMAGE_MAX_BYTES`` (default 64 GiB), ``HACKBOOT_IMAGE_MAX_VIRTUAL_BYTES`` (default 4 TiB).
+Settings: ``builtin_images_dir`` (default ``<state_dir>/images/builtin``), ``image_max_bytes``
+(64 GiB) and ``image_max_virtual_bytes`` (4 TiB), i.e. ``HACKBOOT_BUILTIN_IMAGES_DIR`` etc.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import errno
 import json
 import logging
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -56,8 +54,6 @@ from hackboot.images.store import (
 log = logging.getLogger("hackboot.images")
 
 BUILTIN_DIR_ENV = "HACKBOOT_BUILTIN_IMAGES_DIR"
-MAX_BYTES_ENV = "HACKBOOT_IMAGE_MAX_BYTES"
-MAX_VIRTUAL_BYTES_ENV = "HACKBOOT_IMAGE_MAX_VIRTUAL_BYTES"
 FREE_SPACE_RESERVE = 256 * 1024 * 1024  # never fill the state disk to the last byte
 HEARTBEAT_S = 30.0  # an upload in progress touches updated_at this often
 STALE_UPLOAD_S = 600.0  # ...and is declared interrupted after this long without a sign of life
@@ -75,21 +71,13 @@ class InsufficientStorage(errors.ApiError):
 
 # --- the store ----------------------------------------------------------------------------------------
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        log.warning("%s=%r is not an integer; using %d", name, raw, default)
-        return default
 
 
 def store() -> ImageStore:
     """The image store of this host (``<state_dir>/images``), with the configured limits."""
-    defaults = Limits()
-    limits = Limits(max_bytes=_env_int(MAX_BYTES_ENV, defaults.max_bytes),
-                    max_virtual_bytes=_env_int(MAX_VIRTUAL_BYTES_ENV, defaults.max_virtual_bytes))
-    return ImageStore(get_settings().state_dir / "images", limits)
+    settings = get_settings()
+    limits = Limits(max_bytes=settings.image_max_bytes, max_virtual_bytes=settings.image_max_virtual_bytes)
+    return ImageStore(settings.state_dir / "images", limits)
 
 
 def image_file(image: Image) -> Path:
@@ -473,8 +461,8 @@ def fail_snapshot(image_id: str, reason: str) -> None:
 # --- built-in images -------------------------------------------------------------------------------
 
 def builtin_dir() -> Path:
-    env = os.environ.get(BUILTIN_DIR_ENV, "").strip()
-    return Path(env) if env else get_settings().state_dir / "images" / "builtin"
+    settings = get_settings()
+    return settings.builtin_images_dir or settings.state_dir / "images" / "builtin"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,9 +198,16 @@ def test_seed_reads_the_folder_named_by_the_environment(project: str, tmp_path: 
     _qcow2(folder / "plain.qcow2")
     (folder / "plain.json").write_text(json.dumps({"name": "plain", "os": "debian", "version": "12",
                                                    "disk_format": "qcow2"}))
+    from hackboot.core.config import reset_settings_cache
+
     monkeypatch.setenv(service.BUILTIN_DIR_ENV, str(folder))
-    service.seed()
-    service.seed()
+    reset_settings_cache()
+    try:
+        service.seed()
+        service.seed()
+    finally:
+        monkeypatch.undo()
+        reset_settings_cache()
     with session_scope(write=False) as s:
         rows = list(s.query(Image).filter(Image.name == "plain"))
     assert len(rows) == 1
