@@ -9,9 +9,20 @@ one host are detected (compare-and-swap) instead of overselling it.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, Numeric, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    Numeric,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from hackboot.core.db import Base, utcnow
@@ -19,6 +30,15 @@ from hackboot.core.db import Base, utcnow
 REGION_STATUSES = ("operational", "maintenance", "planned", "retired")
 HOST_STATUSES = ("up", "down", "disabled")
 RESOURCE_CLASSES = ("VCPU", "MEMORY_MB", "DISK_GB")  # plus "GPU:<model>" per GPU model
+GPU_PREFIX = "GPU:"
+
+
+def allocatable(total: int, reserved: int, allocation_ratio: float) -> int:
+    """What may be allocated: (total - reserved) x ratio, rounded down.
+
+    The epsilon keeps float noise from losing a unit: (100 - 0) x 0.29 is 28.999999999999996.
+    """
+    return max(0, math.floor((total - reserved) * allocation_ratio + 1e-9))
 
 
 class Region(Base):
@@ -32,6 +52,8 @@ class Region(Base):
     status_reason: Mapped[str] = mapped_column(String(255), default="")
     peering: Mapped[str] = mapped_column(String(63), default="")
     available_from: Mapped[str] = mapped_column(String(16), default="")  # e.g. "2025-Q2" for planned sites
+    # Free-text caveat shown with the region (e.g. LON1: outside the EU, see seed_data.py)
+    note: Mapped[str] = mapped_column(String(500), default="", server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -40,6 +62,7 @@ class Zone(Base):
     id: Mapped[str] = mapped_column(String(24), primary_key=True)  # PAR1-a
     region_id: Mapped[str] = mapped_column(ForeignKey("regions.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), default="operational")
+    status_reason: Mapped[str] = mapped_column(String(255), default="", server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -70,6 +93,7 @@ class Price(Base):
     region_id: Mapped[str | None] = mapped_column(ForeignKey("regions.id"), nullable=True)  # None: all regions
     unit: Mapped[str] = mapped_column(String(16))  # hour, GB-month
     amount_eur: Mapped[float] = mapped_column(Numeric(12, 6, asdecimal=False))
+    description: Mapped[str] = mapped_column(String(255), default="", server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -101,7 +125,7 @@ class Inventory(Base):
 
     @property
     def capacity(self) -> int:
-        return int((self.total - self.reserved) * self.allocation_ratio)
+        return allocatable(self.total, self.reserved, self.allocation_ratio)
 
 
 class Allocation(Base):

@@ -26,7 +26,7 @@ ROLE_RANK = {"viewer": 0, "member": 1, "admin": 2}
 # Revocation through this process clears the cache at once; other control-plane
 # processes see it within CACHE_TTL_S.
 CACHE_TTL_S = 5.0
-_cache: dict[tuple[str, str | None], tuple[float, "Principal", dt.datetime | None]] = {}
+_cache: dict[tuple[str, str | None], tuple[float, Principal, dt.datetime | None]] = {}
 _cache_lock = threading.Lock()
 PROJECT_HEADER = "X-Hackboot-Project"
 _LAST_USED_RESOLUTION = dt.timedelta(minutes=1)

@@ -12,7 +12,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 
 def _toml_path() -> Path:
@@ -39,6 +44,14 @@ class Settings(BaseSettings):
     run_workers: bool = True
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 8
+    webhook_backoff_base_s: float = 1.0
+    webhook_backoff_max_s: float = 3600.0
+    webhook_poll_interval_s: float = 1.0
+    # SSRF guard: tenants must not make the cloud call loopback/private/link-local addresses.
+    webhook_allow_private_targets: bool = False
+    events_retention_days: int = 90  # the seed keeps access logs 90 days
+    events_stream_poll_s: float = 0.5
+    events_stream_heartbeat_s: float = 15.0
     host_down_after_s: float = 30.0
     # Images: where `make up` builds the built-in guest images, and upload limits.
     builtin_images_dir: Path | None = None  # default: state_dir/images/builtin

@@ -16,6 +16,7 @@ from sqlalchemy import Integer, String, Text, delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
+from hackboot.core.crypto import seal, unseal
 from hackboot.core.db import Base, session_scope, utcnow
 
 TTL = dt.timedelta(hours=24)
@@ -35,7 +36,7 @@ class IdempotencyRecord(Base):
 
 
 def key_hash(authorization: str, key: str, method: str, path: str) -> str:
-    return hashlib.sha256("\0".join([authorization, key, method, path]).encode()).hexdigest()
+    return hashlib.sha256(f"{authorization}\x00{key}\x00{method}\x00{path}".encode()).hexdigest()
 
 
 def reserve(kh: str, request_hash: str) -> IdempotencyRecord | None:
@@ -71,7 +72,12 @@ def complete(kh: str, status_code: int, content_type: str, location: str, body: 
         rec.status_code = status_code
         rec.content_type = content_type
         rec.location = location
-        rec.body = body.decode("utf-8", "replace")
+        # Sealed: stored responses may hold secrets shown once (tokens, webhook secrets).
+        rec.body = seal(body, kh.encode())
+
+
+def stored_body(rec: IdempotencyRecord) -> bytes:
+    return unseal(rec.body, rec.key_hash.encode()) if rec.body else b""
 
 
 def release(kh: str) -> None:

@@ -65,6 +65,8 @@ class ApiMiddleware:
             await send(message)
 
         try:
+            if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+                raise BadRequest("NUL characters are not allowed in paths or query strings", code="invalid_characters")
             ctype = _header(scope, b"content-type").split(";")[0].strip().lower()
             streaming = ctype in STREAMING_TYPES
             length = _header(scope, b"content-length")
@@ -131,7 +133,7 @@ class ApiMiddleware:
             if existing.location:
                 headers.append((b"location", existing.location.encode()))
             await send({"type": "http.response.start", "status": existing.status_code, "headers": headers})
-            await send({"type": "http.response.body", "body": existing.body.encode()})
+            await send({"type": "http.response.body", "body": idempotency.stored_body(existing)})
             return
 
         delivered = False

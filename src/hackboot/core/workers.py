@@ -35,7 +35,7 @@ class Workers:
         while not self._stop.is_set():
             try:
                 loop.step()
-            except Exception:  # noqa: BLE001 - a loop must survive any single failure
+            except Exception:
                 log.exception("worker %s failed; retrying in %.1fs", loop.name, loop.interval_s)
             self._stop.wait(loop.interval_s)
 
