@@ -6,8 +6,13 @@ Nothing imports this module; it imports every service's public pieces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import importlib
 import logging
+import os
+import signal
+import socket
 from typing import Any
 
 import uvicorn
@@ -68,6 +73,60 @@ def background_loops() -> list[Loop]:
     return loops
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the parent dies (even by SIGKILL)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl
+        os._exit(1)
+
+
+def _fork_api_workers(count: int, sock: socket.socket) -> list[int]:
+    """Extra API processes sharing the listening socket: the kernel spreads connections.
+
+    Python runs one request at a time per process (GIL), so one process per core is what
+    makes the API use the machine. They fork before any thread starts, and serve HTTP only:
+    reconcilers, workers and the S3 endpoint stay in the main process.
+    """
+    settings = get_settings()
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _die_with_parent()
+                server = _server(create_app(), settings.api_host, settings.api_port)
+                asyncio.run(server.serve(sockets=[sock]))
+            except BaseException:
+                log.exception("API worker failed")
+                code = 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+def _stop_children(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
 def _server(app: Any, host: str, port: int) -> uvicorn.Server:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
@@ -76,6 +135,11 @@ def _server(app: Any, host: str, port: int) -> uvicorn.Server:
 
 def serve() -> None:
     settings = get_settings()
+    from hackboot.core.db import dispose_engine
+
+    dispose_engine()  # no connection may cross a fork
+    api_socket = _bind(settings.api_host, settings.api_port)
+    children = _fork_api_workers(max(0, settings.api_workers - 1), api_socket)
     workers = Workers()
     if settings.run_workers:
         for loop in background_loops():
@@ -84,14 +148,16 @@ def serve() -> None:
         agent = _optional("hackboot.compute.agent")
         if agent is not None and hasattr(agent, "start_local_agent"):
             agent.start_local_agent(workers)
-    servers = [_server(create_app(), settings.api_host, settings.api_port)]
+    api = _server(create_app(), settings.api_host, settings.api_port)
+    servers = [api]
     s3 = _optional("hackboot.objectstore.s3app")
     if s3 is not None:
         servers.append(_server(s3.create_s3_app(), settings.s3_host, settings.s3_port))
 
     async def main() -> None:
         # Each uvicorn server catches SIGINT/SIGTERM for itself only: when one stops, stop all.
-        tasks = [asyncio.create_task(server.serve()) for server in servers]
+        tasks = [asyncio.create_task(api.serve(sockets=[api_socket]))]
+        tasks += [asyncio.create_task(server.serve()) for server in servers[1:]]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for server in servers:
             server.should_exit = True
@@ -100,4 +166,5 @@ def serve() -> None:
     try:
         asyncio.run(main())
     finally:
+        _stop_children(children)
         workers.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 
 import typer
 
@@ -42,11 +43,18 @@ def serve(
             os.environ[env] = str(value)
     if no_agent:
         os.environ["HACKBOOT_RUN_LOCAL_AGENT"] = "false"
-    from hackboot import server
     from hackboot.core.config import get_settings, reset_settings_cache
 
     reset_settings_cache()
     settings = get_settings()
+    if settings.api_workers > 1:
+        # Prometheus must know before it is imported that several processes share /metrics.
+        metrics_dir = settings.state_dir / "run" / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    from hackboot import server
+
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     password = server.prepare()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -77,13 +78,18 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
         try:
             with session_scope(write=False) as s:
                 s.execute(text("SELECT 1"))
-        except Exception as exc:  # noqa: BLE001 - any database failure means not ready
+        except Exception as exc:
             return JSONResponse({"status": "unavailable", "detail": str(exc)[:200]}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         """Prometheus metrics: request counts and latency histograms per route."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Several API processes: add up every process's samples.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
         return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
 
     for router in routers:

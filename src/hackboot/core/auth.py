@@ -8,9 +8,11 @@ superuser's login token may be unscoped and choose a project per request with th
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import anyio
@@ -18,13 +20,15 @@ from fastapi import Depends, Request
 from sqlalchemy import select, update
 
 from hackboot.core import errors
+from hackboot.core.config import get_settings
 from hackboot.core.crypto import hash_token
 from hackboot.core.db import session_scope, utcnow
 
 ROLE_RANK = {"viewer": 0, "member": 1, "admin": 2}
 # Verified tokens are cached briefly: authentication then costs no query on hot paths.
-# Revocation through this process clears the cache at once; other control-plane
-# processes see it within CACHE_TTL_S.
+# A revocation (or membership change) on this host touches the epoch file, which every API
+# worker process checks with one stat() per request, so it takes effect at once here;
+# control planes on other hosts see it within CACHE_TTL_S.
 CACHE_TTL_S = 5.0
 _cache: dict[tuple[str, str | None], tuple[float, Principal, dt.datetime | None]] = {}
 _cache_lock = threading.Lock()
@@ -64,13 +68,35 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
+_epoch = {"seen": -1}
+
+
+def _epoch_file() -> Path:
+    return get_settings().state_dir / "auth-epoch"
+
+
 def forget_cached_tokens() -> None:
-    """Called when tokens, users or memberships change."""
+    """Called after tokens, users or memberships change: every process drops its cache."""
     with _cache_lock:
         _cache.clear()
+    path = _epoch_file()
+    path.touch()
+    os.utime(path, ns=(time.time_ns(), time.time_ns()))
+
+
+def _check_epoch() -> None:
+    try:
+        mtime = os.stat(_epoch_file()).st_mtime_ns
+    except FileNotFoundError:
+        mtime = 0
+    if mtime != _epoch["seen"]:
+        with _cache_lock:
+            _cache.clear()
+        _epoch["seen"] = mtime
 
 
 def _cached(key: tuple[str, str | None]) -> Principal | None:
+    _check_epoch()
     hit = _cache.get(key)
     if hit is not None and hit[0] > time.monotonic() and (hit[2] is None or hit[2] > utcnow()):
         return hit[1]

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     database_url: str = Field(default="", description="SQLAlchemy URL; empty means SQLite in state_dir")
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    # API processes sharing the port (one per core suits Python); background work stays in one.
+    api_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1))
     s3_host: str = "127.0.0.1"
     s3_port: int = 9000
     public_url: str = ""

@@ -61,7 +61,7 @@ class ApiMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+                message["headers"] = [*list(message["headers"]), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
