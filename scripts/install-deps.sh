@@ -8,7 +8,7 @@ APT_PACKAGES=(
   linux-image-cloud-amd64             # guest kernel for the built-in images
   busybox-static dropbear-bin         # the `tiny` guest
   debootstrap                         # the `debian-12` guest
-  genisoimage cpio e2fsprogs          # cloud-init seeds, initramfs, root filesystems
+  genisoimage cpio e2fsprogs kmod     # cloud-init seeds, initramfs, root filesystems
   postgresql                          # multi-host state (tests run against it too)
   openssh-client iproute2 procps curl
   wrk                                 # load generator of the API benchmark

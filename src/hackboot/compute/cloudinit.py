@@ -35,6 +35,16 @@ class _SafeDumper(yaml.SafeDumper):
         super().increase_indent(flow, False)
 
 
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # Multi-line strings (runcmd scripts, write_files content) as "|" blocks rather than one
+    # "...\n..." line: the seed stays readable when someone debugs an instance.
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_SafeDumper.add_representer(str, _represent_str)
+
+
 def _dump_yaml(data: dict[str, Any]) -> str:
     # width=inf: never fold long scalars (SSH keys, shell commands) over several lines.
     return yaml.dump(
@@ -66,9 +76,8 @@ def _load_cloud_config(text: str) -> dict[str, Any]:
     if data is None:  # header only / comments only: cloud-init treats it as an empty config
         return {}
     if not isinstance(data, dict):
-        raise ValueError(
-            f"user_data: #cloud-config must be a YAML mapping (key: value), got {type(data).__name__}"
-        )
+        # ValueError, not TypeError: this is bad user input, reported as such by the API.
+        raise ValueError(f"user_data: #cloud-config must be a YAML mapping (key: value), got {type(data).__name__}")
     return data
 
 
@@ -80,12 +89,10 @@ def validate_user_data(text: str) -> None:
     untouched: cloud-init interprets them and we have nothing reliable to check.
     """
     if not isinstance(text, str):
-        raise ValueError("user_data must be a string")
+        raise TypeError("user_data must be a string")
     size = len(text.encode("utf-8"))
     if size > MAX_USER_DATA_BYTES:
-        raise ValueError(
-            f"user_data is {size} bytes; the limit is {MAX_USER_DATA_BYTES} bytes (64 KiB)"
-        )
+        raise ValueError(f"user_data is {size} bytes; the limit is {MAX_USER_DATA_BYTES} bytes (64 KiB)")
     if _is_cloud_config(text):
         _load_cloud_config(text)
 
@@ -203,8 +210,17 @@ def build_seed_iso(
                 path.write_text(content, encoding="utf-8")
                 path.chmod(0o644)
             proc = subprocess.run(
-                [genisoimage, "-quiet", "-output", str(tmp_iso), "-volid", "cidata",
-                 "-joliet", "-rock", staging],
+                [
+                    genisoimage,
+                    "-quiet",
+                    "-output",
+                    str(tmp_iso),
+                    "-volid",
+                    "cidata",
+                    "-joliet",
+                    "-rock",
+                    staging,
+                ],
                 capture_output=True,
                 text=True,
                 check=False,

@@ -6,7 +6,7 @@
 #   mode=meta (meta-data):   out/instance-id   out/local-hostname   out/keys (from public-keys)
 #   mode=user (#cloud-config): out/hostname   out/keys   out/users   out/runcmd
 #
-#   out/keys    "USER<TAB>KEY" per line; an empty USER means the image's default user (root)
+#   out/keys    "USER:KEY" per line; an empty USER means the image's default user (root)
 #   out/users   user names from users[] ("default" is dropped)
 #   out/runcmd  shell lines, one runcmd entry each (list entries are shell-quoted and joined)
 #
@@ -106,7 +106,10 @@ function shquote(s,    parts, n, i, res) {
 function mapping_key(s) { sub(/[ \t]*:.*$/, "", s); return unquote(s) }
 function mapping_value(s) { sub(/^[^:]*:/, "", s); return ltrim(s) }
 
-function add_key(user, key) { if (key != "") emit("keys", user "\t" key) }
+# One runcmd entry; a trailing newline (e.g. from "...\n") would only add a blank line.
+function emit_cmd(cmd) { sub(/\n+$/, "", cmd); if (cmd != "") emit("runcmd", cmd) }
+
+function add_key(user, key) { if (key != "") emit("keys", user ":" key) }
 
 # --- runcmd ----------------------------------------------------------------------------------
 function flush_args(    cmd, i) {
@@ -115,8 +118,7 @@ function flush_args(    cmd, i) {
     cmd = ""
     for (i = 1; i <= nargs; i++)
         cmd = cmd (i > 1 ? " " : "") shquote(args[i])
-    if (cmd != "")
-        emit("runcmd", cmd)
+    emit_cmd(cmd)
     in_args = 0
     nargs = 0
 }
@@ -124,9 +126,7 @@ function flush_args(    cmd, i) {
 function end_block() {
     if (!in_block)
         return
-    sub(/\n+$/, "", block_text)
-    if (block_text != "")
-        emit("runcmd", block_text)
+    emit_cmd(block_text)
     in_block = 0
 }
 
@@ -144,8 +144,7 @@ function runcmd_item(ind, item,    a, n, i, cmd) {
         cmd = ""
         for (i = 1; i <= n; i++)
             cmd = cmd (i > 1 ? " " : "") shquote(a[i])
-        if (cmd != "")
-            emit("runcmd", cmd)
+        emit_cmd(cmd)
     } else if (item ~ /^[|>]/) {
         in_block = 1
         block_ind = ind
@@ -159,7 +158,7 @@ function runcmd_item(ind, item,    a, n, i, cmd) {
         if (item != "")
             args[++nargs] = unquote(item)
     } else {
-        emit("runcmd", unquote(item))
+        emit_cmd(unquote(item))
     }
 }
 
@@ -238,7 +237,7 @@ function inline_value(key, v,    a, n, i) {
     } else if (key == "runcmd" && v ~ /^\[/) {
         n = flow_split(v, a)
         for (i = 1; i <= n; i++)
-            emit("runcmd", a[i])
+            emit_cmd(a[i])
     } else if (key == "users" && v ~ /^\[/) {
         n = flow_split(v, a)
         for (i = 1; i <= n; i++)

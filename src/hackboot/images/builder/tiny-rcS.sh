@@ -14,10 +14,20 @@ RUN=/run/hackboot                # per-boot scratch
 SEED="$RUN/seed"
 PARSED="$RUN/parsed"
 
-say() { echo "hackboot-tiny: $*"; }
-uptime_s() { cut -d' ' -f1 /proc/uptime; }
+say() { echo "hackboot-tiny: [$(cut -d" " -f1 /proc/uptime)] $*"; }
 
-say "init started (uptime $(uptime_s)s)"
+say "init started"
+
+# Host keys first, in the background: without a virtio-rng device the kernel only seeds its RNG
+# (~1 s of jitter entropy under emulation) once something blocks in getrandom(), so start that
+# now and let it overlap with the rest of the boot. Keys are per instance: see the seed section.
+generate_host_keys() {
+    mkdir -p /etc/dropbear
+    for type in ed25519 ecdsa; do   # no RSA: generating it takes seconds under emulation
+        keyfile=/etc/dropbear/dropbear_${type}_host_key
+        [ -s "$keyfile" ] || dropbearkey -t "$type" -f "$keyfile" >/dev/null 2>&1
+    done
+}
 
 # --- filesystems --------------------------------------------------------------------------
 # The initrd moved /dev, /proc and /sys over; mount them here only when booted without it.
@@ -44,11 +54,15 @@ if [ -b "$rootdev" ]; then
     resize2fs "$rootdev" >"$RUN/resize2fs.log" 2>&1 || say "WARNING: resize2fs failed, see $RUN/resize2fs.log"
 fi
 
+say "root filesystem ready"
+generate_host_keys &
+keygen_pid=$!
+
 hostname -F /etc/hostname 2>/dev/null
 ip link set lo up
-syslogd -C256            # in-memory log, read with `logread`; dropbear logs there
+syslogd -C256    # in-memory log, read with `logread`; dropbear logs there
+# ACPI power button (what QMP system_powerdown, i.e. a graceful stop, sends) -> clean poweroff.
 modprobe -q button 2>/dev/null && modprobe -q evdev 2>/dev/null && acpid
-                         # ACPI power button -> clean poweroff (QMP system_powerdown)
 
 # --- network ------------------------------------------------------------------------------
 # udhcpc only backgrounds itself once it has a lease (or gave up after -t*-T seconds), so the
@@ -116,8 +130,13 @@ say "hostname $(hostname)"
 # --- users and SSH keys -------------------------------------------------------------------
 home_of() { awk -F: -v u="$1" '$1 == u { print $6 }' /etc/passwd; }
 
+valid_user() {     # keep odd names from corrupting /etc/passwd
+    case "$1" in ""|*[!a-z0-9_-]*|[0-9-]*) return 1 ;; esac
+}
+
 ensure_user() {    # busybox here has no adduser: edit the databases directly
     user=$1
+    valid_user "$user" || { say "WARNING: ignoring invalid user name '$user'"; return 1; }
     grep -q "^$user:" /etc/passwd && return 0
     uid=$(awk -F: '$3 >= 1000 && $3 < 60000 && $3 > max { max = $3 } END { print (max ? max + 1 : 1000) }' /etc/passwd)
     echo "$user:x:$uid:$uid::/home/$user:/bin/sh" >> /etc/passwd
@@ -130,6 +149,7 @@ ensure_user() {    # busybox here has no adduser: edit the databases directly
 
 add_key() {        # add_key USER KEY: append KEY to USER's authorized_keys unless present
     user=$1 key=$2
+    valid_user "$user" || return 0
     home=$(home_of "$user")
     [ -n "$home" ] || return 0
     mkdir -p "$home/.ssh"
@@ -148,8 +168,9 @@ if [ -s "$PARSED/users" ]; then
 fi
 if [ -s "$PARSED/keys" ]; then
     nkeys=0
-    # Each line is "USER<TAB>KEY"; an empty USER means the default user, which here is root.
-    while IFS='	' read -r user key; do
+    # Each line is "USER:KEY"; an empty USER means the default user, which here is root.
+    # (":" and not a tab: read would swallow a leading tab, i.e. an empty USER field.)
+    while IFS=: read -r user key; do
         [ -n "$key" ] || continue
         case "$user" in ""|default) user=root ;; esac
         add_key "$user" "$key"
@@ -159,15 +180,12 @@ if [ -s "$PARSED/keys" ]; then
 fi
 
 # --- dropbear -----------------------------------------------------------------------------
-mkdir -p /etc/dropbear
-if [ "$new_instance" = 1 ]; then
-    # A new instance must not share host keys with the disk it was cloned from.
+wait "$keygen_pid"
+if [ "$new_instance" = 1 ] && [ -n "$previous_instance" ]; then
+    # This disk was cloned from another instance: it must not keep that instance's host keys.
     rm -f /etc/dropbear/dropbear_*_host_key
+    generate_host_keys
 fi
-for type in ed25519 ecdsa; do   # no RSA: generating it takes seconds under emulation
-    keyfile=/etc/dropbear/dropbear_${type}_host_key
-    [ -s "$keyfile" ] || dropbearkey -t "$type" -f "$keyfile" >/dev/null 2>&1
-done
 echo "-----BEGIN SSH HOST KEY KEYS-----"
 for type in ed25519 ecdsa; do
     dropbearkey -y -f /etc/dropbear/dropbear_${type}_host_key 2>/dev/null | grep -E '^(ssh-|ecdsa-)'
@@ -176,7 +194,7 @@ echo "-----END SSH HOST KEY KEYS-----"
 # -s: public keys only (root has no usable password anyway); root login allowed.
 dropbear -s -p 22 -P /run/dropbear.pid \
     -r /etc/dropbear/dropbear_ed25519_host_key -r /etc/dropbear/dropbear_ecdsa_host_key
-say "ssh ready (uptime $(uptime_s)s)"
+say "ssh ready"
 
 # --- per-instance user code, in the background like cloud-init's final stage ---------------
 if [ "$new_instance" = 1 ]; then
@@ -195,10 +213,11 @@ if [ "$new_instance" = 1 ]; then
             "$scripts/$script" >> /var/log/hackboot-user.log 2>&1 </dev/null
             say "$script finished with exit code $?"
         done
-        : > "$STATE/boot-finished"
-        say "boot finished (uptime $(uptime_s)s)"
+        : > "$RUN/boot-finished"
+        say "boot finished"
     ) &
 else
-    say "boot finished (uptime $(uptime_s)s)"
+    : > "$RUN/boot-finished"
+    say "boot finished"
 fi
 exit 0
