@@ -9,8 +9,11 @@ PYTEST_ARGS ?=
 up: deps images
 	.venv/bin/hackboot serve --state-dir $(STATE_DIR)
 
+# Tests reuse the guest images `make up` builds (one cache, one build).
+TEST_ENV := HACKBOOT_IMAGE_CACHE=$(abspath $(IMAGES_DIR)) HACKBOOT_TEST_IMAGE_DIR=$(abspath $(IMAGES_DIR))
+
 test: deps images-tiny
-	.venv/bin/python -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+	$(TEST_ENV) .venv/bin/python -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 deps:
 	@./scripts/install-deps.sh
