@@ -1,0 +1,708 @@
+"""The block storage driver of a host: qcow2 files in a pool, qemu-img, QMP block graphs.
+
+Knows nothing of HTTP, tenants or the database: the agent (``volumes/agent.py``) calls it with
+paths, sizes and keys.
+
+Files and chains
+----------------
+A volume is a tree of qcow2 files in ``<pool>/<volume id>/``; backing references are *relative*
+(``f-….qcow2``, or ``../vol-…/f-….qcow2`` for a clone), so a pool can be moved. The volume writes
+to its *active* file; every snapshot is a frozen file below it (external snapshots):
+
+    base.qcow2  <-  f-snap1.qcow2  <-  f-active.qcow2          (snapshot "snap1" = base.qcow2 …)
+
+* snapshot: a new empty overlay becomes the active file (``qemu-img create -b … -u`` offline,
+  QMP ``blockdev-add`` + ``blockdev-snapshot`` online). No data is copied: constant time.
+* clone: the clone's first file is an overlay on the snapshot's frozen file; unchanged blocks are
+  shared.
+* snapshot delete: the frozen file's data is streamed into each file that backs onto it
+  (``block-stream`` with ``base-node`` = its own backing) and the file is removed: chains stay as
+  long as the number of live snapshots, never longer.
+* revert: a new empty overlay on the snapshot's file becomes active; the old active file goes.
+
+Every multi-step change of the graph goes through QMP: the guest's QEMU when the volume is
+attached, otherwise a short-lived ``qemu-storage-daemon`` (same commands, same jobs), so one code
+path serves both, and encrypted chains are opened with their key passed as a QMP ``secret``
+object (never a command-line argument or a file). ``qemu-img`` is used where no image is open yet
+(create, convert into a new file); its key travels through a pipe (``--object
+secret,file=/dev/fd/N``), never argv.
+
+Encryption
+----------
+qcow2 with LUKS (``encrypt.format=luks``, AES-256-XTS). The volume key is a 256-bit random
+passphrase that unlocks each file's LUKS key slot. Since the passphrase has 256 bits of entropy,
+PBKDF2 stretching adds nothing, so ``iter-time`` is kept short (opening a file would otherwise cost
+2 s of CPU per layer).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hackboot.volumes.storage")
+
+GiB = 1024**3
+KEY_SECRET_ID = "hbkey"
+LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=hbkey,encrypt.cipher-alg=aes-256,encrypt.cipher-mode=xts," \
+            "encrypt.iter-time=50"
+HOTPLUG_PORTS = 8  # pcie-root-ports added to every guest for volumes (hbvp0 … hbvp7)
+PORT_CHASSIS_BASE = 200
+Execute = Callable[[str, dict[str, Any] | None], Any]
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message is meant for the user (status_reason)."""
+
+
+class NoSpace(StorageError):
+    pass
+
+
+class DetachTimeout(StorageError):
+    pass
+
+
+def new_key() -> str:
+    """A fresh volume passphrase: 256 random bits, base64url (LUKS passphrases must be UTF-8)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+
+
+def new_file_name(prefix: str = "f") -> str:
+    return f"{prefix}-{secrets.token_hex(6)}.qcow2"
+
+
+# ------------------------------------------------------------------------------------------ qemu-img
+
+def _run(argv: list[str], what: str, *, key: str | None = None, timeout: float = 3600.0,
+         extra_keys: dict[str, str] | None = None) -> str:
+    """Run a qemu tool; keys go through pipes named by --object secret,file=/dev/fd/N (never argv)."""
+    for attempt in range(4):
+        try:
+            return _run_once(argv, what, key=key, timeout=timeout, extra_keys=extra_keys)
+        except StorageError as exc:
+            # QEMU's LUKS PBKDF calibration measures CPU time and fails when a busy host gives it none
+            if "accurate CPU usage" not in str(exc) or attempt == 3:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+def _run_once(argv: list[str], what: str, *, key: str | None = None, timeout: float = 3600.0,
+              extra_keys: dict[str, str] | None = None) -> str:
+    keys = dict(extra_keys or {})
+    if key is not None:
+        keys[KEY_SECRET_ID] = key
+    fds: list[int] = []
+    objects: list[str] = []
+    try:
+        for secret_id, value in keys.items():
+            r, w = os.pipe()
+            os.write(w, value.encode())  # a 43-byte passphrase fits any pipe buffer
+            os.close(w)
+            fds.append(r)
+            objects += ["--object", f"secret,id={secret_id},file=/dev/fd/{r},format=raw"]
+        # qemu-img takes --object right after the subcommand
+        full = [argv[0], argv[1], *objects, *argv[2:]]
+        try:
+            proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False,
+                                  pass_fds=tuple(fds))
+        except FileNotFoundError:
+            raise StorageError(f"{what}: {argv[0]} is not installed") from None
+        except subprocess.TimeoutExpired:
+            raise StorageError(f"{what}: {argv[0]} timed out after {timeout:.0f}s") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip()[-400:]
+        if "No space left on device" in msg:
+            raise NoSpace(f"{what}: No space left on device ({msg})")
+        raise StorageError(f"{what}: {msg}")
+    return proc.stdout
+
+
+def qcow2_backing(path: Path) -> str | None:
+    """The backing file string stored in a qcow2 header (None when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != b"QFI\xfb":
+                return None
+            offset, size = struct.unpack(">QI", header[8:20])
+            if not offset or not size or size > 4096:
+                return None
+            f.seek(offset)
+            return f.read(size).decode(errors="surrogateescape")
+    except OSError:
+        return None
+
+
+@dataclass
+class Pool:
+    """The host's storage pool: ``<root>/<volume id>/<file>``; callers use pool-relative paths."""
+
+    root: Path
+    direct_io: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, rel: str) -> Path:
+        p = (self.root / rel).resolve()
+        if self.root.resolve() not in p.parents:
+            raise StorageError(f"path {rel!r} escapes the storage pool")
+        return p
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.root.resolve()))
+
+    def volume_dir(self, volume_id: str) -> Path:
+        d = self.root / volume_id
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return d
+
+    def backing_rel(self, rel: str) -> str | None:
+        """Pool-relative path of the backing file of `rel` (None at the bottom)."""
+        p = self.path(rel)
+        b = qcow2_backing(p)
+        if not b:
+            return None
+        target = Path(b) if os.path.isabs(b) else p.parent / b
+        return self.rel(target)
+
+    def chain(self, rel: str) -> list[str]:
+        """`rel` and its backing files, top first."""
+        out = [rel]
+        while (b := self.backing_rel(out[-1])) is not None:
+            if b in out or len(out) > 256:
+                raise StorageError(f"backing loop or chain too long at {b}")
+            out.append(b)
+        return out
+
+    def children_of(self, rel: str, candidates: list[str]) -> list[str]:
+        return [c for c in candidates if self.path(c).exists() and self.backing_rel(c) == rel]
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def uses_direct_io(self) -> bool:
+        """Whether O_DIRECT works here (then volumes use cache.direct=on, aio=native)."""
+        if self.direct_io is None:
+            probe = self.root / ".direct-io-probe"
+            try:
+                fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+                os.close(fd)
+                self.direct_io = True
+            except OSError:
+                self.direct_io = False
+            finally:
+                probe.unlink(missing_ok=True)
+        return self.direct_io
+
+    # --- file creation (no image open yet: qemu-img) -------------------------------------------
+
+    def create(self, rel: str, size_bytes: int, *, key: str | None = None, backing: str | None = None,
+               fmt: str = "qcow2") -> None:
+        """Create a thin file atomically (temp name, then rename): never a half-made file."""
+        dst = self.path(rel)
+        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        argv = ["qemu-img", "create", "-q", "-f", fmt]
+        opts = []
+        if fmt == "qcow2" and key is not None:
+            opts.append(LUKS_OPTS)
+        if opts:
+            argv += ["-o", ",".join(opts)]
+        if backing is not None:
+            rel_backing = os.path.relpath(self.path(backing), dst.parent)
+            argv += ["-b", rel_backing, "-F", "qcow2", "-u"]
+        argv += [str(tmp), str(size_bytes)]
+        try:
+            _run(argv, "Cannot create the volume file", key=key)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def convert_into(self, rel: str, source: Path | str, source_fmt: str, size_bytes: int, *,
+                     key: str | None = None, source_key: str | None = None,
+                     source_chain_opts: dict[str, Any] | None = None) -> None:
+        """Copy an image (or a chain, flattened) into a new thin qcow2 file, then grow it to size."""
+        dst = self.path(rel)
+        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        extra: dict[str, str] = {}
+        argv = ["qemu-img", "convert", "-q", "-O", "qcow2"]
+        opts: list[str] = []
+        if key is not None:
+            opts.append(LUKS_OPTS)
+        if opts:
+            argv += ["-o", ",".join(opts)]
+        if source_chain_opts is not None:
+            if source_key is not None:
+                extra["hbsrc"] = source_key
+            argv += ["json:" + json.dumps(source_chain_opts)]
+        else:
+            argv += ["-f", source_fmt, str(source)]
+        argv.append(str(tmp))
+        try:
+            _run(argv, "Cannot copy into the volume", key=key, extra_keys=extra, timeout=6 * 3600)
+            virtual = self.virtual_size(tmp)
+            if virtual < size_bytes:
+                self.resize_file(tmp, size_bytes, key=key)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def virtual_size(self, path: Path) -> int:
+        out = _run(["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", str(path)], "Cannot read the file")
+        return int(json.loads(out)["virtual-size"])
+
+    def resize_file(self, path: Path, size_bytes: int, *, key: str | None = None) -> None:
+        """Grow one qcow2 file with no backing (a freshly converted one); chains go through QMP."""
+        if key is None:
+            _run(["qemu-img", "resize", "-q", "-f", "qcow2", str(path), str(size_bytes)], "Cannot grow the volume")
+        else:
+            opts = {"driver": "qcow2", "file": {"driver": "file", "filename": str(path)},
+                    "encrypt": {"format": "luks", "key-secret": KEY_SECRET_ID}}
+            _run(["qemu-img", "resize", "-q", "json:" + json.dumps(opts), str(size_bytes)],
+                 "Cannot grow the volume", key=key)
+
+    def allocated_bytes(self, rels: list[str]) -> int:
+        total = 0
+        for rel in rels:
+            with contextlib.suppress(OSError):
+                total += os.stat(self.path(rel)).st_blocks * 512
+        return total
+
+    def remove(self, rel: str) -> None:
+        self.path(rel).unlink(missing_ok=True)
+
+    def remove_volume_dir(self, volume_id: str) -> None:
+        shutil.rmtree(self.root / volume_id, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ QMP graphs
+
+def node_name(volume_id: str, rel: str) -> str:
+    """A QMP node name (<= 31 characters) for one file as opened for one volume."""
+    return "hb" + hashlib.sha256(f"{volume_id}:{rel}".encode()).hexdigest()[:20]
+
+
+def fuse_node(volume_id: str) -> str:
+    return "hbu" + hashlib.sha256(volume_id.encode()).hexdigest()[:20]
+
+
+def device_id(volume_id: str) -> str:
+    return f"hbvol-{volume_id}"
+
+
+def secret_id(volume_id: str) -> str:
+    return f"hbsec-{volume_id}"
+
+
+def serial_for(volume_id: str) -> str:
+    """virtio-blk serials hold 20 bytes: the guest sees the volume id's first 20 characters."""
+    return volume_id[:20]
+
+
+def port_id(slot: int) -> str:
+    return f"hbvp{slot}"
+
+
+def hotplug_port_args() -> list[str]:
+    """QEMU arguments adding the pcie-root-ports volumes are hot-plugged into (q35 root bus is not hot-pluggable)."""
+    args: list[str] = []
+    for i in range(HOTPLUG_PORTS):
+        args += ["-device", f"pcie-root-port,id={port_id(i)},chassis={PORT_CHASSIS_BASE + i},bus=pcie.0"]
+    return args
+
+
+@dataclass
+class VolumeView:
+    """What the driver needs to open a volume: its id, active file, key, mode."""
+
+    volume_id: str
+    active: str  # pool-relative
+    key: str | None = None
+    read_only: bool = False
+    size_bytes: int = 0
+    fmt: str = "qcow2"
+
+
+def chain_definition(pool: Pool, v: VolumeView, *, secret: str | None = None, top_read_only: bool | None = None,
+                     stop_at: str | None = None) -> dict[str, Any]:
+    """blockdev-add arguments for the volume's whole chain (nested; node names for every file).
+
+    ``stop_at``: open the chain down to this file only (its backing is then not opened): used for
+    a new overlay, added with ``backing: null`` before ``blockdev-snapshot`` links it.
+    """
+    files = pool.chain(v.active)
+    cache = {"direct": True, "no-flush": False} if pool.uses_direct_io() else {"direct": False, "no-flush": False}
+    aio = "native" if pool.uses_direct_io() else "threads"
+
+    def node(i: int) -> dict[str, Any] | None:
+        if i >= len(files):
+            return None
+        rel = files[i]
+        ro = (v.read_only if top_read_only is None else top_read_only) if i == 0 else True
+        d: dict[str, Any] = {
+            "driver": v.fmt if i == 0 else "qcow2", "node-name": node_name(v.volume_id, rel), "read-only": ro,
+            "cache": cache, "discard": "unmap",
+            "file": {"driver": "file", "filename": str(pool.path(rel)), "aio": aio, "cache": cache},
+        }
+        if d["driver"] == "qcow2":
+            if v.key is not None:
+                d["encrypt"] = {"format": "luks", "key-secret": secret or secret_id(v.volume_id)}
+            d["backing"] = None if rel == stop_at else node(i + 1)
+        return d
+
+    top = node(0)
+    assert top is not None
+    return top
+
+
+def qemu_img_chain_opts(pool: Pool, top: str, secret: str | None) -> dict[str, Any]:
+    """--image-opts JSON for a (possibly encrypted) chain, for qemu-img convert."""
+    files = pool.chain(top)
+
+    def node(i: int) -> dict[str, Any] | None:
+        if i >= len(files):
+            return None
+        d: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": str(pool.path(files[i]))}}
+        if secret:
+            d["encrypt"] = {"format": "luks", "key-secret": secret}
+        nxt = node(i + 1)
+        d["backing"] = nxt
+        return d
+
+    out = node(0)
+    assert out is not None
+    return out
+
+
+class Graph:
+    """QMP operations on one QEMU (a guest's, or a storage daemon's): idempotent steps."""
+
+    def __init__(self, execute: Execute) -> None:
+        self.x = execute
+
+    def objects(self) -> set[str]:
+        try:
+            return {o["name"] for o in self.x("qom-list", {"path": "/objects"})}
+        except Exception:
+            return set()
+
+    def devices(self) -> set[str]:
+        return {o["name"] for o in self.x("qom-list", {"path": "/machine/peripheral"})}
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {n["node-name"]: n for n in self.x("query-named-block-nodes", {"flat": True})}
+
+    def add_secret(self, sid: str, key: str) -> None:
+        if sid in self.objects():
+            return
+        data = base64.b64encode(key.encode()).decode()
+        try:
+            self.x("object-add", {"qom-type": "secret", "id": sid, "data": data, "format": "base64"})
+        except Exception as exc:
+            if "already" not in str(exc) and "uplicate" not in str(exc):
+                raise
+
+    def del_object(self, oid: str) -> None:
+        with contextlib.suppress(Exception):
+            self.x("object-del", {"id": oid})
+
+    def open_chain(self, pool: Pool, v: VolumeView, *, fuse: bool = False) -> str:
+        """Open the volume's chain (idempotent); returns the node a device should use."""
+        if v.key is not None:
+            self.add_secret(secret_id(v.volume_id), v.key)
+        top = node_name(v.volume_id, v.active)
+        nodes = self.nodes()
+        if top not in nodes:
+            self.x("blockdev-add", chain_definition(pool, v))
+        if not fuse:
+            return top
+        fname = fuse_node(v.volume_id)
+        if fname not in nodes:
+            # a pass-through raw node on top: forced detach swaps its child for a null device
+            self.x("blockdev-add", {"driver": "raw", "node-name": fname, "file": top, "read-only": v.read_only})
+        return fname
+
+    def close_chain(self, volume_id: str, files: list[str]) -> None:
+        """blockdev-del every node of the volume that the monitor owns, top first, until none is left."""
+        wanted = [fuse_node(volume_id)] + [node_name(volume_id, f) for f in files]
+        for _ in range(len(wanted) + 1):
+            present = [n for n in wanted if n in self.nodes()]
+            if not present:
+                break
+            progressed = False
+            for n in present:
+                try:
+                    self.x("blockdev-del", {"node-name": n})
+                    progressed = True
+                except Exception as exc:
+                    log.debug("blockdev-del %s: %s", n, exc)
+            if not progressed:
+                break
+        self.del_object(secret_id(volume_id))
+
+    def run_job(self, command: str, args: dict[str, Any], timeout: float = 6 * 3600) -> None:
+        """Start a block job, wait for it to conclude, raise its error if any."""
+        job_id = args["job-id"]
+        with contextlib.suppress(Exception):  # a concluded job left by a crash
+            self.x("job-dismiss", {"id": job_id})
+        self.x(command, {**args, "auto-dismiss": False})
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = {j["id"]: j for j in self.x("query-jobs", None)}
+            job = jobs.get(job_id)
+            if job is None:
+                return
+            if job["status"] == "concluded":
+                self.x("job-dismiss", {"id": job_id})
+                if job.get("error"):
+                    raise StorageError(f"{command} failed: {job['error']}")
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(Exception):
+                    self.x("job-cancel", {"id": job_id, "force": True})
+                raise StorageError(f"{command} did not finish within {timeout:.0f}s")
+            time.sleep(0.05)
+
+    # --- attach / detach -----------------------------------------------------------------------
+
+    def attach(self, pool: Pool, v: VolumeView, slot: int, limits: dict[str, int] | None,
+               bootindex: int | None = None) -> None:
+        dev = device_id(v.volume_id)
+        drive = self.open_chain(pool, v, fuse=True)
+        if dev not in self.devices():
+            args: dict[str, Any] = {"driver": "virtio-blk-pci", "drive": drive, "id": dev,
+                                    "serial": serial_for(v.volume_id), "bus": port_id(slot)}
+            if v.read_only:
+                args["share-rw"] = True
+            if bootindex is not None:
+                args["bootindex"] = bootindex
+            self.x("device_add", args)
+        if limits:
+            self.set_limits(v.volume_id, limits)
+
+    def set_limits(self, volume_id: str, limits: dict[str, int]) -> None:
+        self.x("block_set_io_throttle", {"id": f"/machine/peripheral/{device_id(volume_id)}/virtio-backend",
+                                         **limits})
+
+    def io_limits(self, volume_id: str) -> dict[str, int]:
+        """The throttling QEMU applies to the volume's device now, as query-block reports it."""
+        qdev = f"/machine/peripheral/{device_id(volume_id)}/virtio-backend"
+        for blk in self.x("query-block", None):
+            if blk.get("qdev") == qdev:
+                ins = blk.get("inserted") or {}
+                return {k: int(ins[k]) for k in ("iops", "iops_max", "iops_max_length", "bps", "bps_max",
+                                                 "bps_max_length", "iops_rd", "iops_wr") if k in ins}
+        return {}
+
+    def detach(self, volume_id: str, files: list[str], timeout: float, force: bool = False) -> None:
+        dev = device_id(volume_id)
+        if dev in self.devices():
+            with contextlib.suppress(Exception):  # already pending: keep waiting
+                self.x("device_del", {"id": dev})
+            deadline = time.monotonic() + timeout
+            while dev in self.devices():
+                if time.monotonic() > deadline:
+                    if not force:
+                        raise DetachTimeout(
+                            f"The guest did not release the disk within {timeout:.0f}s (is it mounted or in use?); "
+                            "unmount it and retry, or detach with force=true")
+                    self.fuse_off(volume_id)
+                    break
+                time.sleep(0.1)
+        self.close_chain(volume_id, files)
+
+    def fuse_off(self, volume_id: str) -> None:
+        """Forced detach: the device keeps a null disk until the guest lets go; the volume is closed now."""
+        fname = fuse_node(volume_id)
+        null = "hbz" + fname[3:]
+        if null not in self.nodes():
+            self.x("blockdev-add", {"driver": "null-co", "node-name": null, "read-zeroes": True})
+        self.x("blockdev-reopen", {"options": [{"driver": "raw", "node-name": fname, "file": null}]})
+
+
+# ------------------------------------------------------------------------------------------ storage daemon
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class StorageDaemon:
+    """A private ``qemu-storage-daemon`` with a QMP monitor, for graph work on detached volumes."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: Any = None
+
+    def __enter__(self) -> Graph:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir = Path(tempfile.mkdtemp(prefix="qsd-", dir=self.run_dir))
+        sock = self.dir / "qmp.sock"
+        self.proc = subprocess.Popen(  # dies with the agent (PR_SET_PDEATHSIG): no orphan holds image locks
+            ["qemu-storage-daemon", "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
+             "--monitor", "chardev=m"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "stderr.log", "wb"), preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = (self.dir / "stderr.log").read_text(errors="replace")[-400:]
+                self._cleanup()
+                raise StorageError(f"qemu-storage-daemon did not start: {err}")
+            time.sleep(0.02)
+        self.qmp = QEMUMonitorProtocol(str(sock))
+        self.qmp.connect()
+        return Graph(self.execute)
+
+    def execute(self, command: str, args: dict[str, Any] | None) -> Any:
+        resp = self.qmp.cmd_raw(command, args)
+        if "error" in resp:
+            raise StorageError(f"QMP {command} failed: {resp['error'].get('desc', resp['error'])}")
+        return resp.get("return")
+
+    def _cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.qmp is not None:
+                with contextlib.suppress(Exception):
+                    self.qmp.cmd_raw("quit", None)
+                with contextlib.suppress(Exception):
+                    self.qmp.close()
+            if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(30)
+        finally:
+            self._cleanup()
+
+
+# ------------------------------------------------------------------------------------------ operations
+
+@dataclass
+class SnapshotPlan:
+    """Freeze the active file: `new_active` (an empty overlay on it) becomes the active file."""
+
+    volume_id: str
+    old_active: str
+    new_active: str
+    key: str | None
+    size_bytes: int
+
+
+def snapshot(pool: Pool, plan: SnapshotPlan, graph: Graph | None,
+             fault: Callable[[str], None] = lambda point: None) -> None:
+    """External snapshot, constant time. `graph` is the guest's QEMU when attached, else None.
+
+    Idempotent: re-running after a crash at any point finishes the job.
+    """
+    if not pool.path(plan.new_active).exists():
+        pool.create(plan.new_active, plan.size_bytes, key=plan.key, backing=plan.old_active)
+    fault("snapshot:after-overlay")
+    if graph is None:
+        return
+    new_node = node_name(plan.volume_id, plan.new_active)
+    old_node = node_name(plan.volume_id, plan.old_active)
+    nodes = graph.nodes()
+    if new_node in nodes and nodes[new_node].get("backing_file_depth", 0) > 0:
+        return  # already linked (crash after blockdev-snapshot)
+    if new_node not in nodes:
+        v = VolumeView(plan.volume_id, plan.new_active, plan.key)
+        graph.x("blockdev-add", chain_definition(pool, v, stop_at=plan.new_active))
+    fault("snapshot:after-blockdev-add")
+    graph.x("blockdev-snapshot", {"node": old_node, "overlay": new_node})
+
+
+def stream_into(pool: Pool, volume_id: str, child: str, frozen: str, key: str | None, graph: Graph,
+                chain_top: str) -> None:
+    """Merge `frozen` into `child` (child backs onto frozen): child then backs onto frozen's backing.
+
+    `graph` has the chain whose top is `chain_top` open (the guest's, or a storage daemon's).
+    """
+    base = pool.backing_rel(frozen)
+    args: dict[str, Any] = {"job-id": "hbstream" + secrets.token_hex(4), "device": node_name(volume_id, child)}
+    if base is not None:
+        args["base-node"] = node_name(volume_id, base)
+        args["backing-file"] = os.path.relpath(pool.path(base), pool.path(child).parent)
+    graph.run_job("block-stream", args)
+
+
+def ensure_open(pool: Pool, graph: Graph, v: VolumeView) -> None:
+    graph.open_chain(pool, v)
+
+
+def resize(pool: Pool, v: VolumeView, size_bytes: int, graph: Graph) -> None:
+    """Grow through the node the device uses (the fuse), so the guest is told of the new capacity."""
+    fuse = fuse_node(v.volume_id)
+    target = fuse if fuse in graph.nodes() else node_name(v.volume_id, v.active)
+    graph.x("block_resize", {"node-name": target, "size": size_bytes})
+
+
+@dataclass
+class LayerUpload:
+    rel: str
+    key: str
+    bytes: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class BackupResult:
+    layers: list[LayerUpload] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(layer.bytes for layer in self.layers)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(4 * 1024 * 1024), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def scratch_dir(pool: Pool, name: str) -> Iterator[Path]:
+    d = pool.root / ".scratch" / f"{name}-{secrets.token_hex(4)}"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
