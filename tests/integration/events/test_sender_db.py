@@ -129,7 +129,10 @@ def test_disabled_webhook_fails_its_queued_deliveries_without_sending(local_db: 
 
 
 def test_retention_prunes_old_events_deliveries_and_audit(local_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hackboot.core.config import reset_settings_cache
+
     monkeypatch.setenv("HACKBOOT_EVENTS_RETENTION_DAYS", "30")
+    reset_settings_cache()  # settings are read once per process
     hook_id, _ = _hook_with_deliveries(0)
     old = utcnow() - dt.timedelta(days=31)
     with session_scope() as s:
@@ -154,7 +157,12 @@ def test_retention_prunes_old_events_deliveries_and_audit(local_db: str, monkeyp
         assert s.scalar(select(func.count()).select_from(WebhookAttempt)) == 3  # cascaded
     assert service.prune() == {"events": 0, "webhook_deliveries": 0, "audit_log": 0}
     monkeypatch.setenv("HACKBOOT_EVENTS_RETENTION_DAYS", "0")
-    assert service.prune() == {}
+    reset_settings_cache()
+    try:
+        assert service.prune() == {}
+    finally:
+        monkeypatch.delenv("HACKBOOT_EVENTS_RETENTION_DAYS")
+        reset_settings_cache()
 
 
 def test_stream_polling_waits_at_a_young_gap_then_skips_it(local_db: str) -> None:
