@@ -2,9 +2,12 @@
 
 from hackboot.core import idempotency, quotas  # noqa: F401
 from hackboot.catalog import models as catalog_models  # noqa: F401
+from hackboot.compute import models as compute_models  # noqa: F401
 from hackboot.core.db import Base
 from hackboot.events import models as events_models  # noqa: F401
 from hackboot.identity import models as identity_models  # noqa: F401
+from hackboot.images import models as images_models  # noqa: F401
 from hackboot.objectstore import models as objectstore_models  # noqa: F401
+from hackboot.volumes import models as volumes_models  # noqa: F401
 
 metadata = Base.metadata

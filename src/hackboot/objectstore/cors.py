@@ -1,0 +1,76 @@
+"""CORS for buckets: preflight (OPTIONS) answers and the headers added to actual requests."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from hackboot.objectstore import engine
+from hackboot.objectstore.s3app import Req, Response
+from hackboot.objectstore.s3xml import S3Error
+
+
+def _match(rules: list[dict[str, Any]] | None, origin: str, method: str,
+           req_headers: list[str]) -> dict[str, Any] | None:
+    for r in rules or []:
+        if not any(fnmatch.fnmatchcase(origin, o) for o in r["origins"]):
+            continue
+        if method not in r["methods"]:
+            continue
+        allowed = [h.lower() for h in r["headers"]]
+        if all(any(fnmatch.fnmatchcase(h, a) for a in allowed) for h in req_headers):
+            return r
+    return None
+
+
+def _headers(r: dict[str, Any], origin: str, preflight: bool, method: str, req_headers: list[str]) -> dict[str, str]:
+    wildcard = "*" in r["origins"]
+    h = {"access-control-allow-origin": "*" if wildcard else origin, "vary": "Origin, Access-Control-Request-Headers, "
+                                                                            "Access-Control-Request-Method"}
+    if not wildcard:
+        h["access-control-allow-credentials"] = "true"
+    if preflight:
+        h["access-control-allow-methods"] = ", ".join(r["methods"])
+        if req_headers:
+            h["access-control-allow-headers"] = ", ".join(req_headers)
+        if r.get("max_age") is not None:
+            h["access-control-max-age"] = str(r["max_age"])
+    if r["expose"]:
+        h["access-control-expose-headers"] = ", ".join(r["expose"])
+    return h
+
+
+async def preflight(req: Req) -> Response:
+    origin = req.headers.get("origin")
+    method = req.headers.get("access-control-request-method")
+    if not req.bucket_name:
+        raise S3Error("BadRequest", "CORS preflight needs a bucket")
+    if origin is None or method is None:
+        raise S3Error("BadRequest", "Insufficient information. Origin request header needed.")
+    b = await engine.blocking(engine.get_bucket, req.bucket_name)
+    if b is None:
+        raise S3Error("NoSuchBucket", "The specified bucket does not exist")
+    if not b.cors:
+        raise S3Error("CORSForbidden", "CORSResponse: CORS is not enabled for this bucket.", Method=method,
+                      ResourceType="OBJECT")
+    req_headers = [h.strip().lower() for h in req.headers.get("access-control-request-headers", "").split(",")
+                   if h.strip()]
+    r = _match(b.cors, origin, method, req_headers)
+    if r is None:
+        raise S3Error("CORSForbidden", "CORSResponse: This CORS request is not allowed. This is usually because the "
+                                       "evalution of Origin, request method / Access-Control-Request-Method or "
+                                       "Access-Control-Request-Headers are not whitelisted by the resource's "
+                                       "CORS spec.",
+                      Method=method, ResourceType="OBJECT")
+    return Response(200, _headers(r, origin, True, method, req_headers))
+
+
+def actual_headers(req: Req) -> dict[str, str]:
+    origin = req.headers.get("origin", "")
+    hit = engine._buckets.get(req.bucket_name or "")
+    b = hit[0] if hit is not None else None
+    if b is None or not b.cors:
+        return {}
+    method = "GET" if req.method == "HEAD" and not _match(b.cors, origin, "HEAD", []) else req.method
+    r = _match(b.cors, origin, method, [])
+    return _headers(r, origin, False, method, []) if r is not None else {}
