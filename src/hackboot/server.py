@@ -73,6 +73,16 @@ def background_loops() -> list[Loop]:
     return loops
 
 
+def _run(coro: Any) -> None:
+    """Run on uvloop when installed (uvicorn[standard] brings it): noticeably faster I/O."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -108,7 +118,7 @@ def _fork_api_workers(count: int, sock: socket.socket) -> list[int]:
             try:
                 _die_with_parent()
                 server = _server(create_app(), settings.api_host, settings.api_port)
-                asyncio.run(server.serve(sockets=[sock]))
+                _run(server.serve(sockets=[sock]))
             except BaseException:
                 log.exception("API worker failed")
                 code = 1
@@ -166,7 +176,7 @@ def serve() -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        asyncio.run(main())
+        _run(main())
     finally:
         _stop_children(children)
         workers.stop()
