@@ -134,12 +134,14 @@ def test_resize_grows_cpus_memory_and_disk(vm: Client, guest: dict[str, Any], ke
 def test_snapshot_becomes_an_image(vm: Client, guest: dict[str, Any], keypair: dict[str, Any]) -> None:
     iid = guest["id"]
     ssh(guest, keypair["path"], "echo snap > /root/snap; sync")
+    pid = qemu_pid(vm_cloud_of(vm), iid)
     image = vm.instances.snapshot(iid, unique("snap"))  # type: ignore[attr-defined]
     assert image["status"] == "saving"
     image = vm.images.wait(image["id"], timeout=120)  # type: ignore[attr-defined]
     assert image["status"] == "active", image
     inst = vm.instances.wait(iid, timeout=120)  # type: ignore[attr-defined]
     assert inst["status"] == "ACTIVE" and inst["task_state"] is None
+    assert qemu_pid(vm_cloud_of(vm), iid) == pid  # live (QMP drive-backup): the guest kept running
     assert ssh(inst, keypair["path"], "cat /root/snap").strip() == "snap"
     guest.update(inst)
     # boot the snapshot: same files, new hostname

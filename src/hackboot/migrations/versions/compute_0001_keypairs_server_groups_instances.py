@@ -1,7 +1,7 @@
 """compute
 
 Revision ID: 300adb8088ea
-Revises: 
+Revises:
 Create Date: 2026-11-22 00:38:33.972425
 """
 from __future__ import annotations
