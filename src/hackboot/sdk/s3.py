@@ -1,0 +1,33 @@
+"""SDK: S3 credentials, bucket usage and the project's public-access block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hackboot.sdk.client import Client, Resource
+
+
+class S3Credentials(Resource):
+    path = "/v1/s3/credentials"
+
+    def create(self, name: str = "s3", *, read_only: bool = False,
+               buckets: list[str] | None = None) -> dict[str, Any]:
+        return self.c.post(self.path, {"name": name, "read_only": read_only, "buckets": buckets})
+
+    def revoke(self, credential_id: str) -> dict[str, Any]:
+        return self.c.delete(f"{self.path}/{credential_id}")
+
+
+class Buckets(Resource):
+    path = "/v1/buckets"
+
+    def public_access_block(self) -> dict[str, Any]:
+        return self.c.get("/v1/s3/public-access-block")
+
+    def set_public_access_block(self, block: bool) -> dict[str, Any]:
+        return self.c.put("/v1/s3/public-access-block", {"block_public_access": block})
+
+
+def attach(client: Client) -> None:
+    client.s3_credentials = S3Credentials(client)  # type: ignore[attr-defined]
+    client.buckets = Buckets(client)  # type: ignore[attr-defined]
