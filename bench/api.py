@@ -59,8 +59,9 @@ def run_wrk(cloud: Cloud, method: str, path: str, clients: int, seconds: float, 
     env = {"HB_TOKEN": cloud.admin_token, "HB_METHOD": method, "HB_PATH": path, "HB_RUN": uuid.uuid4().hex[:6],
            "PATH": "/usr/bin:/bin"}
     threads = 1 if clients == 1 else 2
-    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
-                          "-s", str(script), cloud.url], env=env, capture_output=True, text=True, check=True).stdout
+    argv = ["wrk", "-t", str(threads), "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
+            "-s", str(script), cloud.url]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
     result["rps"] = result["requests"] / result["seconds"]

@@ -1,8 +1,8 @@
 """Every service's tables, imported so that Alembic and tests see the whole schema."""
 
-from hackboot.core import idempotency, quotas  # noqa: F401
 from hackboot.catalog import models as catalog_models  # noqa: F401
 from hackboot.compute import models as compute_models  # noqa: F401
+from hackboot.core import idempotency, quotas  # noqa: F401
 from hackboot.core.db import Base
 from hackboot.events import models as events_models  # noqa: F401
 from hackboot.identity import models as identity_models  # noqa: F401

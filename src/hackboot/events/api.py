@@ -117,7 +117,8 @@ def list_events(p: Viewer, page: Pagination, type: TypeQ = None, resource_type: 
 async def stream_events(request: Request, p: Viewer, type: TypeQ = None, resource_type: ResourceTypeQ = None,
                         resource_id: ResourceIdQ = None, since: SinceQ = None, until: UntilQ = None,
                         all_projects: AllProjectsQ = False,
-                        after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="Resume after this seq")] = None,
+                        after: Annotated[int | None, Query(ge=0, le=MAX_SEQ,
+                                                           description="Resume after this seq")] = None,
                         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                         ) -> StreamingResponse:
     """Follow events live. Resumes after `Last-Event-ID` (sent by EventSource on reconnect) or `?after=`;

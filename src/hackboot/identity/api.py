@@ -242,4 +242,4 @@ def change_password(user_id: str, body: PasswordIn, p: Viewer) -> Response:
     return Response(status_code=204)
 
 
-__all__ = ["router", "Principal", "ApiToken"]
+__all__ = ["ApiToken", "Principal", "router"]
