@@ -84,11 +84,16 @@ def forget_cached_tokens() -> None:
     os.utime(path, ns=(time.time_ns(), time.time_ns()))
 
 
-def _check_epoch() -> None:
+def auth_epoch() -> int:
+    """Changes whenever credentials change anywhere on this host (other caches key on it too)."""
     try:
-        mtime = os.stat(_epoch_file()).st_mtime_ns
+        return os.stat(_epoch_file()).st_mtime_ns
     except FileNotFoundError:
-        mtime = 0
+        return 0
+
+
+def _check_epoch() -> None:
+    mtime = auth_epoch()
     if mtime != _epoch["seen"]:
         with _cache_lock:
             _cache.clear()

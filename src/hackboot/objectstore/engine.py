@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 import hackboot.models  # noqa: F401 - every table, so foreign keys to projects resolve
 from hackboot.core import quotas
+from hackboot.core.auth import auth_epoch, forget_cached_tokens
 from hackboot.core.config import get_settings
 from hackboot.core.crypto import unseal
 from hackboot.core.db import session_scope, utcnow
@@ -197,10 +198,17 @@ class Cred:
 
 
 _creds: dict[str, tuple[Cred | None, float]] = {}
+_creds_epoch = {"seen": -1}
 CRED_TTL = 10.0
 
 
 def get_credential(access_key: str) -> Cred | None:
+    # A revocation in any process of this host (API workers are separate processes) bumps the
+    # shared auth epoch: drop every cached key then.
+    epoch = auth_epoch()
+    if epoch != _creds_epoch["seen"]:
+        _creds.clear()
+        _creds_epoch["seen"] = epoch
     hit = _creds.get(access_key)
     now = time.monotonic()
     if hit is not None and hit[1] > now:
@@ -220,6 +228,7 @@ def get_credential(access_key: str) -> Cred | None:
 
 def invalidate_credential(access_key: str) -> None:
     _creds.pop(access_key, None)
+    forget_cached_tokens()  # bumps the epoch: the S3 endpoint's process forgets the key too
 
 
 # --- buckets --------------------------------------------------------------------------------------
