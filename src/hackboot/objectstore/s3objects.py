@@ -387,8 +387,9 @@ async def object_op(req: Req) -> Response:
 
 # --- put ------------------------------------------------------------------------------------------
 
-async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
-    req.check("s3:PutObject", b, key)
+def new_object_attributes(req: Req, b: BucketInfo) -> tuple[Any, Any, str, Any, Any]:
+    """What a new object (PUT or multipart create) takes from the request headers:
+    user metadata, stored content headers, storage class, tags and canned/granted ACL."""
     meta = user_metadata(req.headers)
     headers = stored_headers(req.headers)
     sc = storage_class(req.headers)
@@ -396,6 +397,11 @@ async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
     acl = acl_from_headers(req.headers, b.project_id, b.project_id)
     if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
         raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
+    return meta, headers, sc, tags, acl
+
+async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
+    req.check("s3:PutObject", b, key)
+    meta, headers, sc, tags, acl = new_object_attributes(req, b)
     if acl is not None:
         req.check("s3:PutObjectAcl", b, key)
     lock_mode, lock_until, hold = lock_from_headers(req, b)
@@ -885,13 +891,7 @@ async def copy_object(req: Req, b: BucketInfo, key: str) -> Response:
 
 async def create_upload(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:PutObject", b, key)
-    meta = user_metadata(req.headers)
-    headers = stored_headers(req.headers)
-    sc = storage_class(req.headers)
-    tags = parse_tagging_header(req.headers.get("x-amz-tagging"))
-    acl = acl_from_headers(req.headers, b.project_id, b.project_id)
-    if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
-        raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
+    meta, headers, sc, tags, acl = new_object_attributes(req, b)
     lock_mode, lock_until, hold = lock_from_headers(req, b)
     sse_info, _, _ = sse_for_write(req, b)
     alg = req.headers.get("x-amz-checksum-algorithm")
