@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # Master key wrapping every stored secret (S3 secret keys, volume keys, webhook secrets).
     # Empty: generated once into state_dir/master.key (mode 0600).
     master_key: str = ""
+    # System account (created when missing) that QEMU and qemu-img on tenant files run as.
+    unprivileged_user: str = "hackboot-guest"
     max_body_bytes: int = 1024 * 1024
     token_default_ttl_hours: int = 24 * 30
     login_token_ttl_hours: int = 12
