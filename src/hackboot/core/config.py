@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # System account (created when missing) that QEMU and qemu-img on tenant files run as.
     unprivileged_user: str = "hackboot-guest"
     max_body_bytes: int = 1024 * 1024
+    # Writes are refused (507) while the state directory's filesystem has less than this free.
+    min_free_bytes: int = 64 * 1024**2
+    # Kept allocated in state_dir and released when the disk fills, so deletes can still commit.
+    disk_reserve_bytes: int = 16 * 1024**2
     token_default_ttl_hours: int = 24 * 30
     login_token_ttl_hours: int = 12
     run_local_agent: bool = True

@@ -104,3 +104,9 @@ class Unavailable(ApiError):
     status = 503
     code = "unavailable"
     title = "Service unavailable"
+
+
+class InsufficientStorage(ApiError):
+    status = 507
+    code = "insufficient_storage"
+    title = "Insufficient storage"
