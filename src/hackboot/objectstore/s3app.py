@@ -279,8 +279,14 @@ async def authenticate(req: Req) -> None:
         if not expires.isdigit():
             raise S3Error("AccessDenied", "Query-string authentication requires the Signature, Expires and "
                                           "AWSAccessKeyId parameters")
-        if int(expires) < int(dt.datetime.now(dt.UTC).timestamp()):
+        now_s = int(dt.datetime.now(dt.UTC).timestamp())
+        if int(expires) < now_s:
             raise S3Error("AccessDenied", "Request has expired", Expires=expires)
+        # SigV2 carries an absolute expiry; cap it like SigV4's X-Amz-Expires (a week), so a leaked
+        # URL cannot outlive the week a SigV4 one would.
+        if int(expires) > now_s + sigv4.MAX_PRESIGN_EXPIRES + int(sigv4.MAX_SKEW.total_seconds()):
+            raise S3Error("AccessDenied", "Presigned URLs may not expire more than 7 days (604800 seconds) "
+                                          "after they are made", Expires=expires)
         await _authenticate_v2(req, req.query["AWSAccessKeyId"], req.query["Signature"], expires)
         return
     if header:

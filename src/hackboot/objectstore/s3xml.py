@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 import xml.etree.ElementTree as ET
-from typing import Any
+import xml.parsers.expat as expat
+from typing import Any, NoReturn
 from xml.sax.saxutils import escape as _escape
 
 NS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -112,17 +113,49 @@ class Node:
         return n.el.text if n is not None and n.el.text is not None else (default if n is None else "")
 
 
+class _Refused(Exception):
+    pass
+
+
+def _refuse(*_: Any) -> NoReturn:
+    raise _Refused
+
+
+def _qname(name: str) -> str:
+    # expat reports "namespace}local" with namespace_separator="}"; ElementTree spells it "{namespace}local"
+    return "{" + name if "}" in name else name
+
+
+def safe_fromstring(body: bytes) -> ET.Element:
+    """Parse XML with expat directly, refusing any DOCTYPE (hence any entity declaration or external
+    reference) whatever the document's encoding: a byte search for "<!DOCTYPE" misses UTF-16."""
+    builder = ET.TreeBuilder()
+    p = expat.ParserCreate(namespace_separator="}")
+    p.buffer_text = True
+    p.StartDoctypeDeclHandler = _refuse
+    p.EntityDeclHandler = _refuse
+    p.UnparsedEntityDeclHandler = _refuse
+    p.NotationDeclHandler = _refuse
+    p.ExternalEntityRefHandler = _refuse
+    p.SkippedEntityHandler = _refuse
+    p.StartElementHandler = lambda name, attrs: builder.start(_qname(name), {_qname(k): v for k, v in attrs.items()})
+    p.EndElementHandler = lambda name: builder.end(_qname(name))
+    p.CharacterDataHandler = builder.data
+    p.Parse(body, True)
+    return builder.close()
+
+
 def parse(body: bytes, root: str | None = None) -> Node:
     if len(body) > MAX_XML_BODY:
         raise S3Error("MaxMessageLengthExceeded", "Your request was too big")
     if not body.strip():
         raise S3Error("MalformedXML", "The XML you provided was not well-formed or did not validate "
                                       "against our published schema")
-    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:  # no DTDs, no entity expansion
-        raise S3Error("MalformedXML", "DTDs are not allowed")
     try:
-        el = ET.fromstring(body)
-    except ET.ParseError:
+        el = safe_fromstring(body)
+    except _Refused:
+        raise S3Error("MalformedXML", "DTDs and entity declarations are not allowed") from None
+    except (expat.ExpatError, ValueError, UnicodeError):
         raise S3Error("MalformedXML", "The XML you provided was not well-formed or did not validate "
                                       "against our published schema") from None
     node = Node(el)
