@@ -9,11 +9,13 @@ keys, volume keys, webhook signing secrets) are sealed with the master key.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 from functools import lru_cache
+from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -55,14 +57,33 @@ def master_key() -> bytes:
         return key
     path = settings.state_dir / "master.key"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _create_key_file(path)
+    return base64.urlsafe_b64decode(path.read_bytes().strip() + b"==")
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a new key under a name no other process uses, then link it into place.
+
+    link() fails when the key already exists, so several processes starting together on a
+    fresh state directory never see a half-written key: the first link wins and the others
+    read the winner's key.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(base64.urlsafe_b64encode(os.urandom(32)))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return base64.urlsafe_b64decode(path.read_bytes().strip() + b"==")
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # the key's name is durable before any secret is sealed with it
+    finally:
+        os.close(dir_fd)
 
 
 def seal(plaintext: bytes, context: bytes = b"") -> str:
