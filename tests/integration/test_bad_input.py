@@ -94,6 +94,6 @@ def test_health_and_metrics(cloud: Cloud) -> None:
     assert httpx.get(cloud.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(cloud.url + "/readyz").json() == {"status": "ok"}
     httpx.get(cloud.url + "/v1/projects", headers=_headers(cloud))
-    metrics = httpx.get(cloud.url + "/metrics").text
+    metrics = httpx.get(cloud.url + "/metrics", headers={"Authorization": f"Bearer {cloud.admin_token}"}).text
     assert 'hackboot_http_requests_total{method="GET",route="/v1/projects",status="200"}' in metrics
     assert "hackboot_http_request_duration_seconds_bucket" in metrics

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from collections.abc import Iterable
 
+import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -13,9 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hackboot.core.auth import authenticate_token
 from hackboot.core.config import get_settings
 from hackboot.core.db import session_scope
-from hackboot.core.errors import ApiError
+from hackboot.core.errors import ApiError, Forbidden, Unauthenticated
 from hackboot.core.middleware import ApiMiddleware
 
 log = logging.getLogger("hackboot.api")
@@ -30,6 +33,21 @@ def _problem(request: Request, status: int, code: str, title: str, detail: str, 
             "detail": detail, "instance": request.url.path,
             "request_id": request.scope.get("state", {}).get("request_id", "")} | extra
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+async def _metrics_caller(request: Request) -> None:
+    """Let through the configured scrape token or a superuser; route names and rates are not public."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("Metrics need 'Authorization: Bearer <metrics token or superuser token>'")
+    configured = get_settings().metrics_token
+    if configured and hmac.compare_digest(token.encode(), configured.encode()):
+        return
+    principal = await anyio.to_thread.run_sync(authenticate_token, token, None)
+    if not principal.is_superuser:
+        raise Forbidden("Only the metrics token or a cloud administrator (superuser) may read metrics")
 
 
 def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API") -> FastAPI:
@@ -83,8 +101,13 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
-        """Prometheus metrics: request counts and latency histograms per route."""
+    async def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus metrics: request counts and latency histograms per route.
+
+        Not public: send `Authorization: Bearer <metrics_token>` (setting `metrics_token`, meant for
+        Prometheus) or a superuser's token.
+        """
+        await _metrics_caller(request)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several API processes: add up every process's samples.
             registry = CollectorRegistry()

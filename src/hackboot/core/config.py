@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     master_key: str = ""
     # System account (created when missing) that QEMU and qemu-img on tenant files run as.
     unprivileged_user: str = "hackboot-guest"
+    # Bearer token Prometheus sends to read /metrics (superusers' tokens work too); empty: superusers only.
+    metrics_token: str = ""
     max_body_bytes: int = 1024 * 1024
     # Writes are refused (507) while the state directory's filesystem has less than this free.
     min_free_bytes: int = 64 * 1024**2
