@@ -275,7 +275,16 @@ def _bucket_info(s: Session, b: Bucket) -> BucketInfo:
                       b.public_access_block, project_blocks_public(s, b.project_id))
 
 
+_buckets_epoch = {"seen": -1}
+
+
 def get_bucket(name: str) -> BucketInfo | None:
+    # The project's public-access switch is flipped through the REST API, maybe in another process:
+    # it bumps the shared epoch, so no process keeps serving a bucket under the old setting.
+    epoch = auth_epoch()
+    if epoch != _buckets_epoch["seen"]:
+        _buckets.clear()
+        _buckets_epoch["seen"] = epoch
     hit = _buckets.get(name)
     now = time.monotonic()
     if hit is not None and hit[1] > now:

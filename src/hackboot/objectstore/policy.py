@@ -96,8 +96,12 @@ def acl_from_headers(headers: dict[str, str], owner: str, bucket_owner: str | No
     return grants if found else None
 
 
+PUBLIC_GRANTEES = (ALL_USERS, AUTH_USERS)
+
+
 def is_public_acl(grants: list[dict[str, str]] | None) -> bool:
-    return any(g["grantee"] in (ALL_USERS, AUTH_USERS) for g in grants or [])
+    """An ACL is public when it grants anything to a group of everyone (anonymous or any account)."""
+    return any(g["grantee"] in PUBLIC_GRANTEES for g in grants or [])
 
 
 def _as_list(v: Any) -> list[Any]:
@@ -147,15 +151,13 @@ def validate_policy(raw: bytes, bucket: str) -> dict[str, Any]:
 
 
 def _principal_matches(principal: Any, req: Requester) -> bool:
-    if principal == "*":
+    if principal_is_public(principal):  # everyone, in whatever form: public by the same definition
         return True
     if isinstance(principal, dict):
         values = _as_list(principal.get("AWS")) + _as_list(principal.get("CanonicalUser"))
     else:
         values = _as_list(principal)
     for v in values:
-        if v == "*":
-            return True
         if req.anonymous or not isinstance(v, str):
             continue
         if v == req.project_id:
@@ -169,18 +171,70 @@ def _principal_matches(principal: Any, req: Requester) -> bool:
     return False
 
 
-def is_public_policy(doc: dict[str, Any] | None) -> bool:
-    if not doc:
-        return False
-    for st in _as_list(doc.get("Statement")):
-        if st.get("Effect") != "Allow":
+def principal_is_public(principal: Any) -> bool:
+    """Does this `Principal` name everyone? `"*"`, `{"AWS": "*"}`, `{"AWS": ["*"]}`, `{"CanonicalUser": "*"}`,
+    any other key with "*", or an ARN whose account is a wildcard. The one definition used by the public
+    access block, GetBucketPolicyStatus and the authoriser, so they can never disagree."""
+    if isinstance(principal, dict):
+        values = [v for vals in principal.values() for v in _as_list(vals)]
+    else:
+        values = _as_list(principal)
+    for v in values:
+        if not isinstance(v, str):
             continue
-        p = st.get("Principal")
-        wildcard = p == "*" or (isinstance(p, dict) and "*" in _as_list(p.get("AWS")))
-        if wildcard and not any(k.lower() in ("aws:sourceip", "aws:principalaccount", "aws:sourcevpce")
-                                for ops in st.get("Condition", {}).values() for k in ops):
+        if v.strip() == "*":
+            return True
+        if v.startswith("arn:aws:iam::") and any(c in v[len("arn:aws:iam::"):].partition(":")[0] for c in "*?"):
             return True
     return False
+
+
+_NARROWING_KEYS = ("aws:principalaccount", "aws:sourcevpce", "aws:sourcevpc", "aws:userid", "aws:principalarn")
+_EXACT_OPS = ("StringEquals", "StringEqualsIgnoreCase", "ArnEquals")
+
+
+def _narrows_to_known(op: str, key: str, expected: Any) -> bool:
+    """A condition that holds only for fixed callers (AWS's rule for "not public"): an exact account,
+    user or endpoint, or source addresses within a /8 (IPv4) or /32 (IPv6). Negated, IfExists and
+    set operators never narrow (an anonymous caller lacks the key, and they would hold)."""
+    values = _as_list(expected)
+    if not values or op.endswith("IfExists") or op.startswith(("ForAnyValue:", "ForAllValues:")):
+        return False
+    key = key.lower()
+    if key == "aws:sourceip":
+        if op != "IpAddress":
+            return False
+        try:
+            nets = [ipaddress.ip_network(str(v), strict=False) for v in values]
+        except ValueError:
+            return False
+        return all(n.prefixlen >= (8 if n.version == 4 else 32) for n in nets)
+    if key in _NARROWING_KEYS and op in (*_EXACT_OPS, "StringLike", "ArnLike"):
+        return all(isinstance(v, str) and v and not any(c in v for c in "*?") for v in values)
+    return False
+
+
+def statement_is_public(st: dict[str, Any]) -> bool:
+    """Does this statement apply to everyone (anonymous included)?"""
+    if "Principal" in st:
+        if not principal_is_public(st["Principal"]):
+            return False
+    elif "NotPrincipal" not in st:
+        return False
+    # NotPrincipal: everyone but the named ones, hence public unless a condition narrows it
+    cond = st.get("Condition") or {}
+    if not isinstance(cond, dict):
+        return True
+    return not any(_narrows_to_known(op, key, expected) for op, body in cond.items() if isinstance(body, dict)
+                   for key, expected in body.items())
+
+
+def is_public_policy(doc: dict[str, Any] | None) -> bool:
+    """A policy is public when one of its Allow statements is."""
+    if not doc:
+        return False
+    return any(isinstance(st, dict) and st.get("Effect") == "Allow" and statement_is_public(st)
+               for st in _as_list(doc.get("Statement")))
 
 
 def _op_base(op: str) -> str:
@@ -288,12 +342,9 @@ def evaluate_policy(doc: dict[str, Any] | None, req: Requester, action: str, arn
         if "Principal" in st:
             if not _principal_matches(st["Principal"], req):
                 continue
-            p = st["Principal"]
-            public = p == "*" or (isinstance(p, dict) and "*" in _as_list(p.get("AWS")))
-        else:
-            if _principal_matches(st.get("NotPrincipal"), req):
-                continue
-            public = True
+        elif _principal_matches(st.get("NotPrincipal"), req):
+            continue
+        public = statement_is_public(st)
         if "Action" in st:
             if not _action_matches(_as_list(st["Action"]), action):
                 continue

@@ -13,7 +13,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from hackboot.core import errors
-from hackboot.core.auth import Principal
+from hackboot.core.auth import Principal, forget_cached_tokens
 from hackboot.core.crypto import seal
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
@@ -85,6 +85,7 @@ def set_block_public_access(project_id: str, blocked: bool) -> None:
         else:
             row.block_public_access = blocked
     engine.invalidate_bucket()
+    forget_cached_tokens()  # bumps the shared epoch: the S3 endpoint's process drops its bucket cache too
 
 
 def get_block_public_access(project_id: str) -> bool:
