@@ -3,6 +3,10 @@
 A token is scoped to one project with a role (viewer < member < admin). A
 superuser's login token may be unscoped and choose a project per request with the
 `X-Hackboot-Project` header. Another project's resource is always a 404.
+
+Authorisation is always against the token, never the user alone: `project_role()` gives
+the role a request holds in a project = min(token role, the user's current membership
+role), and only in the token's own project (superusers excepted).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Annotated
 import anyio
 from fastapi import Depends, Request
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from hackboot.core import errors
 from hackboot.core.config import get_settings
@@ -56,6 +61,33 @@ class Principal:
                 f"This token is not scoped to a project: send the {PROJECT_HEADER} header or use a project token",
                 code="project_required")
         return self.project_id
+
+
+def project_role(s: Session, p: Principal, project_id: str, need: str = "viewer") -> str:
+    """The role this request holds in `project_id`: min(token role, current membership role).
+
+    A project other than the token's own does not exist for the request (404), whatever the
+    user's other memberships; a weaker role than `need` is a 403. Superusers act as admins in
+    every existing project.
+    """
+    from hackboot.identity.models import Membership, Project
+
+    not_found = errors.NotFound(f"Project {project_id} not found")
+    if p.is_superuser:
+        if s.get(Project, project_id) is None:
+            raise not_found
+        return "admin"
+    if p.project_id is None or p.project_id != project_id:
+        raise not_found
+    member_role = s.scalar(select(Membership.role).where(Membership.project_id == project_id,
+                                                        Membership.user_id == p.user_id))
+    if member_role is None:
+        raise not_found
+    role = min(p.role, member_role, key=ROLE_RANK.__getitem__)
+    if ROLE_RANK[role] < ROLE_RANK[need]:
+        raise errors.Forbidden(f"This action needs the '{need}' role in project {project_id}; "
+                               f"this token has '{role}'")
+    return role
 
 
 def _bearer(request: Request) -> str:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hackboot.core import errors, quotas
-from hackboot.core.auth import ROLE_RANK, Principal, forget_cached_tokens
+from hackboot.core.auth import ROLE_RANK, Principal, forget_cached_tokens, project_role
 from hackboot.core.config import get_settings
 from hackboot.core.crypto import hash_password, hash_token, new_secret, verify_password
 from hackboot.core.db import session_scope, utcnow
@@ -107,20 +107,26 @@ def login(username: str, password: str, project_id: str | None) -> IssuedToken:
 
 def create_token(p: Principal, *, project_id: str, role: str, name: str, user_id: str | None,
                  expires_in_hours: int | None) -> IssuedToken:
-    """A project token for yourself, or (project admins) for another member of the project."""
+    """A token for yourself, or (project admins) for another member, in the calling token's project.
+
+    The request's rights are the token's, not the user's: a token can only mint tokens of its own
+    project with at most its own effective role (min of token role and current membership).
+    """
     with session_scope() as s:
-        _visible_project(s, p, project_id)
+        my_role = project_role(s, p, project_id)
         target_id = user_id or p.user_id
         user = s.get(User, target_id)
         if user is None:
             raise errors.NotFound(f"User {target_id} not found")
         if not p.is_superuser:
-            if target_id != p.user_id and not _is_project_admin(s, p, project_id):
-                raise errors.Forbidden("Only project admins may create tokens for other users")
-            # Never mint more rights than the target holds in the project, nor more than the caller.
-            caller_role = _role_in(s, p.user_id, project_id) or "viewer"
-            if ROLE_RANK[role] > ROLE_RANK[caller_role]:
-                raise errors.Forbidden(f"You cannot grant '{role}': your role in this project is '{caller_role}'")
+            if target_id != p.user_id:
+                if my_role != "admin":
+                    raise errors.Forbidden("Only project admins may create tokens for other users")
+                if user.is_superuser:
+                    # Any token of a superuser carries cloud-wide powers: never minted by a tenant.
+                    raise errors.Forbidden("Only superusers may create tokens for superusers")
+            if ROLE_RANK[role] > ROLE_RANK[my_role]:
+                raise errors.Forbidden(f"You cannot grant '{role}': this token's role in the project is '{my_role}'")
         target_role = "admin" if user.is_superuser else _role_in(s, target_id, project_id)
         if target_role is None:
             raise errors.Conflict(f"User {user.username} is not a member of project {project_id}: add them first",
@@ -137,25 +143,39 @@ def create_token(p: Principal, *, project_id: str, role: str, name: str, user_id
 
 
 def list_tokens(s: Session, p: Principal, project_id: str | None) -> list[ApiToken]:
+    """Superusers: every token (of a project). Others: their own tokens in the token's project, or,
+    for project admins asking for `project_id`, the project's (superusers' tokens excepted)."""
     stmt = select(ApiToken).where(ApiToken.revoked_at.is_(None))
     if p.is_superuser:
         if project_id:
             stmt = stmt.where(ApiToken.project_id == project_id)
-    elif project_id and _is_project_admin(s, p, project_id):
-        stmt = stmt.where(ApiToken.project_id == project_id)
+        return list(s.scalars(stmt.order_by(ApiToken.id)))
+    project = project_id or p.project
+    role = project_role(s, p, project)
+    stmt = stmt.where(ApiToken.project_id == project)
+    if project_id and role == "admin":
+        stmt = stmt.join(User, User.id == ApiToken.user_id).where(User.is_superuser.is_(False))
     else:
         stmt = stmt.where(ApiToken.user_id == p.user_id)
     return list(s.scalars(stmt.order_by(ApiToken.id)))
 
 
 def revoke_token(p: Principal, token_id: str) -> ApiToken:
+    """Your own tokens of the token's project; a project admin token also revokes the project's
+    other tokens (not superusers'). Anything else is a 404."""
     with session_scope() as s:
         tok = s.get(ApiToken, token_id)
-        allowed = tok is not None and (
-            p.is_superuser or tok.user_id == p.user_id
-            or (tok.project_id is not None and _is_project_admin(s, p, tok.project_id)))
-        if tok is None or not allowed:
-            raise errors.NotFound(f"Token {token_id} not found")
+        not_found = errors.NotFound(f"Token {token_id} not found")
+        if tok is None:
+            raise not_found
+        if not p.is_superuser:
+            if tok.project_id is None or tok.project_id != p.project_id:
+                raise not_found
+            role = project_role(s, p, tok.project_id)
+            if tok.user_id != p.user_id:
+                owner = s.get(User, tok.user_id)
+                if role != "admin" or owner is None or owner.is_superuser:
+                    raise not_found
         if tok.revoked_at is None:
             tok.revoked_at = utcnow()
             emit(s, "token.revoked", resource_type="token", resource_id=tok.id, project_id=tok.project_id,
@@ -171,14 +191,10 @@ def _role_in(s: Session, user_id: str, project_id: str) -> str | None:
                                                   Membership.user_id == user_id))
 
 
-def _is_project_admin(s: Session, p: Principal, project_id: str) -> bool:
-    return p.is_superuser or _role_in(s, p.user_id, project_id) == "admin"
-
-
-def _visible_project(s: Session, p: Principal, project_id: str) -> Project:
+def _visible_project(s: Session, p: Principal, project_id: str, need: str = "viewer") -> Project:
+    project_role(s, p, project_id, need)  # the token's project only, with its effective role
     project = s.get(Project, project_id)
-    if project is None or (not p.is_superuser and _role_in(s, p.user_id, project_id) is None):
-        raise errors.NotFound(f"Project {project_id} not found")
+    assert project is not None
     return project
 
 
@@ -211,16 +227,16 @@ def create_project(p: Principal, name: str, description: str, org_id: str | None
 def project_query(p: Principal):  # type: ignore[no-untyped-def]
     stmt = select(Project)
     if not p.is_superuser:
-        stmt = stmt.join(Membership, Membership.project_id == Project.id).where(Membership.user_id == p.user_id)
+        # The token's project only (authentication already checked the membership).
+        stmt = stmt.where(Project.id == p.project)
     return stmt
 
 
 def add_member(p: Principal, project_id: str, user_id: str, role: str) -> Membership:
     with session_scope() as s:
-        _visible_project(s, p, project_id)
-        if not _is_project_admin(s, p, project_id):
-            raise errors.Forbidden("Only project admins may manage members")
-        if s.get(User, user_id) is None:
+        project = _visible_project(s, p, project_id, need="admin")
+        user = s.get(User, user_id)
+        if user is None or user.org_id != project.org_id:  # members come from the project's organisation
             raise errors.NotFound(f"User {user_id} not found")
         m = s.get(Membership, (project_id, user_id))
         if m is None:
@@ -237,9 +253,7 @@ def add_member(p: Principal, project_id: str, user_id: str, role: str) -> Member
 
 def remove_member(p: Principal, project_id: str, user_id: str) -> None:
     with session_scope() as s:
-        _visible_project(s, p, project_id)
-        if not _is_project_admin(s, p, project_id):
-            raise errors.Forbidden("Only project admins may manage members")
+        _visible_project(s, p, project_id, need="admin")
         m = s.get(Membership, (project_id, user_id))
         if m is None:
             raise errors.NotFound(f"User {user_id} is not a member of {project_id}")
