@@ -305,6 +305,7 @@ async def authenticate(req: Req) -> None:
     if auth.presigned and "host" not in headers:
         raise S3Error("AccessDenied", "Missing host header")
     req.signing_key = sigv4.verify(auth, cred.secret, req.method, req.raw_path, req.raw_query, headers)
+    sigv4.require_signed_amz_headers(auth, headers)
     req.auth = auth
     req.requester = Requester(cred.project_id, cred.user_id, cred.read_only, cred.buckets, cred.access_key)
 

@@ -189,6 +189,21 @@ def canonical_headers(headers: dict[str, str], signed: list[str]) -> str:
     return "".join(out)
 
 
+# x-amz-* headers that may travel unsigned: their values are part of the string to sign anyway
+# (the request date, and the payload hash, the last line of the canonical request).
+UNSIGNED_AMZ_HEADERS = frozenset({"x-amz-date", "x-amz-content-sha256"})
+
+
+def require_signed_amz_headers(auth: AuthRequest, headers: dict[str, str]) -> None:
+    """As S3: every `x-amz-*` header of a SigV4 request (header-signed or presigned) must be signed, or
+    whoever holds a signed request (a presigned URL) could add copy sources, ACLs, object locks…"""
+    signed = set(auth.signed_headers)
+    extra = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed and h not in UNSIGNED_AMZ_HEADERS)
+    if extra:
+        raise S3Error("AccessDenied", "There were headers present in the request which were not signed",
+                      HeadersNotSigned=", ".join(extra))
+
+
 def string_to_sign(auth: AuthRequest, method: str, uri: str, query: str, headers_block: str) -> str:
     creq = "\n".join([method, uri, query, headers_block, ";".join(auth.signed_headers), auth.payload_hash])
     return "\n".join([ALGORITHM, auth.amz_date, auth.scope, hashlib.sha256(creq.encode()).hexdigest()])
