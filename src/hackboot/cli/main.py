@@ -19,8 +19,13 @@ from hackboot.cli.context import state
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+# Commands that write the cloud's state: their files must not be readable by other local users.
+STATE_WRITERS = ("serve", "agent")
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     profile: str = typer.Option("default", "--profile", envvar="HACKBOOT_PROFILE", help="CLI profile to use"),
     url: str = typer.Option(None, "--url", envvar="HACKBOOT_URL", help="API address (overrides the profile)"),
     token: str = typer.Option(None, "--token", envvar="HACKBOOT_TOKEN", help="API token (overrides the profile)"),
@@ -28,6 +33,10 @@ def main(
                                 help="Project to act in (overrides the profile)"),
 ) -> None:
     state.profile, state.url, state.token, state.project = profile, url, token, project
+    if ctx.invoked_subcommand in STATE_WRITERS:
+        from hackboot.core.fsperms import restrict_umask
+
+        restrict_umask()  # before any file is created
 
 
 @app.command()
@@ -44,9 +53,12 @@ def serve(
     if no_agent:
         os.environ["HACKBOOT_RUN_LOCAL_AGENT"] = "false"
     from hackboot.core.config import get_settings, reset_settings_cache
+    from hackboot.core.fsperms import restrict_umask, secure_state_dir
 
+    restrict_umask()
     reset_settings_cache()
     settings = get_settings()
+    secure_state_dir(settings.state_dir, settings.unprivileged_user)
     if settings.api_workers > 1:
         # Prometheus must know before it is imported that several processes share /metrics.
         metrics_dir = settings.state_dir / "run" / "metrics"
