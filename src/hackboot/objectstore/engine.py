@@ -217,13 +217,35 @@ def get_credential(access_key: str) -> Cred | None:
         row = s.scalar(select(S3Credential).where(S3Credential.access_key == access_key))
         cred = None
         if row is not None and row.revoked_at is None:
-            cred = Cred(row.id, row.access_key, unseal(row.secret_sealed, SECRET_CONTEXT + row.id.encode()).decode(),
-                        row.project_id, row.user_id, row.read_only,
-                        tuple(row.buckets) if row.buckets is not None else None)
+            allowed, read_only = _holder_rights(s, row)
+            if allowed:
+                cred = Cred(row.id, row.access_key,
+                            unseal(row.secret_sealed, SECRET_CONTEXT + row.id.encode()).decode(),
+                            row.project_id, row.user_id, row.read_only or read_only,
+                            tuple(row.buckets) if row.buckets is not None else None)
     if len(_creds) > 10000:
         _creds.clear()
     _creds[access_key] = (cred, now + CRED_TTL)
     return cred
+
+
+def _holder_rights(s: Session, row: S3Credential) -> tuple[bool, bool]:
+    """(usable, read_only) from the key's user as they are *now*, like API tokens: a key is refused once its
+    user is disabled, deleted or no longer a member of the key's project, and a viewer's key only reads.
+    Membership changes bump the shared auth epoch, so every process re-reads this at once."""
+    from hackboot.core.auth import ROLE_RANK
+    from hackboot.identity.models import Membership, User
+
+    user = s.get(User, row.user_id)
+    if user is None or user.disabled:
+        return False, True
+    if user.is_superuser:
+        return True, False
+    role = s.scalar(select(Membership.role).where(Membership.project_id == row.project_id,
+                                                  Membership.user_id == row.user_id))
+    if role is None:
+        return False, True
+    return True, ROLE_RANK.get(role, 0) < ROLE_RANK["member"]
 
 
 def invalidate_credential(access_key: str) -> None:
