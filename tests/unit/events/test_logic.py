@@ -14,7 +14,15 @@ from sqlalchemy.dialects import sqlite
 
 from hackboot.events import signing, stream
 from hackboot.events.service import glob_condition, prefix_condition
-from hackboot.events.webhooks import backoff_delay, is_forbidden_address, validate_url
+from hackboot.events.webhooks import (
+    Slots,
+    backoff_delay,
+    is_forbidden_address,
+    parse_ipv4_number,
+    parse_target,
+    plan,
+    validate_url,
+)
 from hackboot.sdk.events import parse_sse, verify_webhook_signature
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -53,12 +61,17 @@ def test_backoff_grows_exponentially_with_bounded_jitter_and_a_cap() -> None:
 
 @pytest.mark.parametrize("addr", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
                                   "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1",
-                                  "224.0.0.1", "255.255.255.255"])
+                                  "224.0.0.1", "255.255.255.255",
+                                  # IPv6 forms that embed a private IPv4 address
+                                  "::ffff:a9fe:a9fe", "::127.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a00:1",
+                                  "64:ff9b:1::808:808", "2002:7f00:1::1", "2002:c0a8:101::",
+                                  "2001:0:4136:e378:8000:63bf:80ff:fffe", "fec0::1", "192.88.99.1"])
 def test_non_public_addresses_are_forbidden(addr: str) -> None:
     assert is_forbidden_address(ipaddress.ip_address(addr))
 
 
-@pytest.mark.parametrize("addr", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("addr", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "64:ff9b::808:808",
+                                  "2002:808:808::1", "::ffff:8.8.8.8"])
 def test_public_addresses_are_allowed(addr: str) -> None:
     assert not is_forbidden_address(ipaddress.ip_address(addr))
 
@@ -80,6 +93,68 @@ def test_public_addresses_are_allowed(addr: str) -> None:
 def test_bad_webhook_urls_are_refused_with_a_reason(url: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         validate_url(url, allow_private=False)
+
+
+@pytest.mark.parametrize("host,addr", [
+    ("0177.0.0.1", "127.0.0.1"), ("0x7f.1", "127.0.0.1"), ("2130706433", "127.0.0.1"), ("127.1", "127.0.0.1"),
+    ("0", "0.0.0.0"), ("0x", "0.0.0.0"), ("10.0x10.1", "10.16.0.1"), ("1.2.3.4.", "1.2.3.4"),
+    ("0XA.0.0.010", "10.0.0.8"), ("4294967295", "255.255.255.255"),
+])
+def test_numeric_hosts_are_read_like_inet_aton(host: str, addr: str) -> None:
+    assert str(parse_ipv4_number(host)) == addr
+
+
+@pytest.mark.parametrize("host", ["1.2.3.4.5", "256.0.0.1", "08.0.0.1", "4294967296", "1.16777216",
+                                  "example.123", "1..2", "0xg.1"])
+def test_hosts_ending_in_a_number_must_be_valid_ipv4(host: str) -> None:
+    with pytest.raises(ValueError):
+        parse_ipv4_number(host)
+
+
+def test_domain_names_are_not_numbers() -> None:
+    assert parse_ipv4_number("example.com") is None and parse_ipv4_number("1.2.3.example") is None
+
+
+@pytest.mark.parametrize("url,normalised,host", [
+    ("HTTPS://Bücher.Example/a?b", "https://xn--bcher-kva.example/a?b", "xn--bcher-kva.example"),
+    ("http://0x7f.1:8080/x", "http://127.0.0.1:8080/x", "127.0.0.1"),
+    ("http://[2606:4700:0:0:0:0:0:1]/", "http://[2606:4700::1]/", "2606:4700::1"),
+    ("http://ｅｘａｍｐｌｅ.com/", "http://example.com/", "example.com"),
+])
+def test_urls_are_normalised(url: str, normalised: str, host: str) -> None:
+    target = parse_target(url)
+    assert (target.url, target.host) == (normalised, host)
+    assert validate_url(url, allow_private=True) == normalised
+
+
+@pytest.mark.parametrize("url", ["http://☃.net/", "http://xn--zz.com/", "http://exa_mple.com/", "http://-a.com/",
+                                 "http://a..b/", "http://%41.com/", "http://[fe80::1%25eth0]/",
+                                 "http://[127.0.0.1]/", "http://1.2.3.4.5/"])
+def test_invalid_hosts_are_refused_even_when_private_targets_are_allowed(url: str) -> None:
+    with pytest.raises(ValueError):
+        validate_url(url, allow_private=True)
+
+
+def test_slots_are_shared_round_robin_between_projects_and_webhooks() -> None:
+    # Project A has a big backlog on two webhooks, B and C one delivery each.
+    due = [("wh-a1", "prj-a", 200), ("wh-a2", "prj-a", 100), ("wh-b", "prj-b", 1), ("wh-c", "prj-c", 1)]
+    want = plan(due, Slots(total=6, webhook_limit=2, project_limit=4))
+    assert want == {"wh-a1": 2, "wh-a2": 2, "wh-b": 1, "wh-c": 1}
+    # Scarce slots: every project gets a turn before any gets a second one.
+    assert set(plan(due, Slots(total=3, webhook_limit=2, project_limit=4))) == {"wh-a1", "wh-b", "wh-c"}
+    # A failing webhook gets one attempt, from the shared failing budget; a held one none.
+    slots = Slots(total=10, webhook_limit=2, failing_limit=1, failing={"wh-a1", "wh-a2"}, held={"wh-c"})
+    assert plan(due, slots) == {"wh-a1": 1, "wh-b": 1}
+    # In-flight attempts count against the limits.
+    busy = Slots(total=10, webhook_limit=2, project_limit=3, webhook_inflight={"wh-a1": 2},
+                 project_inflight={"prj-a": 2})
+    assert plan(due, busy) == {"wh-a2": 1, "wh-b": 1, "wh-c": 1}
+
+
+def test_the_first_turn_rotates() -> None:
+    due = [("wh-a", "prj-a", 5), ("wh-b", "prj-b", 5), ("wh-c", "prj-c", 5)]
+    firsts = {next(iter(plan(due, Slots(total=1), turn))) for turn in range(3)}
+    assert firsts == {"wh-a", "wh-b", "wh-c"}
 
 
 def test_good_webhook_urls_and_private_targets_when_allowed() -> None:
