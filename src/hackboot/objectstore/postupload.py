@@ -18,7 +18,8 @@ from hackboot.objectstore.policy import Requester, acl_from_headers, is_public_a
 from hackboot.objectstore.s3app import Req, Response
 from hackboot.objectstore.s3xml import S3Error, doc, tag
 
-MAX_FIELDS = 64 * 1024
+MAX_FIELDS = 64 * 1024  # all form fields together (the file excepted); S3 allows 20 KiB of fields + policy
+MAX_FIELD_COUNT = 100
 IGNORED = {"policy", "x-amz-signature", "file", "submit"}
 
 
@@ -191,7 +192,12 @@ async def post_object(req: Req) -> Response:
             filename = disp.get("filename", "")
             file_ctype = part.get("content-type")
             break
-        fields[name] = (await form.value()).decode("utf-8", "replace")
+        # The form is read before its policy can be checked: bound what an anonymous sender makes us keep.
+        if len(fields) >= MAX_FIELD_COUNT:
+            raise S3Error("MalformedPOSTRequest", "Too many form fields")
+        used = sum(len(k) + len(v) for k, v in fields.items())
+        value = await form.value(max(0, MAX_FIELDS - used))
+        fields[name] = value.decode("utf-8", "replace")
     if "policy" in fields:
         cred = fields.get("x-amz-credential", "").split("/", 1)[0]
         c = await engine.blocking(engine.get_credential, cred)

@@ -213,6 +213,11 @@ class Req:
                           S3ComputedContentSHA256=actual)
 
     async def read_body(self, limit: int = 1024 * 1024) -> bytes:
+        """A small request body (XML configuration, multi-delete…), at most `limit` bytes. A declared
+        length over the limit is refused before a byte is read (S3 answers MaxMessageLengthExceeded)."""
+        declared = self.declared_length()
+        if declared is not None and declared > limit:
+            raise S3Error("MaxMessageLengthExceeded", "Your request was too big.", MaxMessageLength=str(limit))
         parts = []
         n = 0
         async for piece in self.iter_body():
@@ -369,6 +374,22 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
+MAX_HEADER_VALUE = 16 * 1024  # per header line; user metadata is capped lower (2 KiB, as S3)
+MAX_HEADERS_TOTAL = 64 * 1024
+
+
+def _headers_fit(scope: Scope) -> bool:
+    """The server caps header sizes before the app; this holds the S3 endpoint to the same limits
+    whatever server runs it."""
+    total = 0
+    for k, v in scope["headers"]:
+        n = len(k) + len(v)
+        if n > MAX_HEADER_VALUE:
+            return False
+        total += n + 4
+    return total <= MAX_HEADERS_TOTAL
+
+
 async def s3_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
@@ -382,6 +403,12 @@ async def s3_app(scope: Scope, receive: Receive, send: Send) -> None:
     except Exception:
         await send({"type": "http.response.start", "status": 400, "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
+        return
+    if not _headers_fit(scope):
+        resp = error_response(req, S3Error("RequestHeaderSectionTooLarge", "Your request header section exceeds "
+                                           "the maximum allowed size.", 431, MaxSizeAllowed=str(MAX_HEADERS_TOTAL)))
+        resp.headers["connection"] = "close"
+        await _send(send, req, resp)
         return
     cors_headers: dict[str, str] = {}
     try:

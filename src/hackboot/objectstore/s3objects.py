@@ -726,6 +726,10 @@ async def delete_object(req: Req, b: BucketInfo, key: str) -> Response:
 
 
 async def delete_objects(req: Req, b: BucketInfo) -> Response:
+    # Keys are in the body, so each is authorised after reading it; an anonymous caller can only be
+    # allowed by a bucket policy or ACL: without either, refuse before reading anything.
+    if req.requester.anonymous and not b.policy and not b.acl:
+        raise S3Error("AccessDenied", "Access Denied")
     body = await req.read_body(2 * 1024 * 1024)
     node = parse(body, "Delete")
     quiet = (node.text_of("Quiet") or "").lower() == "true"
