@@ -218,10 +218,13 @@ def snapshot_revert(volume: str, snapshot: str, wait: bool = WaitOpt, timeout: f
     volume_revert(volume, snapshot, wait, timeout, output)
 
 
+_BUCKET_HELP = "A bucket of this project (default: hb-backups-<project id>, created when missing)"
+
+
 # --- backups -------------------------------------------------------------------------------------------
 
 @backup_app.command("create")
-def backup_create(volume: str, bucket: str = typer.Option("backups", "--bucket"),
+def backup_create(volume: str, bucket: str = typer.Option(None, "--bucket", help=_BUCKET_HELP),
                   kind: str = typer.Option("auto", "--kind", help="auto, full or incremental"),
                   wait: bool = WaitOpt, timeout: float = TimeoutOpt, output: str = OutputOpt) -> None:
     client = _client()
@@ -261,7 +264,7 @@ def backup_delete(backup: str, output: str = OutputOpt) -> None:
 def policy_create(name: str, every: str = typer.Option("6h", "--every"),
                   keep_local: str = typer.Option("7d", "--keep-local"),
                   keep_remote: str = typer.Option("30d", "--keep-remote"),
-                  bucket: str = typer.Option("backups", "--bucket"),
+                  bucket: str = typer.Option(None, "--bucket", help=_BUCKET_HELP),
                   volume: list[str] = typer.Option(None, "--volume", help="Volumes covered (default: all)"),
                   output: str = OutputOpt) -> None:
     with api_errors():

@@ -14,15 +14,20 @@ Why so much checking. A disk image is a program for the block layer: a qcow2 hea
 and QEMU would open it and show its bytes to the guest; a "raw" image whose first bytes are a
 qcow2 header turns into such an image the moment anything probes its format. So:
 
-* every `qemu-img` call passes an explicit ``-f <format>``: nothing is ever probed;
+* every `qemu-img` call names the format explicitly (``json:{"driver": …}``): nothing is ever
+  probed, and a qcow2's backing file is never opened (``"backing": null``);
 * a raw image must not look like any format QEMU knows (magic numbers checked here);
 * a qcow2 header is parsed here *before* `qemu-img` opens the file, so a backing file, an external
   data file or an encryption header is refused without QEMU ever opening the file it names; then
   ``qemu-img info`` is asked the same questions again (defence in depth), and ``qemu-img check``
   must find no corruption;
-* `qemu-img` runs under ``prlimit`` (address space and CPU time) and a wall-clock timeout, since a
-  crafted image can make it allocate or loop without bound (the lesson of OpenStack's
-  CVE-2015-5162).
+* `qemu-img` runs as the unprivileged account (``core.privsep``), with a clean environment, under
+  ``prlimit`` (address space and CPU time) and a wall-clock timeout, since a crafted image can make
+  it allocate or loop without bound (the lesson of OpenStack's CVE-2015-5162) or exploit a parser
+  bug; it may read the file (group read, through a private directory) but not change it.
+
+The same `validate` serves every disk file that arrives from a tenant-writable place: uploads,
+instance snapshots, and the layers of a volume backup restored from the tenant's bucket.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ import shutil
 import struct
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from hackboot.core import privsep
 
 FORMATS = ("qcow2", "raw")
 MiB = 1024 * 1024
@@ -46,8 +54,8 @@ _BLOCK = 64 * 1024  # granularity of hole detection when writing
 _ZEROS = bytes(_BLOCK)
 _QCOW_MAGIC = b"QFI\xfb"
 QEMU_IMG_TIMEOUT_S = 300.0
-_INFO_LIMITS = ("--as=1073741824", "--cpu=30")  # 1 GiB address space, 30 s of CPU
-_CHECK_LIMITS = ("--as=2147483648", "--cpu=120")
+_INFO_LIMITS = (1 * GiB, 30)  # address space, CPU seconds
+_CHECK_LIMITS = (2 * GiB, 120)
 
 # qcow2 header (docs/interop/qcow2.txt in QEMU), big-endian.
 _QCOW2_INCOMPAT_DIRTY = 1 << 0
@@ -58,6 +66,7 @@ _QCOW2_EXT_END = 0
 _QCOW2_EXT_BACKING_FORMAT = 0xE2792ACA
 _QCOW2_EXT_CRYPTO = 0x0537BE77
 _QCOW2_EXT_DATA_FILE = 0x44415441
+_QCOW2_CRYPT_LUKS = 2
 
 
 class ImageRejected(Exception):
@@ -132,8 +141,14 @@ def sniff_format(path: Path) -> str | None:
     return None
 
 
-def check_qcow2_header(path: Path) -> None:
-    """Refuse, from the header alone, a qcow2 that would make QEMU open another file or need a key."""
+def check_qcow2_header(path: Path, *, layer: bool = False, encrypted: bool = False) -> None:
+    """Refuse, from the header alone, a qcow2 that would make QEMU open another file or need a key.
+
+    `layer`: the file is one layer of a chain that the caller assembles itself (a volume backup), so
+    its header may *name* a backing file: that name is never opened (see `validate`). `encrypted`:
+    the file must be LUKS-encrypted qcow2 (a layer of an encrypted volume), never plain or legacy AES.
+    An external data file is refused in every case.
+    """
     with path.open("rb") as f:
         head = f.read(104)
         if len(head) < 72 or not head.startswith(_QCOW_MAGIC):
@@ -144,10 +159,14 @@ def check_qcow2_header(path: Path) -> None:
             raise ImageRejected(f"Unsupported qcow2 version {version} (2 or 3 expected)")
         if not 9 <= cluster_bits <= 21:
             raise ImageRejected(f"Invalid qcow2 header: cluster_bits={cluster_bits}")
-        if backing_offset != 0 or backing_size != 0:
+        if (backing_offset != 0 or backing_size != 0) and not layer:
             raise ImageRejected("The image names a backing file: images must be self-contained "
                                 "(flatten it with `qemu-img convert -O qcow2` first)", code="image_backing_file")
-        if crypt_method != 0:
+        if backing_size > 1023:  # QEMU's own limit; a longer name is a crafted header
+            raise ImageRejected("Invalid qcow2 header: backing file name too long")
+        if encrypted and crypt_method != _QCOW2_CRYPT_LUKS:
+            raise ImageRejected("The layer of an encrypted volume is not LUKS-encrypted", code="image_encrypted")
+        if crypt_method != 0 and not encrypted:
             raise ImageRejected("Encrypted qcow2 images are not supported", code="image_encrypted")
         header_length = 72
         if version == 3:
@@ -181,10 +200,10 @@ def check_qcow2_header(path: Path) -> None:
             if ext_type == _QCOW2_EXT_DATA_FILE:
                 raise ImageRejected("The image names an external data file: images must be self-contained",
                                     code="image_data_file")
-            if ext_type == _QCOW2_EXT_BACKING_FORMAT:
+            if ext_type == _QCOW2_EXT_BACKING_FORMAT and not layer:
                 raise ImageRejected("The image names a backing file format: images must be self-contained",
                                     code="image_backing_file")
-            if ext_type == _QCOW2_EXT_CRYPTO:
+            if ext_type == _QCOW2_EXT_CRYPTO and not encrypted:
                 raise ImageRejected("Encrypted qcow2 images are not supported", code="image_encrypted")
             offset += 8 + ((ext_len + 7) & ~7)
             f.seek(offset)
@@ -192,34 +211,102 @@ def check_qcow2_header(path: Path) -> None:
 
 # --- qemu-img ----------------------------------------------------------------------------------------
 
-def _qemu_img(args: list[str], limits: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+# The tool's environment: nothing of ours (no HACKBOOT_* secrets), C messages, few malloc arenas so that
+# the address-space limit measures memory rather than per-thread arena reservations.
+_TOOL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "MALLOC_ARENA_MAX": "2"}
+_IMAGE_NAME = "image"  # the name the tool sees (see `tool_access`)
+
+
+def run_qemu_img(args: list[str], *, cwd: Path, secrets: dict[str, str] | None = None,
+                 address_space: int = 2 * GiB, cpu_seconds: int = 120,
+                 timeout: float = QEMU_IMG_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """`qemu-img <args>` as the unprivileged account under prlimit, in `cwd`, on tenant-supplied files.
+
+    The files are named relative to `cwd` (the process enters it before dropping privileges, so the
+    directories above it need not be open to that account). Keys (``secrets``: QMP secret id → value)
+    travel through pipes named by ``--object secret,file=/dev/fd/N``, never argv.
+    """
     exe = shutil.which("qemu-img")
     if exe is None:
         raise QemuImgMissing("qemu-img not found: install the 'qemu-utils' package")
-    cmd = [exe, *args]
-    prlimit = shutil.which("prlimit")
-    if prlimit is not None:
-        cmd = [prlimit, *limits, *cmd]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+    account = privsep.unprivileged_account()
+    fds: list[int] = []
+    objects: list[str] = []
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S, env=env,
-                              check=False)
+        for secret_id, value in (secrets or {}).items():
+            r, w = os.pipe()
+            os.write(w, value.encode())  # a passphrase fits any pipe buffer
+            os.close(w)
+            fds.append(r)
+            if not account.is_current:
+                os.fchown(r, account.uid, account.gid)  # /dev/fd/N of a pipe reopens with its owner's rights
+            objects += ["--object", f"secret,id={secret_id},file=/dev/fd/{r},format=raw"]
+        argv = privsep.limited_argv([exe, args[0], *objects, *args[1:]], address_space=address_space,
+                                    cpu_seconds=cpu_seconds)
+        switch = {} if account.is_current else {"user": account.uid, "group": account.gid, "extra_groups": []}
+        return subprocess.run(argv, cwd=cwd, env=_TOOL_ENV, pass_fds=tuple(fds), capture_output=True, text=True,
+                              timeout=timeout, check=False, **switch)  # type: ignore[call-overload]
     except subprocess.TimeoutExpired:
-        raise ImageRejected(f"qemu-img took over {QEMU_IMG_TIMEOUT_S:.0f}s to inspect the image") from None
+        raise ImageRejected(f"qemu-img took over {timeout:.0f}s on the image") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
-def _tool_message(stderr: str, path: Path) -> str:
+@contextlib.contextmanager
+def tool_access(path: Path) -> Iterator[tuple[Path, str]]:
+    """Let the unprivileged account *read* `path` for the duration: yields (cwd, name) to hand to the tool.
+
+    The file is hard-linked as ``image`` into a fresh directory that only that account's group may
+    enter, and made group-readable (never writable: a tool compromised by a crafted image cannot
+    change what was validated); its owner, group and mode are restored afterwards.
+    """
+    account = privsep.unprivileged_account()
+    if account.is_current:
+        yield path.parent, path.name
+        return
+    st = path.stat()
+    cell = path.parent / f".tool-{uuid.uuid4().hex[:12]}"
+    cell.mkdir(mode=0o700)
+    try:
+        os.chown(cell, 0, account.gid)
+        os.chmod(cell, 0o710)
+        os.link(path, cell / _IMAGE_NAME)
+        os.chown(path, st.st_uid, account.gid)
+        os.chmod(path, 0o640)
+        yield cell, _IMAGE_NAME
+    finally:
+        with contextlib.suppress(OSError):
+            os.chown(path, st.st_uid, st.st_gid)
+            os.chmod(path, st.st_mode & 0o7777)
+        (cell / _IMAGE_NAME).unlink(missing_ok=True)
+        cell.rmdir()
+
+
+def image_opts(name: str, disk_format: str, *, secret: str | None = None) -> str:
+    """The ``json:`` filename of one file alone: the format is explicit (nothing is probed) and a qcow2's
+    backing file, whatever its header names, is never opened."""
+    node: dict[str, object] = {"driver": disk_format, "file": {"driver": "file", "filename": name}}
+    if disk_format == "qcow2":
+        node["backing"] = None
+        if secret is not None:
+            node["encrypt"] = {"format": "luks", "key-secret": secret}
+    return "json:" + json.dumps(node)
+
+
+def _tool_message(stderr: str, path: Path | str) -> str:
     """qemu-img's own words, without our file paths."""
     lines = [ln.strip() for ln in stderr.replace(str(path), "image").splitlines() if ln.strip()]
     text = lines[-1] if lines else "unknown error"
     return text.removeprefix("qemu-img: ")[:300]
 
 
-def qemu_img_info(path: Path, disk_format: str) -> dict[str, object]:
-    """`qemu-img info --output=json -f <disk_format>`: never probes, never follows a backing chain."""
-    proc = _qemu_img(["info", "--output=json", "-f", disk_format, "-U", str(path)], _INFO_LIMITS)
+def qemu_img_info(cwd: Path, name: str, disk_format: str) -> dict[str, object]:
+    """`qemu-img info` of one file: explicit format, never follows a backing chain, never needs a key."""
+    proc = run_qemu_img(["info", "--output=json", image_opts(name, disk_format)], cwd=cwd,
+                        address_space=_INFO_LIMITS[0], cpu_seconds=_INFO_LIMITS[1])
     if proc.returncode != 0:
-        raise ImageRejected(f"Not a valid {disk_format} image: {_tool_message(proc.stderr, path)}")
+        raise ImageRejected(f"Not a valid {disk_format} image: {_tool_message(proc.stderr, name)}")
     try:
         info = json.loads(proc.stdout)
     except ValueError:
@@ -229,12 +316,15 @@ def qemu_img_info(path: Path, disk_format: str) -> dict[str, object]:
     return info
 
 
-def qemu_img_check(path: Path) -> None:
+def qemu_img_check(cwd: Path, name: str, key: str | None = None) -> None:
     """`qemu-img check` on a qcow2: corruption (exit 2) or a failed check (exit 1) refuse the image.
 
-    Leaked clusters alone (exit 3) are wasted space, not danger: accepted.
+    Leaked clusters alone (exit 3) are wasted space, not danger: accepted. `key` opens a LUKS layer.
     """
-    proc = _qemu_img(["check", "--output=json", "-f", "qcow2", "-U", str(path)], _CHECK_LIMITS)
+    secret = "hbchk" if key is not None else None
+    proc = run_qemu_img(["check", "--output=json", image_opts(name, "qcow2", secret=secret)], cwd=cwd,
+                        secrets={secret: key} if secret and key else None,
+                        address_space=_CHECK_LIMITS[0], cpu_seconds=_CHECK_LIMITS[1])
     if proc.returncode in (0, 3):
         return
     if proc.returncode == 2:
@@ -243,18 +333,28 @@ def qemu_img_check(path: Path) -> None:
             corruptions = str(json.loads(proc.stdout).get("corruptions", "some"))
         raise ImageRejected(f"The qcow2 image is corrupt ({corruptions} errors found by qemu-img check; "
                             "is the file truncated?)", code="image_corrupt")
-    raise ImageRejected(f"The qcow2 image could not be checked: {_tool_message(proc.stderr, path)}",
+    raise ImageRejected(f"The qcow2 image could not be checked: {_tool_message(proc.stderr, name)}",
                         code="image_corrupt")
 
 
-def validate(path: Path, disk_format: str, limits: Limits) -> int:
+def validate(path: Path, disk_format: str, limits: Limits, *, layer: bool = False, encrypted: bool = False,
+             key: str | None = None) -> int:
     """Apply every rule to the file at `path` declared as `disk_format`; return its virtual size.
 
+    One rule for every disk file that arrives from a tenant-writable place: image uploads, instance
+    snapshots, and each layer of a volume backup restored from S3. For the latter, `layer` allows the
+    header to *name* a backing file (the restore assembles the chain itself, in the order recorded at
+    backup time, and never opens a name a header carries) and `encrypted` requires a LUKS layer,
+    checked with `key`. qemu-img runs as the unprivileged account under prlimit, on the file only.
     Raises ImageRejected (or ImageTooLarge) with a reason meant for the uploader.
     """
     if disk_format not in FORMATS:
         raise ImageRejected(f"Unsupported disk format {disk_format!r}: use one of {', '.join(FORMATS)}")
+    if (layer or encrypted) and disk_format != "qcow2":
+        raise ImageRejected("A layer of a volume must be a qcow2 image", code="image_format_mismatch")
     path = path.resolve()
+    if not path.is_file():
+        raise ImageRejected("The image is not a regular file")
     size = path.stat().st_size
     if size == 0:
         raise ImageRejected("The file is empty")
@@ -269,12 +369,25 @@ def validate(path: Path, disk_format: str, limits: Limits) -> int:
         if found != "qcow2":
             what = f"a {found} image" if found else "not a qcow2 image (raw data?)"
             raise ImageRejected(f"Declared qcow2, but the file is {what}", code="image_format_mismatch")
-        check_qcow2_header(path)
-    info = qemu_img_info(path, disk_format)
+        check_qcow2_header(path, layer=layer, encrypted=encrypted)
+    with tool_access(path) as (cwd, name):
+        info = qemu_img_info(cwd, name, disk_format)
+        virtual = _check_info(info, disk_format, limits, layer=layer, encrypted=encrypted)
+        if disk_format == "qcow2":
+            if encrypted and key is None:
+                raise ImageRejected("The key of an encrypted layer is needed to check it", code="image_encrypted")
+            qemu_img_check(cwd, name, key if encrypted else None)
+    return virtual
+
+
+def _check_info(info: dict[str, object], disk_format: str, limits: Limits, *, layer: bool,
+                encrypted: bool) -> int:
+    """The header questions asked again of qemu-img's own reading (defence in depth)."""
     if info.get("format") != disk_format:
         raise ImageRejected(f"Declared {disk_format}, but qemu-img reads it as {info.get('format')}",
                             code="image_format_mismatch")
-    if any(key in info for key in ("backing-filename", "full-backing-filename", "backing-filename-format")):
+    if not layer and any(key in info for key in ("backing-filename", "full-backing-filename",
+                                                 "backing-filename-format")):
         raise ImageRejected("The image names a backing file: images must be self-contained",
                             code="image_backing_file")
     specific = info.get("format-specific")
@@ -285,9 +398,12 @@ def validate(path: Path, disk_format: str, limits: Limits) -> int:
                                 code="image_data_file")
         if data.get("corrupt"):
             raise ImageRejected("The image is marked corrupt", code="image_corrupt")
-        if data.get("encrypt") is not None:
+        crypt = data.get("encrypt")
+        if crypt is not None and not (encrypted and isinstance(crypt, dict) and crypt.get("format") == "luks"):
             raise ImageRejected("Encrypted images are not supported", code="image_encrypted")
-    if info.get("encrypted"):
+        if encrypted and crypt is None:
+            raise ImageRejected("The layer of an encrypted volume is not encrypted", code="image_encrypted")
+    if info.get("encrypted") and not encrypted:
         raise ImageRejected("Encrypted images are not supported", code="image_encrypted")
     if info.get("dirty-flag"):
         raise ImageRejected("The image was not closed cleanly (dirty)", code="image_corrupt")
@@ -300,8 +416,6 @@ def validate(path: Path, disk_format: str, limits: Limits) -> int:
         raise ImageRejected("The image declares no usable disk size")
     if virtual > limits.max_virtual_bytes:
         raise ImageTooLarge(f"The image's disk is {virtual} bytes; at most {limits.max_virtual_bytes} allowed")
-    if disk_format == "qcow2":
-        qemu_img_check(path)
     return virtual
 
 

@@ -97,8 +97,10 @@ class VolumeSnapshots(Resource):
 class VolumeBackups(Resource):
     path = "/v1/volume-backups"
 
-    def create(self, volume: str, bucket: str = "backups", kind: str = "auto") -> dict[str, Any]:
-        return self.c.post(f"/v1/volumes/{volume}/backups", {"bucket": bucket, "kind": kind})
+    def create(self, volume: str, bucket: str | None = None, kind: str = "auto") -> dict[str, Any]:
+        """Back up to `bucket`, one of the project's (default: hb-backups-<project id>, made when missing)."""
+        body = {"bucket": bucket, "kind": kind}
+        return self.c.post(f"/v1/volumes/{volume}/backups", {k: v for k, v in body.items() if v is not None})
 
     def list(self, volume: str | None = None, status: str | None = None) -> list[dict[str, Any]]:  # type: ignore[override]
         return super().list(volume=volume, status=status)
@@ -121,7 +123,7 @@ class BackupPolicies(Resource):
     path = "/v1/backup-policies"
 
     def create(self, name: str, *, every: str = "6h", keep_local: str = "7d", keep_remote: str = "30d",
-               bucket: str = "backups", volumes: list[str] | None = None,
+               bucket: str | None = None, volumes: list[str] | None = None,
                full_every: int | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "every": every, "keep_local": keep_local, "keep_remote": keep_remote,
                                 "bucket": bucket, "volumes": volumes, "full_every": full_every}

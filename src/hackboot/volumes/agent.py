@@ -280,25 +280,15 @@ class VolumeAgent:
                        applied_tier=w.tier, allocated_bytes=self.pool.allocated_bytes([rel]))
 
     def restore(self, w: VolumeWork, rel: str, backup_id: str) -> None:
-        from hackboot.volumes.backups import S3
+        """The backup's layers come from the tenant's bucket: verified and validated (see `restore.py`)."""
+        from hackboot.volumes.restore import restore_into
 
         info = service.backup_work(backup_id)
         if info is None or not info["chain"]:
             raise StorageError(f"Backup {backup_id} is not available")
         if info["credential"] is None:
             raise StorageError("The project has no S3 key for backups")
-        s3 = S3(info["endpoint"], *info["credential"])
-        with storage.scratch_dir(self.pool, f"restore-{w.id}") as scratch:
-            top = ""
-            for member in info["chain"]:
-                for obj in member["objects"]:
-                    s3.download(info["bucket"], obj["key"], scratch / obj["file"])
-                    top = obj["file"]
-            src_key = info["chain"][-1]["key"]
-            spool = Pool(scratch)
-            opts = storage.qemu_img_chain_opts(spool, top, "hbsrc" if src_key else None)
-            self.pool.convert_into(rel, "", "qcow2", w.size_gb * GiB, key=w.key, source_key=src_key,
-                                   source_chain_opts=opts)
+        restore_into(self.pool, rel, info, w.size_gb * GiB, key=w.key, work_name=f"restore-{w.id}")
 
     # --- attach / detach ------------------------------------------------------------------------
 
@@ -451,6 +441,8 @@ class VolumeAgent:
             raise StorageError(f"Backup {bid} disappeared")
         if info["credential"] is None:
             raise StorageError("The project has no S3 key for backups")
+        if not info["bucket_owned"]:
+            raise StorageError(f"Bucket {info['bucket']} is not a bucket of this project: backup refused")
         chain = self.pool.chain(frozen)  # top first
         kind = "full"
         if info["parent_point"] and info["parent_point"] in chain:

@@ -270,7 +270,8 @@ def delete_snapshot(ref: str, snap: str, p: Member) -> SnapshotOut:
 # --- backups ----------------------------------------------------------------------------------------
 
 class BackupIn(Body):
-    bucket: BucketName = "backups"
+    bucket: BucketName | None = Field(None, description="A bucket of this project (default: hb-backups-<project "
+                                                         "id>, created when missing)")
     kind: Literal["auto", "full", "incremental"] = "auto"
 
 
@@ -346,7 +347,8 @@ class PolicyIn(Body):
     every: str | int = Field("6h", description="Interval: 30m, 6h, 1d… (seed: every 6 h)")
     keep_local: str | int = Field("7d", description="Local backup points kept (seed: 7 days)")
     keep_remote: str | int = Field("30d", description="Remote backups kept (seed: 30 days)")
-    bucket: BucketName = "backups"
+    bucket: BucketName | None = Field(None, description="A bucket of this project (default: hb-backups-<project "
+                                                         "id>, created when missing)")
     volumes: list[Ref] | None = Field(None, max_length=500, description="Volumes covered (default: all)")
     full_every: int | None = Field(None, ge=1, le=1000, description="A full backup after this many incrementals")
 

@@ -6,7 +6,10 @@ a layer of an encrypted volume is LUKS ciphertext, so the object store never see
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +58,35 @@ class S3:
         for i in range(0, len(keys), 1000):
             self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
                                                               "Quiet": True})
+
+
+class BackupTampered(Exception):
+    """An object in the bucket is not what the backup recorded (its size or SHA-256 differ)."""
+
+
+def download_verified(s3: S3, bucket: str, key: str, path: Path, *, sha256: str, size: int) -> None:
+    """Download one object into a new private file (0600), checking it against what the backup recorded.
+
+    The bucket is the tenant's to write: whatever comes back is proven to be the bytes uploaded at backup
+    time (size, then SHA-256 over the whole stream) before anything else looks at it. Any mismatch
+    removes the file and raises BackupTampered.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            resp = s3.client.get_object(Bucket=bucket, Key=key)
+            if int(resp.get("ContentLength", -1)) != size:
+                raise BackupTampered(f"object {key} has {resp.get('ContentLength')} bytes, the backup recorded "
+                                     f"{size}")
+            digest, received = hashlib.sha256(), 0
+            for chunk in resp["Body"].iter_chunks(4 * 1024 * 1024):
+                received += len(chunk)
+                if received > size:
+                    raise BackupTampered(f"object {key} is larger than the backup recorded ({size} bytes)")
+                digest.update(chunk)
+                f.write(chunk)
+            if received != size or not hmac.compare_digest(digest.hexdigest(), sha256.lower()):
+                raise BackupTampered(f"object {key} does not match the SHA-256 recorded when the backup was made")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

@@ -207,6 +207,9 @@ def create_volume(p: Principal, req: CreateRequest) -> Volume:
             if size is not None and size < bk.volume_size_gb:
                 raise _invalid("size_gb", f"The backup is of a {bk.volume_size_gb} GB volume: size must be at "
                                           "least that")
+            for member in backup_chain(s, bk):  # the agent checks again when it downloads
+                if _bucket_owner(s, member.bucket) not in (None, project):
+                    raise _not_owned(member.bucket)
             source_type, source_id = "backup", bk.id
             size = max(size or bk.volume_size_gb, bk.volume_size_gb)
             if bk.encrypted:
@@ -528,14 +531,18 @@ def revert_volume(p: Principal, ref: str, snap_ref: str) -> Volume:
 
 # --- backups -----------------------------------------------------------------------------------------
 
-def backup_endpoint() -> str:
+def _own_endpoint() -> str:
     from hackboot.core.config import get_settings
 
+    settings = get_settings()
+    return f"http://{settings.s3_host}:{settings.s3_port}"
+
+
+def backup_endpoint() -> str:
     cfg = volume_settings()
     if cfg.backup_endpoint:
         return cfg.backup_endpoint.rstrip("/")
-    settings = get_settings()
-    return f"http://{settings.s3_host}:{settings.s3_port}"
+    return _own_endpoint()
 
 
 def ensure_backup_credential(project_id: str, user_id: str) -> None:
@@ -561,6 +568,63 @@ def backup_credential(project_id: str) -> tuple[str, str] | None:
         return row.access_key, unseal(row.secret_sealed, S3_CONTEXT + project_id.encode()).decode()
 
 
+def default_backup_bucket(project_id: str) -> str:
+    """The project's own backup bucket. S3 bucket names are global: a fixed name (``backups``) would be
+    whoever's created it first, so the default carries the project id (lowercase, a valid S3 name)."""
+    return f"hb-backups-{project_id}".lower()[:63]
+
+
+def _bucket_owner(s: Session, name: str) -> str | None:
+    """The project owning the bucket `name` in this cloud's object store (None: no such bucket)."""
+    from hackboot.objectstore.models import Bucket
+
+    return s.scalar(select(Bucket.project_id).where(Bucket.name == name))
+
+
+def _not_owned(name: str) -> errors.NotFound:
+    return errors.NotFound(f"Bucket {name} is not a bucket of this project: backups go only to the project's own "
+                           "buckets (bucket names are global; leave the bucket out to use hb-backups-<project id>)",
+                           code="bucket_not_found")
+
+
+def check_backup_bucket(project_id: str, name: str) -> None:
+    """Refuse a backup bucket that exists in this cloud's object store and is another project's.
+
+    Checked when a policy names it, at each backup and at each restore: the backup's objects are read
+    and written with the project's key, which another project's bucket policy may also admit.
+    """
+    with session_scope(write=False) as s:
+        owner = _bucket_owner(s, name)
+    if owner is not None and owner != project_id:
+        raise _not_owned(name)
+
+
+def ensure_backup_bucket(project_id: str, name: str, actor: str) -> None:
+    """The bucket a backup goes to: the project's own, created for the project when missing."""
+    from hackboot.objectstore import engine
+    from hackboot.objectstore.s3buckets import validate_bucket_name
+    from hackboot.objectstore.s3xml import S3Error
+
+    try:
+        validate_bucket_name(name)
+    except S3Error:
+        raise _invalid("bucket", f"'{name}' is not a valid S3 bucket name") from None
+    check_backup_bucket(project_id, name)
+    if backup_endpoint() != _own_endpoint():
+        return  # an external S3 service: its buckets are not ours to create (the agent asks it)
+    try:
+        with session_scope() as s:
+            if _bucket_owner(s, name) is None:
+                engine.tx_create_bucket(s, name, project_id, volume_settings().backup_region, actor, False, None)
+    except S3Error as exc:
+        if exc.code == "TooManyBuckets":
+            raise errors.QuotaExceeded(f"Cannot create the backup bucket {name}: {exc.message}") from None
+        if exc.code != "BucketAlreadyExists":
+            raise
+    engine.invalidate_bucket(name)
+    check_backup_bucket(project_id, name)  # another project won a race to create it
+
+
 def _last_backup(s: Session, volume_id: str) -> VolumeBackup | None:
     return s.scalar(select(VolumeBackup).where(VolumeBackup.volume_id == volume_id,
                                                VolumeBackup.status == "available")
@@ -577,12 +641,19 @@ def _chain_length(s: Session, backup: VolumeBackup) -> int:
     return n
 
 
-def create_backup(p: Principal, ref: str, *, bucket: str = "backups", kind: str = "auto",
+def create_backup(p: Principal, ref: str, *, bucket: str | None = None, kind: str = "auto",
                   policy: BackupPolicy | None = None) -> VolumeBackup:
-    """Start a backup: a point-in-time snapshot (instant) then the layers since the last backup to S3."""
+    """Start a backup: a point-in-time snapshot (instant) then the layers since the last backup to S3.
+
+    The bucket (default: the project's ``hb-backups-<project id>``) must be the project's own.
+    """
     if kind not in ("auto", "full", "incremental"):
         raise _invalid("kind", "kind is auto, full or incremental")
     project = p.project
+    bucket = policy.bucket if policy is not None else (bucket or default_backup_bucket(project))
+    with session_scope(write=False) as s:
+        get_volume(s, p, ref)  # another project's volume: 404 before anything is created
+    ensure_backup_bucket(project, bucket, p.user_id)
     ensure_backup_credential(project, p.user_id)
     now = utcnow()
     with session_scope() as s:
@@ -608,7 +679,7 @@ def create_backup(p: Principal, ref: str, *, bucket: str = "backups", kind: str 
         backup = VolumeBackup(
             id=bid, project_id=project, volume_id=v.id, volume_name=v.name, policy_id=policy.id if policy else None,
             kind="incremental" if parent else "full", parent_id=parent.id if parent else None, snapshot_id=snap.id,
-            status="creating", endpoint=backup_endpoint(), bucket=policy.bucket if policy else bucket,
+            status="creating", endpoint=backup_endpoint(), bucket=bucket,
             prefix=f"hackboot-volume-backups/{v.id}/{bid}", volume_size_gb=v.size_gb, tier=v.tier,
             encrypted=v.encrypted, key_sealed=_seal_key(bid, key) if key else None, expires_at=now + keep_remote)
         s.add(backup)
@@ -676,8 +747,9 @@ def restore_backup(p: Principal, ref: str, name: str, *, size_gb: int | None = N
 
 # --- policies ----------------------------------------------------------------------------------------
 
-def create_policy(p: Principal, name: str, *, every_s: int, keep_local_s: int, keep_remote_s: int, bucket: str,
-                  volumes: list[str] | None = None, full_every: int | None = None) -> BackupPolicy:
+def create_policy(p: Principal, name: str, *, every_s: int, keep_local_s: int, keep_remote_s: int,
+                  bucket: str | None = None, volumes: list[str] | None = None,
+                  full_every: int | None = None) -> BackupPolicy:
     if every_s < 60:
         raise _invalid("every", "every must be at least 1 minute")
     if keep_local_s < every_s:
@@ -685,6 +757,8 @@ def create_policy(p: Principal, name: str, *, every_s: int, keep_local_s: int, k
                                      "incremental would be gone)")
     if keep_remote_s < keep_local_s:
         raise _invalid("keep_remote", "keep-remote must be at least keep-local")
+    bucket = bucket or default_backup_bucket(p.project)
+    ensure_backup_bucket(p.project, bucket, p.user_id)
     with session_scope() as s:
         if s.scalar(select(BackupPolicy.id).where(BackupPolicy.project_id == p.project, BackupPolicy.name == name,
                                                   BackupPolicy.deleted_at.is_(None))):
@@ -817,8 +891,12 @@ def purge_deleted_backups() -> int:
     done = 0
     for bid, project_id, endpoint, bucket, keys in rows:
         cred = backup_credential(project_id)
+        with session_scope(write=False) as s:
+            owner = _bucket_owner(s, bucket)
         try:
-            if cred is not None and keys:
+            if owner not in (None, project_id):
+                log.warning("backup %s: bucket %s is now another project's: its objects are left alone", bid, bucket)
+            elif cred is not None and keys:
                 remote.S3(endpoint, *cred).delete(bucket, keys)
         except Exception as exc:
             log.warning("cannot delete objects of backup %s: %s", bid, exc)
@@ -1058,15 +1136,20 @@ def backup_work(backup_id: str) -> dict[str, Any] | None:
             parent_point = point.file if point is not None and point.status == "available" else None
         chain = []
         try:
-            chain = [{"id": c.id, "objects": c.objects, "key": volume_key(c)} for c in backup_chain(s, b)] \
-                if b.status == "available" else []
+            # each member carries its own bucket and the checksums recorded when it was made (the bucket is
+            # the tenant's to write: what comes back from it is verified against these before any use)
+            chain = [{"id": c.id, "objects": c.objects, "key": volume_key(c), "bucket": c.bucket,
+                      "endpoint": c.endpoint, "encrypted": c.encrypted, "volume_size_gb": c.volume_size_gb,
+                      "bucket_owned": _bucket_owner(s, c.bucket) in (None, c.project_id)}
+                     for c in backup_chain(s, b)] if b.status == "available" else []
         except errors.ApiError:
             chain = []
+        bucket_owned = _bucket_owner(s, b.bucket) in (None, b.project_id)
         cred = None
     cred = backup_credential(b.project_id)
     return {"id": b.id, "project_id": b.project_id, "endpoint": b.endpoint, "bucket": b.bucket, "prefix": b.prefix,
             "kind": b.kind, "parent_point": parent_point, "chain": chain, "credential": cred,
-            "key": volume_key(b)}
+            "key": volume_key(b), "bucket_owned": bucket_owned}
 
 
 def mark_gone_attachments(host_id: str) -> int:

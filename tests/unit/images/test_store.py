@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,7 +89,7 @@ def test_external_data_file_is_refused(tmp_path: Path) -> None:
 def test_qemu_img_info_layer_alone_refuses_backing_and_data_files(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Defence in depth: without the header parser, the qemu-img info checks still refuse them."""
-    monkeypatch.setattr(store, "check_qcow2_header", lambda path: None)
+    monkeypatch.setattr(store, "check_qcow2_header", lambda path, **kw: None)
     backing = tmp_path / "steal.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", backing, "1M")
     data = tmp_path / "datafile.qcow2"
@@ -170,19 +171,22 @@ def test_empty_and_oversized_images_are_refused(tmp_path: Path) -> None:
 def test_qemu_img_is_always_called_with_an_explicit_format(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
-    real = store._qemu_img
+    real = store.run_qemu_img
 
-    def spy(args: list[str], limits: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    def spy(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         calls.append(args)
-        return real(args, limits)
+        return real(args, **kw)
 
-    monkeypatch.setattr(store, "_qemu_img", spy)
+    monkeypatch.setattr(store, "run_qemu_img", spy)
     validate(good_qcow2(tmp_path), "qcow2", LIMITS)
     validate(random_raw(tmp_path / "d.raw"), "raw", LIMITS)
     assert [c[0] for c in calls] == ["info", "check", "info"]
     for args in calls:
-        assert args[args.index("-f") + 1] in ("qcow2", "raw")
-        assert Path(args[-1]).is_absolute()
+        assert "-U" not in args and "--force-share" not in args  # the tool works on a file nobody else has
+        opts = json.loads(args[-1].removeprefix("json:"))
+        assert opts["driver"] in ("qcow2", "raw") and "/" not in opts["file"]["filename"]
+        if opts["driver"] == "qcow2":
+            assert opts["backing"] is None  # a backing file named by the header is never opened
 
 
 # --- streaming into the store ------------------------------------------------------------------------
@@ -282,3 +286,62 @@ def test_read_manifest_resolves_relative_and_absolute_paths(tmp_path: Path) -> N
     manifest.write_text(json.dumps({"name": "../etc"}))
     with pytest.raises(ValueError, match="invalid image name"):
         read_manifest(manifest)
+
+
+# --- the same rule for the layers of a volume backup ---------------------------------------------------
+
+def test_backup_layer_may_name_a_backing_file_but_never_a_data_file(tmp_path: Path) -> None:
+    base = good_qcow2(tmp_path, "base.qcow2")
+    overlay = tmp_path / "f-top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", overlay)
+    assert validate(overlay, "qcow2", LIMITS, layer=True) == 3 * MiB  # the chain is assembled by the restore
+    with pytest.raises(ImageRejected) as err:
+        validate(overlay, "qcow2", LIMITS)  # an image upload still may not
+    assert err.value.code == "image_backing_file"
+    data = tmp_path / "datafile.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'},data_file_raw=on", data, "1M")
+    with pytest.raises(ImageRejected) as err:
+        validate(data, "qcow2", LIMITS, layer=True)
+    assert err.value.code == "image_data_file"
+    with pytest.raises(ImageTooLarge):
+        validate(base, "qcow2", Limits(max_bytes=64 * MiB, max_virtual_bytes=2 * MiB), layer=True)
+
+
+def test_encrypted_layer_needs_luks_and_its_key(tmp_path: Path) -> None:
+    key = "k" * 43
+    luks = tmp_path / "luks.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "--object", f"secret,id=s0,data={key}", "-f", "qcow2", "-o",
+                    "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(luks), "4M"],
+                   check=True, capture_output=True)
+    assert validate(luks, "qcow2", LIMITS, layer=True, encrypted=True, key=key) == 4 * MiB
+    with pytest.raises(ImageRejected) as err:
+        validate(luks, "qcow2", LIMITS, layer=True)  # not expected to be encrypted
+    assert err.value.code == "image_encrypted"
+    with pytest.raises(ImageRejected):
+        validate(luks, "qcow2", LIMITS, layer=True, encrypted=True, key="wrong" * 8)
+    with pytest.raises(ImageRejected) as err:
+        validate(good_qcow2(tmp_path), "qcow2", LIMITS, layer=True, encrypted=True, key=key)
+    assert err.value.code == "image_encrypted"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to the unprivileged account")
+def test_qemu_img_runs_unprivileged_and_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    from hackboot.core.privsep import unprivileged_account
+
+    image = good_qcow2(tmp_path)
+    image.chmod(0o600)
+    before = image.stat()
+    with store.tool_access(image) as (cwd, name):
+        proc = store.run_qemu_img(["info", "--output=json", store.image_opts(name, "qcow2")], cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        # the account may read the file but not change it
+        probe = subprocess.run(["sh", "-c", f"cat {name} >/dev/null && ! (echo x >> {name}) 2>/dev/null"],
+                               cwd=cwd, user=unprivileged_account().uid, group=unprivileged_account().gid,
+                               extra_groups=[], capture_output=True, check=False)
+        assert probe.returncode == 0, probe.stderr
+    # without that access, the tool (not root) cannot open the root-only file at all
+    proc = store.run_qemu_img(["info", "--output=json", store.image_opts(image.name, "qcow2")], cwd=tmp_path)
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr
+    after = image.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tool-")] == []

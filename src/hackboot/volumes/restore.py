@@ -1,0 +1,147 @@
+"""Restore of a volume backup: its layer files come back from the project's bucket, a place the tenant
+can write, so they are treated as hostile until proven otherwise.
+
+1. every object is downloaded into a private scratch directory (root, 0700; files 0600) and checked
+   against the size and SHA-256 recorded in the database when the backup was made (never against
+   anything stored in the bucket): a swapped object ends the restore before any tool opens it;
+2. every layer then passes the image store's own validation (``images.store.validate``, the rule of
+   image uploads): qcow2 declared and found, no external data file, no encryption but LUKS with the
+   backup's key, virtual size within the volume's; a layer may *name* a backing file, but that name
+   is never opened:
+3. the chain is assembled here, in the order recorded at backup time (``json:`` with explicit
+   ``backing`` nodes), and flattened by ``qemu-img convert`` into a new file, run as the unprivileged
+   account under prlimit, reading the layers (group-read, never write) and writing only its output
+   directory; the result is handed to root and renamed into the pool in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from hackboot.core import privsep
+from hackboot.images import store
+from hackboot.volumes import backups, storage
+from hackboot.volumes.storage import NoSpace, Pool, StorageError
+
+GiB = 1024**3
+SOURCE_SECRET = "hbsrc"
+_IN, _OUT = "in", "out"
+
+
+def _layers(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every object of the chain, bottom first, with its member's bucket, encryption and key."""
+    out = []
+    for member in info["chain"]:
+        if not member.get("bucket_owned", False):
+            raise StorageError(f"Restore refused: bucket {member['bucket']} is no longer a bucket of this project")
+        for obj in member["objects"]:
+            if not obj.get("sha256") or not isinstance(obj.get("bytes"), int):
+                raise StorageError(f"Restore refused: backup {member['id']} has no recorded checksum for "
+                                   f"{obj.get('key')}")
+            out.append({**obj, "bucket": member["bucket"], "encrypted": bool(member.get("encrypted")),
+                        "layer_key": member.get("key"), "backup_id": member["id"],
+                        "volume_size_gb": int(member.get("volume_size_gb") or 0)})
+    if not out:
+        raise StorageError("Restore refused: the backup has no layers")
+    return out
+
+
+def _chain_json(names: list[str], secret: str | None) -> dict[str, Any]:
+    """Bottom-first file names → one qcow2 node per file, each backing onto the one below, the bottom none."""
+    node: dict[str, Any] | None = None
+    for name in names:
+        d: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": name}, "backing": node}
+        if secret:
+            d["encrypt"] = {"format": "luks", "key-secret": secret}
+        node = d
+    assert node is not None
+    return node
+
+
+def _tool(args: list[str], what: str, cwd: Path, secrets: dict[str, str], size_bytes: int) -> str:
+    budget = 600 + 120 * max(1, size_bytes // GiB)  # CPU seconds: generous, but not unbounded
+    for attempt in range(4):
+        try:
+            proc = store.run_qemu_img(args, cwd=cwd, secrets=secrets, address_space=4 * GiB, cpu_seconds=budget,
+                                      timeout=6 * 3600)
+        except store.ImageRejected as exc:
+            raise StorageError(f"{what}: {exc.reason}") from None
+        if proc.returncode == 0:
+            return proc.stdout
+        msg = (proc.stderr or proc.stdout).strip()[-400:]
+        # QEMU's LUKS PBKDF calibration measures CPU time and fails when a busy host gives it none
+        if "accurate CPU usage" in msg and attempt < 3:
+            time.sleep(0.2)
+            continue
+        if "No space left on device" in msg:
+            raise NoSpace(f"{what}: No space left on device ({msg})")
+        raise StorageError(f"{what}: {msg}")
+    raise AssertionError("unreachable")
+
+
+def restore_into(pool: Pool, rel: str, info: dict[str, Any], size_bytes: int, *, key: str | None,
+                 work_name: str) -> None:
+    """Download, verify, validate and flatten the backup described by `info` (``service.backup_work``) into
+    the new pool file `rel` (encrypted with `key` when given). Raises StorageError with a reason for the user."""
+    layers = _layers(info)
+    s3 = backups.S3(info["endpoint"], *info["credential"])
+    account = privsep.unprivileged_account()
+    limit = max(size_bytes, max(layer["volume_size_gb"] for layer in layers) * GiB)
+    dst = pool.path(rel)
+    with storage.scratch_dir(pool, work_name) as scratch:
+        inbox, outbox = scratch / _IN, scratch / _OUT
+        inbox.mkdir(mode=0o700)
+        names: list[str] = []
+        for i, layer in enumerate(layers):
+            name = f"layer-{i:03d}.qcow2"
+            try:
+                backups.download_verified(s3, layer["bucket"], layer["key"], inbox / name, sha256=layer["sha256"],
+                                          size=layer["bytes"])
+            except backups.BackupTampered as exc:
+                raise StorageError(f"Restore refused: backup {layer['backup_id']} was changed in its bucket "
+                                   f"({exc})") from None
+            try:
+                store.validate(inbox / name, "qcow2", store.Limits(max_bytes=layer["bytes"], max_virtual_bytes=limit),
+                               layer=i > 0, encrypted=layer["encrypted"], key=layer["layer_key"])
+            except store.ImageRejected as exc:
+                raise StorageError(f"Restore refused: layer {layer['key']} of backup {layer['backup_id']} is not "
+                                   f"an acceptable disk image: {exc.reason}") from None
+            names.append(f"{_IN}/{name}")
+        # the tool may enter the scratch dir and read the layers, and write only into its own outbox
+        outbox.mkdir(mode=0o700)
+        if not account.is_current:
+            for d in (scratch, inbox):
+                os.chown(d, 0, account.gid)
+                os.chmod(d, 0o710)
+            for n in names:
+                os.chown(scratch / n, 0, account.gid)
+                os.chmod(scratch / n, 0o640)
+            os.chown(outbox, account.uid, account.gid)
+        src_key = layers[-1]["layer_key"]
+        secrets = {k: v for k, v in ((SOURCE_SECRET, src_key), (storage.KEY_SECRET_ID, key)) if v is not None}
+        out = f"{_OUT}/volume.qcow2"
+        argv = ["convert", "-q", "-O", "qcow2", *(["-o", storage.LUKS_OPTS] if key is not None else []),
+                "json:" + json.dumps(_chain_json(names, SOURCE_SECRET if src_key else None)), out]
+        _tool(argv, "Cannot copy the backup into the volume", scratch, secrets, limit)
+        out_opts: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": out}}
+        if key is not None:
+            out_opts["encrypt"] = {"format": "luks", "key-secret": storage.KEY_SECRET_ID}
+        info_out = json.loads(_tool(["info", "--output=json", "json:" + json.dumps(out_opts)],
+                                    "Cannot read the restored volume", scratch, {}, limit))
+        if int(info_out.get("virtual-size", 0)) < size_bytes:
+            _tool(["resize", "-q", "json:" + json.dumps(out_opts), str(size_bytes)], "Cannot grow the volume",
+                  scratch, {storage.KEY_SECRET_ID: key} if key is not None else {}, limit)
+        produced = scratch / out
+        st = produced.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise StorageError("Cannot copy the backup into the volume: the output is not a plain file")
+        if not account.is_current:  # root's from here on, like every file of the pool
+            os.chown(produced, 0, 0)
+        os.chmod(produced, 0o600)
+        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(produced, dst)
