@@ -66,7 +66,7 @@ project_app = typer.Typer(help="Projects: every resource belongs to one.", no_ar
 @project_app.command("create")
 def project_create(name: str, description: str = typer.Option("", "--description", "-d"),
                    output: str = OutputOpt) -> None:
-    """Create a project (you become its admin)."""
+    """Create a project (organisation admins; you become its admin)."""
     with api_errors():
         render(state.client().projects.create(name, description), output)  # type: ignore[attr-defined]
 
@@ -127,17 +127,27 @@ user_app = typer.Typer(help="Users of your organisation.", no_args_is_help=True)
 @user_app.command("create")
 def user_create(username: str, password: str = typer.Option(None, "--password", help="Leave empty for token-only"),
                 email: str = typer.Option("", "--email"), superuser: bool = typer.Option(False, "--superuser"),
+                org_role: str = typer.Option("member", "--org-role", help="member, admin or owner"),
                 output: str = OutputOpt) -> None:
-    """Create a user (project admins); add them to a project with `hackboot member add`."""
+    """Create a user (organisation admins); add them to a project with `hackboot member add`."""
     with api_errors():
-        render(state.client().users.create(username, password, email, superuser), output)  # type: ignore[attr-defined]
+        render(state.client().users.create(username, password, email, superuser, org_role),  # type: ignore[attr-defined]
+               output)
+
+
+@user_app.command("set-role")
+def user_set_role(user_id: str, org_role: str = typer.Argument(..., help="member, admin or owner"),
+                  output: str = OutputOpt) -> None:
+    """Change USER_ID's organisation role (organisation owners and admins)."""
+    with api_errors():
+        render(state.client().users.update(user_id, org_role=org_role), output)  # type: ignore[attr-defined]
 
 
 @user_app.command("list")
 def user_list(output: str = OutputOpt) -> None:
     with api_errors():
         render(state.client().users.list(), output,  # type: ignore[attr-defined]
-               ["id", "username", "email", "is_superuser", "disabled", "created_at"])
+               ["id", "username", "email", "org_role", "is_superuser", "disabled", "created_at"])
 
 
 token_app = typer.Typer(help="API tokens: shown once, expiring, revocable, scoped to a project and role.",

@@ -19,6 +19,7 @@ from hackboot.identity.models import ApiToken, Project, User
 
 router = APIRouter(prefix="/v1", tags=["identity"])
 Role = Literal["viewer", "member", "admin"]
+OrgRole = Literal["member", "admin", "owner"]
 QuotaResource = Enum("QuotaResource", {k: k for k in quotas.DEFAULT_QUOTAS}, type=str)  # type: ignore[misc]
 
 
@@ -83,6 +84,12 @@ class UserIn(Body):
     password: str | None = Field(None, min_length=8, max_length=256)
     email: str = Field("", max_length=254)
     is_superuser: bool = False
+    org_role: OrgRole = Field("member", description="Role in the organisation: owners and admins create "
+                                                    "projects and users")
+
+
+class UserPatch(Body):
+    org_role: OrgRole
 
 
 class UserOut(Out):
@@ -91,6 +98,7 @@ class UserOut(Out):
     username: str
     email: str
     is_superuser: bool
+    org_role: str
     disabled: bool
     created_at: dt.datetime
 
@@ -163,6 +171,7 @@ def revoke_token(token_id: str, p: Viewer) -> TokenOut:
 
 @router.post("/projects", status_code=201, response_model=ProjectOut)
 def create_project(body: ProjectIn, p: Member) -> ProjectOut:
+    """Create a project (organisation owners and admins, with an admin token); you become its admin."""
     return ProjectOut.model_validate(service.create_project(p, body.name, body.description, body.org_id))
 
 
@@ -215,8 +224,9 @@ def set_quota(project_id: str, resource: QuotaResource, body: QuotaIn, p: Superu
 
 @router.post("/users", status_code=201, response_model=UserOut)
 def create_user(body: UserIn, p: Member) -> UserOut:
+    """Create a user in your organisation (organisation owners and admins, with an admin token)."""
     return UserOut.model_validate(service.create_user(p, body.username, body.password, body.email,
-                                                      body.is_superuser))
+                                                      body.is_superuser, body.org_role))
 
 
 @router.get("/users", response_model=Page[UserOut])
@@ -234,6 +244,12 @@ def list_users(p: Viewer, page: Pagination,
 def get_user(user_id: str, p: Viewer) -> UserOut:
     with session_scope(write=False) as s:
         return UserOut.model_validate(service.get_user(s, p, user_id))
+
+
+@router.patch("/users/{user_id}", response_model=UserOut)
+def update_user(user_id: str, body: UserPatch, p: Member) -> UserOut:
+    """Change a user's organisation role (organisation owners and admins, with an admin token)."""
+    return UserOut.model_validate(service.set_org_role(p, user_id, body.org_role))
 
 
 @router.post("/users/{user_id}/password", status_code=204)

@@ -10,6 +10,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from hackboot.core.db import Base, utcnow
 
 ROLES = ("viewer", "member", "admin")  # ordered: each includes the rights of the previous
+# Organisation roles, ordered: admins create projects and users; owners also manage admins.
+ORG_ROLES = ("member", "admin", "owner")
 
 
 class Organisation(Base):
@@ -38,6 +40,7 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # Operators of the cloud itself: catalog, hosts, every project.
     is_superuser: Mapped[bool] = mapped_column(Boolean, default=False)
+    org_role: Mapped[str] = mapped_column(String(16), default="member", server_default="member")
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 

@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,11 +19,13 @@ from hackboot.core.crypto import hash_password, hash_token, new_secret, verify_p
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.events.service import emit
-from hackboot.identity.models import ApiToken, Membership, Organisation, Project, User
+from hackboot.identity.config import setting
+from hackboot.identity.models import ORG_ROLES, ApiToken, Membership, Organisation, Project, User
 
 TOKEN_PREFIX = "hbk_"
 ADMIN_USERNAME = "admin"
 DEFAULT_ORG = "default"
+ORG_RANK = {role: rank for rank, role in enumerate(ORG_ROLES)}
 
 
 @dataclass
@@ -48,7 +50,7 @@ def bootstrap(state_dir: Path) -> str | None:
         s.flush()
         password = secrets.token_urlsafe(18)
         admin = User(id=new_id("usr"), org_id=org.id, username=ADMIN_USERNAME, password_hash=hash_password(password),
-                     is_superuser=True)
+                     is_superuser=True, org_role="owner")
         project = Project(id=new_id("prj"), org_id=org.id, name="default", description="Created at bootstrap")
         s.add_all([admin, project])
         s.flush()
@@ -202,15 +204,35 @@ def get_project(s: Session, p: Principal, project_id: str) -> Project:
     return _visible_project(s, p, project_id)
 
 
+def _org_admin(s: Session, p: Principal) -> User:
+    """The caller, if this request may administer their organisation: an organisation owner or admin
+    calling with an admin token (org roles never widen what a narrower token may do)."""
+    me = s.get(User, p.user_id)
+    assert me is not None
+    if p.is_superuser:
+        return me
+    if ORG_RANK.get(me.org_role, 0) < ORG_RANK["admin"]:
+        raise errors.Forbidden("Only organisation owners and admins may do this", code="org_admin_required")
+    if not p.has_role("admin"):
+        raise errors.Forbidden(f"Organisation administration needs an admin token; this token has '{p.role}'")
+    return me
+
+
 def create_project(p: Principal, name: str, description: str, org_id: str | None) -> Project:
     with session_scope() as s:
-        me = s.get(User, p.user_id)
-        assert me is not None
+        me = _org_admin(s, p)
         org = org_id or me.org_id
         if org != me.org_id and not p.is_superuser:
             raise errors.NotFound(f"Organisation {org} not found")
-        if s.get(Organisation, org) is None:
+        # Row lock on the organisation: concurrent creations are counted one after the other.
+        if s.scalar(select(Organisation).where(Organisation.id == org).with_for_update()) is None:
             raise errors.NotFound(f"Organisation {org} not found")
+        if not p.is_superuser:
+            limit = int(setting("org_max_projects"))
+            count = s.scalar(select(func.count()).select_from(Project).where(Project.org_id == org)) or 0
+            if count >= limit:
+                raise errors.QuotaExceeded(
+                    f"Quota exceeded for projects: the organisation holds {count} of {limit}")
         if s.scalar(select(Project).where(Project.org_id == org, Project.name == name)) is not None:
             raise errors.Conflict(f"A project named '{name}' already exists in this organisation",
                                   code="already_exists")
@@ -271,41 +293,75 @@ def members(s: Session, p: Principal, project_id: str) -> list[Membership]:
 
 # --- users -----------------------------------------------------------------------------------------
 
-def create_user(p: Principal, username: str, password: str | None, email: str, superuser: bool) -> User:
+def create_user(p: Principal, username: str, password: str | None, email: str, superuser: bool,
+                org_role: str = "member") -> User:
+    """Organisation owners/admins (and superusers) create users in their own organisation."""
     with session_scope() as s:
-        me = s.get(User, p.user_id)
-        assert me is not None
+        me = _org_admin(s, p)
         if superuser and not p.is_superuser:
             raise errors.Forbidden("Only superusers may create superusers")
-        if not p.is_superuser and not s.scalar(select(Membership).where(Membership.user_id == p.user_id,
-                                                                          Membership.role == "admin")):
-            raise errors.Forbidden("Only project admins may create users")
+        if not p.is_superuser and ORG_RANK[org_role] > ORG_RANK[me.org_role]:
+            raise errors.Forbidden(f"You cannot grant the organisation role '{org_role}': yours is '{me.org_role}'")
         user = User(id=new_id("usr"), org_id=me.org_id, username=username, email=email,
-                    password_hash=hash_password(password) if password else None, is_superuser=superuser)
+                    password_hash=hash_password(password) if password else None, is_superuser=superuser,
+                    org_role=org_role)
         s.add(user)
         try:
             s.flush()
         except IntegrityError:
             raise errors.Conflict(f"Username '{username}' is taken", code="already_exists") from None
-        emit(s, "user.created", resource_type="user", resource_id=user.id, project_id=None, actor=p.user_id)
+        emit(s, "user.created", resource_type="user", resource_id=user.id, project_id=None, actor=p.user_id,
+             data={"org_role": org_role})
         return user
 
 
 def user_query(s: Session, p: Principal):  # type: ignore[no-untyped-def]
+    """Superusers: everyone. Organisation owners/admins: their organisation. Others: themselves and
+    the members of the token's project."""
     me = s.get(User, p.user_id)
     assert me is not None
     stmt = select(User)
-    if not p.is_superuser:
-        stmt = stmt.where(User.org_id == me.org_id)
+    if p.is_superuser:
+        return stmt
+    stmt = stmt.where(User.org_id == me.org_id)
+    if ORG_RANK.get(me.org_role, 0) < ORG_RANK["admin"]:
+        colleagues = select(Membership.user_id).where(Membership.project_id == p.project)
+        stmt = stmt.where(or_(User.id == me.id, User.id.in_(colleagues)))
     return stmt
 
 
 def get_user(s: Session, p: Principal, user_id: str) -> User:
-    user = s.get(User, user_id)
-    me = s.get(User, p.user_id)
-    if user is None or me is None or (not p.is_superuser and user.org_id != me.org_id):
+    user = s.scalar(user_query(s, p).where(User.id == user_id))
+    if user is None:
         raise errors.NotFound(f"User {user_id} not found")
     return user
+
+
+def set_org_role(p: Principal, user_id: str, org_role: str) -> User:
+    """Owners manage every role of their organisation; admins grant or remove 'admin' below owners."""
+    with session_scope() as s:
+        me = _org_admin(s, p)
+        user = s.get(User, user_id)
+        if user is None or (not p.is_superuser and user.org_id != me.org_id):
+            raise errors.NotFound(f"User {user_id} not found")
+        if not p.is_superuser:
+            if user.is_superuser:
+                raise errors.Forbidden("Only superusers may change a superuser")
+            mine = ORG_RANK[me.org_role]
+            if ORG_RANK[org_role] > mine or ORG_RANK.get(user.org_role, 0) > mine:
+                raise errors.Forbidden(f"Your organisation role '{me.org_role}' cannot change "
+                                       f"'{user.org_role}' to '{org_role}'")
+        if user.org_role == "owner" and org_role != "owner":
+            owners = s.scalar(select(func.count()).select_from(User).where(
+                User.org_id == user.org_id, User.org_role == "owner", User.id != user.id)) or 0
+            if owners == 0:
+                raise errors.Conflict("An organisation keeps at least one owner", code="last_owner")
+        if user.org_role != org_role:
+            user.org_role = org_role
+            emit(s, "user.org_role_changed", resource_type="user", resource_id=user.id, project_id=None,
+                 actor=p.user_id, data={"org_role": org_role})
+        s.flush()
+        return user
 
 
 def change_password(p: Principal, user_id: str, old_password: str | None, new_password: str) -> None:

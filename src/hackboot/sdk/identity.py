@@ -42,9 +42,13 @@ class Users(Resource):
     path = "/v1/users"
 
     def create(self, username: str, password: str | None = None, email: str = "",
-               is_superuser: bool = False) -> dict[str, Any]:
+               is_superuser: bool = False, org_role: str = "member") -> dict[str, Any]:
         return self.c.post(self.path, {"username": username, "password": password, "email": email,
-                                       "is_superuser": is_superuser})
+                                       "is_superuser": is_superuser, "org_role": org_role})
+
+    def update(self, user_id: str, *, org_role: str) -> dict[str, Any]:
+        """Change a user's organisation role (member, admin or owner)."""
+        return self.c.patch(f"{self.path}/{user_id}", {"org_role": org_role})
 
     def set_password(self, user_id: str, new_password: str, old_password: str | None = None) -> None:
         self.c.post(f"{self.path}/{user_id}/password", {"new_password": new_password,
