@@ -25,8 +25,9 @@ one asyncio event loop and refills free slots as soon as an attempt ends:
    any other (fairness);
 2. a webhook whose receiver keeps failing (timeouts, refused connections, errors) is isolated:
    one attempt at a time, from a small shared budget of "failing" slots, and after
-   consecutive failures it is held back for a growing time without spending its deliveries'
-   attempts. A dead endpoint therefore never occupies the slots healthy receivers need;
+   consecutive failures it is held back for a growing time (its pending deliveries become due
+   later, without spending attempts). A dead endpoint never occupies the slots healthy
+   receivers need, and its backlog does not weigh on the scan for due deliveries;
 3. each delivery is claimed with one conditional UPDATE guarded by its `attempts` count (a
    generation number): `attempts = attempts + 1, next_attempt_at = now + lease WHERE attempts
    = <seen>`. Two senders (threads, processes or hosts) can never both claim one attempt, and
@@ -86,7 +87,7 @@ FAILING_SLOTS = 4
 CONNECT_TIMEOUT_S = 3.0
 # A webhook is held back after this many consecutive failures, for backoff_delay(n) capped here.
 HOLD_AFTER_FAILURES = 2
-HOLD_MAX_S = 300.0
+HOLD_MAX_S = 120.0
 DNS_THREADS = 8
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -516,6 +517,20 @@ def record(claim: Claim, outcome: Outcome, now: dt.datetime | None = None) -> No
                              response_excerpt=outcome.excerpt[:EXCERPT_BYTES]))
 
 
+def defer_webhook(webhook_id: str, until: dt.datetime) -> int:
+    """Hold a failing webhook's backlog back until `until` (never earlier than already planned).
+
+    Its deliveries keep their attempts; they just stop being due, so they neither occupy the
+    sender nor weigh on the due scan, and every sender (other hosts too) sees the hold."""
+    with session_scope() as s:
+        result = s.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.webhook_id == webhook_id, WebhookDelivery.status == "pending",
+                   WebhookDelivery.next_attempt_at < until)
+            .values(next_attempt_at=until))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 # --- the sender --------------------------------------------------------------------------------------
 
 @dataclass
@@ -562,16 +577,17 @@ class Sender:
         self._hook_inflight[claim.webhook_id] = self._hook_inflight.get(claim.webhook_id, 0) + 1
         self._project_inflight[claim.project_id] = self._project_inflight.get(claim.project_id, 0) + 1
 
-    def _end(self, claim: Claim, outcome: Outcome) -> None:
+    def _end(self, claim: Claim, outcome: Outcome) -> float:
+        """Release the claim's slots and learn from the outcome; the seconds the webhook is now held."""
         for counts, key in ((self._hook_inflight, claim.webhook_id), (self._project_inflight, claim.project_id)):
             counts[key] -= 1
             if counts[key] <= 0:
                 del counts[key]
         if claim.problem or outcome.permanent:
-            return  # says nothing about the receiver's health
+            return 0.0  # says nothing about the receiver's health
         if outcome.ok:
             self._health.pop(claim.webhook_id, None)
-            return
+            return 0.0
         health = self._health.setdefault(claim.webhook_id, _Health())
         health.failures += 1
         cap = min(HOLD_MAX_S, float(setting("webhook_backoff_max_s")))
@@ -585,6 +601,7 @@ class Sender:
         if len(self._health) > 10_000:  # forget receivers not heard of for a while
             stale = time.monotonic() - HOLD_MAX_S
             self._health = {h: st for h, st in self._health.items() if st.held_until > stale}
+        return hold
 
     def step(self) -> int:
         """Send due deliveries until none is due or in flight. Returns how many were attempted."""
@@ -621,12 +638,18 @@ class Sender:
         except Exception as exc:  # record the failure and retry later: never lose a delivery
             log.exception("webhook delivery %s failed unexpectedly", claim.delivery_id)
             outcome = Outcome(ok=False, error=f"internal error: {type(exc).__name__}")
+        hold = 0.0
         try:
             await asyncio.to_thread(record, claim, outcome)
         except Exception:
             log.exception("webhook delivery %s: outcome not recorded; due again after its lease", claim.delivery_id)
         finally:
-            self._end(claim, outcome)
+            hold = self._end(claim, outcome)
+        if hold >= 1.0:
+            try:
+                await asyncio.to_thread(defer_webhook, claim.webhook_id, utcnow() + dt.timedelta(seconds=hold))
+            except Exception:
+                log.exception("webhook %s: could not defer its backlog", claim.webhook_id)
 
     def send(self, claim: Claim) -> Outcome:
         """One attempt of `claim`, outside the scheduler (nothing is recorded)."""

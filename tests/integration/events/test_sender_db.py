@@ -177,3 +177,20 @@ def test_stream_polling_waits_at_a_young_gap_then_skips_it(local_db: str) -> Non
         s.add(Event(seq=3, id=new_id("evt"), type="t.x", resource_type="x", resource_id="3", project_id="prj-b"))
     events, cursor, _ = service.poll_events(f, cursor)
     assert [e.seq for e in events] == [4] and cursor == 4  # 3 is another project's: skipped, not sent
+
+
+def test_a_held_webhook_backlog_is_deferred_without_spending_attempts(local_db: str) -> None:
+    hook_id, ids = _hook_with_deliveries(3)
+    later = utcnow() + dt.timedelta(seconds=60)
+    with session_scope() as s:  # one delivery is already planned after the hold: it stays as it is
+        d = s.get(WebhookDelivery, ids[0])
+        assert d is not None
+        d.next_attempt_at = later + dt.timedelta(seconds=60)
+    assert webhooks.defer_webhook(hook_id, later) == 2
+    assert webhooks.claim_due(10) == []  # nothing due before the hold ends
+    with session_scope(write=False) as s:
+        rows = {d.id: d for d in s.scalars(select(WebhookDelivery).where(WebhookDelivery.webhook_id == hook_id))}
+        assert {d.attempts for d in rows.values()} == {0}
+        assert rows[ids[0]].next_attempt_at == later + dt.timedelta(seconds=60)
+        assert {rows[i].next_attempt_at for i in ids[1:]} == {later}
+    assert len(webhooks.claim_due(10, now=later)) == 2
