@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import uuid
@@ -547,19 +548,53 @@ class ImageStore:
         if move:
             src.unlink()
 
+    def _private_copy(self, src: Path, dst: Path) -> None:
+        """Copy through a descriptor opened with O_NOFOLLOW into a new file (0640) nobody else holds."""
+        try:
+            fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageRejected(f"Cannot open the image file {src.name}: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd_in).st_mode):
+                raise ImageRejected(f"The image file {src.name} is not a regular file")
+            fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            try:
+                with os.fdopen(fd_in, "rb", closefd=False) as fin, os.fdopen(fd_out, "wb", closefd=False) as fout:
+                    shutil.copyfileobj(fin, fout, MiB)
+                    fout.flush()
+                    os.fsync(fd_out)
+            except BaseException:
+                dst.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd_out)
+        finally:
+            os.close(fd_in)
+
     def import_file(self, src: Path, file_name: str, disk_format: str, *, move: bool,
                     expected_sha256: str | None = None) -> ImageInfo:
         """Bring an existing file into the store (a snapshot made by compute, a built-in image).
 
         The file is first moved or hard-linked (copied across filesystems) into ``.tmp``, so what
-        is validated is exactly what gets published, then renamed to `file_name`.
+        is validated is exactly what gets published, then renamed to `file_name`. A file that
+        someone else owns (a snapshot written by a guest's unprivileged QEMU) is *copied*, through a
+        descriptor opened without following links: whoever still holds it open for writing cannot
+        change the store's copy after it was validated, and a link planted in its place is refused.
         Raises ImageRejected (the file is then left where it was, when `move` is False, or removed).
         """
-        src = Path(src).resolve()
+        given = Path(src).absolute()
+        tmp = self._tmp_path(file_name)
+        if move and given.is_symlink():
+            raise ImageRejected(f"The image file {given.name} is a symbolic link")
+        src = given.resolve()
         if not src.is_file():
             raise ImageRejected(f"No such image file: {src}")
-        tmp = self._tmp_path(file_name)
-        self._place(src, tmp, move=move)
+        if src.stat().st_uid != os.geteuid():
+            self._private_copy(src, tmp)
+            if move:
+                src.unlink()
+        else:
+            self._place(src, tmp, move=move)
         try:
             digest = sha256_file(tmp)
             if expected_sha256 and expected_sha256.lower() != digest:

@@ -267,8 +267,10 @@ class VolumeAgent:
                 if "backing" in args:
                     self.pool.create(rel, size, key=w.key, backing=args["backing"])
                 elif "image_path" in args:
-                    self.pool.convert_into(rel, Path(args["image_path"]), args.get("image_format", "qcow2"), size,
-                                           key=w.key)
+                    from hackboot.volumes.restore import image_into
+
+                    image_into(self.pool, rel, Path(args["image_path"]), args.get("image_format", "qcow2"), size,
+                               key=w.key, work_name=f"image-{w.id}")
                 elif "backup_id" in args:
                     self.restore(w, rel, args["backup_id"])
                 else:

@@ -7,17 +7,22 @@ can write, so they are treated as hostile until proven otherwise.
 2. every layer then passes the image store's own validation (``images.store.validate``, the rule of
    image uploads): qcow2 declared and found, no external data file, no encryption but LUKS with the
    backup's key, virtual size within the volume's; a layer may *name* a backing file, but that name
-   is never opened:
+   is never opened;
 3. the chain is assembled here, in the order recorded at backup time (``json:`` with explicit
    ``backing`` nodes), and flattened by ``qemu-img convert`` into a new file, run as the unprivileged
    account under prlimit, reading the layers (group-read, never write) and writing only its output
    directory; the result is handed to root and renamed into the pool in one step.
+
+A volume made from an image goes through the same unprivileged conversion (`image_into`), from a
+private copy of the store's file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -84,17 +89,57 @@ def _tool(args: list[str], what: str, cwd: Path, secrets: dict[str, str], size_b
     raise AssertionError("unreachable")
 
 
+def _flatten(scratch: Path, inputs: list[str], source: dict[str, Any], secrets: dict[str, str], dst: Path,
+             size_bytes: int, *, key: str | None, limit: int) -> None:
+    """`qemu-img convert` the `source` node (over the files `inputs`, relative to `scratch`) into a new
+    qcow2 at `dst`, as the unprivileged account: it may enter `scratch`, read the inputs (group read,
+    never write) and write only its own outbox; the result becomes root's and is renamed into place."""
+    account = privsep.unprivileged_account()
+    outbox = scratch / _OUT
+    outbox.mkdir(mode=0o700)
+    if not account.is_current:
+        for d in (scratch, scratch / _IN):
+            os.chown(d, 0, account.gid)
+            os.chmod(d, 0o710)
+        for n in inputs:
+            os.chown(scratch / n, 0, account.gid)
+            os.chmod(scratch / n, 0o640)
+        os.chown(outbox, account.uid, account.gid)
+    out = f"{_OUT}/volume.qcow2"
+    argv = ["convert", "-q", "-O", "qcow2", *(["-o", storage.LUKS_OPTS] if key is not None else []),
+            "json:" + json.dumps(source), out]
+    if key is not None:
+        secrets = {**secrets, storage.KEY_SECRET_ID: key}
+    _tool(argv, "Cannot copy into the volume", scratch, secrets, limit)
+    out_opts: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": out}}
+    if key is not None:
+        out_opts["encrypt"] = {"format": "luks", "key-secret": storage.KEY_SECRET_ID}
+    own_key = {storage.KEY_SECRET_ID: key} if key is not None else {}
+    info_out = json.loads(_tool(["info", "--output=json", "json:" + json.dumps(out_opts)],
+                                "Cannot read the new volume", scratch, {}, limit))
+    if int(info_out.get("virtual-size", 0)) < size_bytes:
+        _tool(["resize", "-q", "json:" + json.dumps(out_opts), str(size_bytes)], "Cannot grow the volume",
+              scratch, own_key, limit)
+    produced = scratch / out
+    st = produced.lstat()
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        raise StorageError("Cannot copy into the volume: the output is not a plain file")
+    if not account.is_current:  # root's from here on, like every file of the pool
+        os.chown(produced, 0, 0)
+    os.chmod(produced, 0o600)
+    dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.replace(produced, dst)
+
+
 def restore_into(pool: Pool, rel: str, info: dict[str, Any], size_bytes: int, *, key: str | None,
                  work_name: str) -> None:
     """Download, verify, validate and flatten the backup described by `info` (``service.backup_work``) into
     the new pool file `rel` (encrypted with `key` when given). Raises StorageError with a reason for the user."""
     layers = _layers(info)
     s3 = backups.S3(info["endpoint"], *info["credential"])
-    account = privsep.unprivileged_account()
     limit = max(size_bytes, max(layer["volume_size_gb"] for layer in layers) * GiB)
-    dst = pool.path(rel)
     with storage.scratch_dir(pool, work_name) as scratch:
-        inbox, outbox = scratch / _IN, scratch / _OUT
+        inbox = scratch / _IN
         inbox.mkdir(mode=0o700)
         names: list[str] = []
         for i, layer in enumerate(layers):
@@ -112,36 +157,30 @@ def restore_into(pool: Pool, rel: str, info: dict[str, Any], size_bytes: int, *,
                 raise StorageError(f"Restore refused: layer {layer['key']} of backup {layer['backup_id']} is not "
                                    f"an acceptable disk image: {exc.reason}") from None
             names.append(f"{_IN}/{name}")
-        # the tool may enter the scratch dir and read the layers, and write only into its own outbox
-        outbox.mkdir(mode=0o700)
-        if not account.is_current:
-            for d in (scratch, inbox):
-                os.chown(d, 0, account.gid)
-                os.chmod(d, 0o710)
-            for n in names:
-                os.chown(scratch / n, 0, account.gid)
-                os.chmod(scratch / n, 0o640)
-            os.chown(outbox, account.uid, account.gid)
         src_key = layers[-1]["layer_key"]
-        secrets = {k: v for k, v in ((SOURCE_SECRET, src_key), (storage.KEY_SECRET_ID, key)) if v is not None}
-        out = f"{_OUT}/volume.qcow2"
-        argv = ["convert", "-q", "-O", "qcow2", *(["-o", storage.LUKS_OPTS] if key is not None else []),
-                "json:" + json.dumps(_chain_json(names, SOURCE_SECRET if src_key else None)), out]
-        _tool(argv, "Cannot copy the backup into the volume", scratch, secrets, limit)
-        out_opts: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": out}}
-        if key is not None:
-            out_opts["encrypt"] = {"format": "luks", "key-secret": storage.KEY_SECRET_ID}
-        info_out = json.loads(_tool(["info", "--output=json", "json:" + json.dumps(out_opts)],
-                                    "Cannot read the restored volume", scratch, {}, limit))
-        if int(info_out.get("virtual-size", 0)) < size_bytes:
-            _tool(["resize", "-q", "json:" + json.dumps(out_opts), str(size_bytes)], "Cannot grow the volume",
-                  scratch, {storage.KEY_SECRET_ID: key} if key is not None else {}, limit)
-        produced = scratch / out
-        st = produced.lstat()
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            raise StorageError("Cannot copy the backup into the volume: the output is not a plain file")
-        if not account.is_current:  # root's from here on, like every file of the pool
-            os.chown(produced, 0, 0)
-        os.chmod(produced, 0o600)
-        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.replace(produced, dst)
+        source = _chain_json(names, SOURCE_SECRET if src_key else None)
+        _flatten(scratch, names, source, {SOURCE_SECRET: src_key} if src_key else {}, pool.path(rel), size_bytes,
+                 key=key, limit=limit)
+
+
+def image_into(pool: Pool, rel: str, image: Path, disk_format: str, size_bytes: int, *, key: str | None,
+               work_name: str) -> None:
+    """A new volume from a store image (tenant-uploaded, validated at upload): converted by the same
+    unprivileged `qemu-img`, from a private copy (the store's file, maybe a running guest's backing file,
+    is never handed to that account)."""
+    if disk_format not in store.FORMATS:
+        raise StorageError(f"Unsupported image format {disk_format!r}")
+    with storage.scratch_dir(pool, work_name) as scratch:
+        inbox = scratch / _IN
+        inbox.mkdir(mode=0o700)
+        copy = inbox / "image"
+        try:
+            shutil.copyfile(image, copy)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise NoSpace(f"Cannot copy the image: No space left on device ({exc})") from None
+            raise StorageError(f"Cannot read the image: {exc.strerror}") from None
+        name = f"{_IN}/image"
+        limit = max(size_bytes, copy.stat().st_size)
+        source = json.loads(store.image_opts(name, disk_format).removeprefix("json:"))
+        _flatten(scratch, [name], source, {}, pool.path(rel), size_bytes, key=key, limit=limit)

@@ -345,3 +345,30 @@ def test_qemu_img_runs_unprivileged_and_leaves_the_file_as_it_was(tmp_path: Path
     after = image.stat()
     assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tool-")] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as another account")
+def test_import_of_a_file_written_by_another_account_takes_a_private_copy(tmp_path: Path) -> None:
+    """A snapshot written by an unprivileged QEMU: whoever holds it open cannot change what was validated."""
+    from hackboot.core.privsep import unprivileged_account
+
+    account = unprivileged_account()
+    st = ImageStore(tmp_path / "images", LIMITS)
+    snap = good_qcow2(tmp_path, "snap.qcow2")
+    os.chown(snap, account.uid, account.gid)
+    with snap.open("r+b") as writer:  # the other account's handle, kept open across the import
+        st.import_file(snap, "img-s.qcow2", "qcow2", move=True)
+        stored = st.path("img-s.qcow2")
+        assert not snap.exists() and stored.stat().st_uid == 0
+        before = stored.read_bytes()
+        writer.seek(0)
+        writer.write(b"\0" * 512)
+        writer.flush()
+        assert stored.read_bytes() == before  # a different inode
+    # a link planted where the snapshot should be is refused, not followed
+    other = good_qcow2(tmp_path, "other-tenant.qcow2")
+    link = tmp_path / "planted.qcow2"
+    link.symlink_to(other)
+    with pytest.raises(ImageRejected, match="symbolic link"):
+        st.import_file(link, "img-l.qcow2", "qcow2", move=True)
+    assert other.exists() and not st.path("img-l.qcow2").exists()
