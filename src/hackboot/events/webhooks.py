@@ -243,6 +243,8 @@ def parse_target(url: str) -> Target:
     bracketed = f"[{host}]" if isinstance(address, ipaddress.IPv6Address) else host
     netloc = bracketed if explicit_port is None else f"{bracketed}:{explicit_port}"
     normalised = urllib.parse.urlunsplit((scheme, netloc, parts.path, parts.query, ""))
+    if len(normalised) > MAX_URL:  # A-labels are longer than the names they encode
+        raise ValueError(f"must be at most {MAX_URL} characters once its host name is encoded")
     try:
         httpx.URL(normalised)  # the sender's HTTP client must accept it as well
     except (httpx.InvalidURL, ValueError) as exc:

@@ -135,6 +135,14 @@ def test_invalid_hosts_are_refused_even_when_private_targets_are_allowed(url: st
         validate_url(url, allow_private=True)
 
 
+def test_the_length_limit_holds_after_idna_encoding() -> None:
+    host = ".".join(["üéà" * 4] * 10)  # 129 characters, 209 once encoded
+    url = f"https://{host}/" + "a" * (2030 - len(host))
+    assert len(url) <= 2048
+    with pytest.raises(ValueError, match="2048"):
+        validate_url(url, allow_private=False)
+
+
 def test_slots_are_shared_round_robin_between_projects_and_webhooks() -> None:
     # Project A has a big backlog on two webhooks, B and C one delivery each.
     due = [("wh-a1", "prj-a", 200), ("wh-a2", "prj-a", 100), ("wh-b", "prj-b", 1), ("wh-c", "prj-c", 1)]
