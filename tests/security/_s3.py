@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import hmac
+import select
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,3 +75,70 @@ def error_code(resp: httpx.Response) -> str:
     if "<Code>" not in text:
         return ""
     return text.split("<Code>", 1)[1].split("</Code>", 1)[0]
+
+
+def sign_unsigned_payload(cloud: Cloud, key: S3Key, method: str, path: str,
+                          headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Header-signed SigV4 with `x-amz-content-sha256: UNSIGNED-PAYLOAD` (for bodies streamed by hand)."""
+    now = dt.datetime.now(dt.UTC)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    h = {k.lower(): v for k, v in (headers or {}).items()} | {
+        "host": f"127.0.0.1:{cloud.s3_port}", "x-amz-date": amz_date, "x-amz-content-sha256": "UNSIGNED-PAYLOAD"}
+    names = sorted(h)
+    canonical = "\n".join([method, path, "", "".join(f"{n}:{h[n].strip()}\n" for n in names), ";".join(names),
+                           "UNSIGNED-PAYLOAD"])
+    scope = f"{amz_date[:8]}/{REGION}/s3/aws4_request"
+    sts = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    k = ("AWS4" + key.secret_key).encode()
+    for part in (amz_date[:8], REGION, "s3", "aws4_request"):
+        k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+    sig = hmac.new(k, sts.encode(), hashlib.sha256).hexdigest()
+    h["authorization"] = (f"AWS4-HMAC-SHA256 Credential={key.access_key}/{scope}, SignedHeaders={';'.join(names)}, "
+                          f"Signature={sig}")
+    return h
+
+
+class _Answered(Exception):
+    pass
+
+
+def raw_exchange(port: int, head: bytes, body: Iterator[bytes]) -> tuple[bytes, int]:
+    """Send `head`, then stream `body` over a real socket until the server answers or drops us;
+    returns (the response, body bytes sent)."""
+    sent = 0
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(head)
+            for piece in body:
+                for i in range(0, len(piece), 65536):
+                    if select.select([s], [], [], 0)[0]:
+                        raise _Answered  # the server answered while we were still sending
+                    s.sendall(piece[i:i + 65536])
+                    sent += len(piece[i:i + 65536])
+        except (_Answered, BrokenPipeError, ConnectionResetError):
+            pass
+        deadline = time.monotonic() + 20
+        try:
+            while time.monotonic() < deadline:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+                end = answer.find(b"\r\n\r\n")
+                if end >= 0:
+                    length = 0
+                    for line in answer[:end].split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    if len(answer) >= end + 4 + length:
+                        break
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer, sent
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+    return int(answer.split(b" ", 2)[1])

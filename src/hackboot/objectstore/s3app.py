@@ -12,6 +12,7 @@ Every error is S3's XML with a request id (also in `x-amz-request-id`).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import hashlib
 import itertools
@@ -25,6 +26,8 @@ from urllib.parse import unquote
 
 from starlette.types import Receive, Scope, Send
 
+from hackboot.core import diskspace
+from hackboot.core.config import get_settings
 from hackboot.core.errors import ApiError
 from hackboot.objectstore import engine, sigv4
 from hackboot.objectstore.policy import ANONYMOUS, Requester, authorize
@@ -315,6 +318,49 @@ async def authenticate(req: Req) -> None:
     req.requester = Requester(cred.project_id, cred.user_id, cred.read_only, cred.buckets, cred.access_key)
 
 
+# --- disk space -----------------------------------------------------------------------------------
+
+def insufficient_storage() -> S3Error:
+    return S3Error("InsufficientStorage", "There is not enough free space to store this request; delete data "
+                                          "or try again later.", 507)
+
+
+def _frees_space(req: Req) -> bool:
+    return req.method == "DELETE" or (req.method == "POST" and req.has("delete"))
+
+
+def prepare_disk(req: Req) -> None:
+    """Writes are refused (507) *before* anything is written when the state directory is nearly full;
+    deletes must still commit then (the database needs a little room for them): release the reserve."""
+    if req.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    if _frees_space(req):
+        # a fresh reading (not the cached one): a delete that cannot commit is what we must avoid
+        if diskspace.free_bytes(fresh=True) < get_settings().min_free_bytes:
+            diskspace.use_reserve()
+        return
+    try:
+        extra = req.declared_length() or 0
+    except S3Error:
+        extra = 0
+    if diskspace.is_low(extra=extra):
+        raise insufficient_storage()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a blob write, or SQLite's "database or disk is full", anywhere in the chain."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 # --- ASGI -----------------------------------------------------------------------------------------
 
 Handler = Callable[[Req], Awaitable[Response]]
@@ -417,9 +463,11 @@ async def s3_app(scope: Scope, receive: Receive, send: Send) -> None:
         else:
             if req.method == "POST" and req.key is None and req.bucket_name and \
                     req.headers.get("content-type", "").startswith("multipart/form-data"):
+                prepare_disk(req)
                 resp = await s3objects.post_upload(req)
             else:
                 await authenticate(req)
+                prepare_disk(req)
                 if req.bucket_name is None:
                     resp = await s3buckets.service_op(req)
                 elif req.key is None:
@@ -438,13 +486,18 @@ async def s3_app(scope: Scope, receive: Receive, send: Send) -> None:
     except ApiError as err:  # quotas raise the core error type
         code = "QuotaExceeded" if err.status == 403 and err.code == "quota_exceeded" else "InvalidRequest"
         resp = error_response(req, S3Error(code, err.detail, err.status))
-    except Exception:
-        log.exception("S3 request failed: %s %s", req.method, req.raw_path)
-        resp = error_response(req, S3Error("InternalError", "We encountered an internal error. Please try again."))
+    except Exception as exc:
+        if is_disk_full(exc):  # partial blobs were removed by the writer's abort; nothing was committed
+            log.warning("S3 request refused, disk full: %s %s", req.method, req.raw_path)
+            resp = error_response(req, insufficient_storage())
+        else:
+            log.exception("S3 request failed: %s %s", req.method, req.raw_path)
+            resp = error_response(req, S3Error("InternalError", "We encountered an internal error. "
+                                                                "Please try again."))
     if cors_headers:
         resp.headers.update(cors_headers)
-    if not req.body_started and req.method in ("PUT", "POST") and resp.status >= 400:
-        resp.headers["connection"] = "close"
+    if (not req.body_started and req.method in ("PUT", "POST") and resp.status >= 400) or resp.status == 507:
+        resp.headers["connection"] = "close"  # the unread rest of the body is not worth reading
     await _send(send, req, resp)
 
 

@@ -37,6 +37,7 @@ _STATUS = {
     "UnexpectedContent": 400, "AuthorizationHeaderMalformed": 400, "AuthorizationQueryParametersError": 400,
     "IncorrectNumberOfFilesInPostRequest": 400, "OwnershipControlsNotFoundError": 404,
     "MissingRequestBodyError": 400, "RequestTimeout": 400, "NoSuchObjectLockConfigurationError": 404,
+    "InsufficientStorage": 507, "RequestHeaderSectionTooLarge": 431,
 }
 
 

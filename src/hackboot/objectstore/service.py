@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from hackboot.core import errors
+from hackboot.core import diskspace, errors
 from hackboot.core.auth import Principal, forget_cached_tokens
 from hackboot.core.crypto import seal
 from hackboot.core.db import session_scope, utcnow
@@ -108,6 +108,7 @@ def get_bucket(s: Session, p: Principal, name: str) -> Bucket:
 
 def startup() -> None:
     """On start: remove data of writes that were never acknowledged (crash), and orphan blobs."""
+    diskspace.maintain_reserve()
     removed = engine.backend().cleanup_temp()
     orphans = sweep_orphans(max_age_s=0.0, before=_started_at)
     if removed or orphans:
@@ -175,4 +176,6 @@ def loops() -> list[Loop]:
         Loop("s3-lifecycle", lifecycle.run_once, lifecycle_interval),
         Loop("s3-multipart-cleanup", multipart_cleanup_step, max(0.5, min(3600.0, day / 4))),
         Loop("s3-temp-cleanup", temp_cleanup_step, 60.0),
+        # the reserve released so deletes could commit on a full disk comes back once they freed space
+        Loop("s3-disk-reserve", diskspace.maintain_reserve, 2.0),
     ]
