@@ -65,3 +65,31 @@ def test_unsigned_amz_headers_are_refused(cloud: Cloud, tenant_factory: Callable
     assert s3.get_object(Bucket=bucket, Key="upload.bin")["Body"].read() == b"ordinary upload"
     head = s3.head_object(Bucket=bucket, Key="upload.bin")
     assert "ObjectLockMode" not in head and head.get("StorageClass", "STANDARD") == "STANDARD"
+
+
+def test_put_grant_alone_cannot_lock_tag_or_share(cloud: Cloud, tenant_factory: Callable[..., Tenant]) -> None:
+    """The same class of hole through a signed request: another project granted only s3:PutObject by a bucket
+    policy could attach a COMPLIANCE retention (an object the owner can never delete), a legal hold, tags or
+    an ACL to what it writes. As S3, those need their own permissions."""
+    import json
+
+    owner, other = tenant_factory(), tenant_factory()
+    s3_owner, s3_other = boto(cloud, s3_key(owner)), boto(cloud, s3_key(other))
+    bucket = bucket_name("grant")
+    s3_owner.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    s3_owner.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"AWS": other.project_id}, "Action": "s3:PutObject",
+        "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(days=3650)
+    attempts = [{"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until},
+                {"ObjectLockLegalHoldStatus": "ON"}, {"Tagging": "a=b"},
+                {"GrantFullControl": f"id={other.project_id}"}]
+    for extra in attempts:
+        with pytest.raises(ClientError) as exc:
+            s3_other.put_object(Bucket=bucket, Key="planted", Body=b"x", **extra)
+        assert exc.value.response["Error"]["Code"] == "AccessDenied", extra
+        with pytest.raises(ClientError) as exc:
+            s3_other.create_multipart_upload(Bucket=bucket, Key="planted", **extra)
+        assert exc.value.response["Error"]["Code"] == "AccessDenied", extra
+    s3_other.put_object(Bucket=bucket, Key="plain", Body=b"x")  # the grant itself works
+    s3_owner.delete_object(Bucket=bucket, Key="plain")

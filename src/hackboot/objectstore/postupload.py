@@ -8,7 +8,6 @@ sink like any PUT (the body is parsed incrementally: memory stays flat).
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -140,14 +139,17 @@ def _check_policy(policy: dict[str, Any], fields: dict[str, str], bucket: str) -
         elif isinstance(cond, list) and len(cond) == 3:
             op = str(cond[0]).lower()
             if op == "content-length-range":
-                length = (int(cond[1]), int(cond[2]))
+                try:
+                    length = (int(cond[1]), int(cond[2]))
+                except (TypeError, ValueError):
+                    raise S3Error("InvalidPolicyDocument", "Invalid Policy: Invalid content-length-range.") from None
                 continue
             name = str(cond[1]).lower().lstrip("$")
             covered.add(name)
             actual = values.get(name, "")
             if op == "eq" and actual != cond[2]:
                 raise S3Error("AccessDenied", f"Invalid according to Policy: Policy Condition failed: {cond}")
-            if op == "starts-with" and not fnmatch.fnmatchcase(actual, str(cond[2]).replace("[", "[[]") + "*"):
+            if op == "starts-with" and not actual.startswith(str(cond[2])):  # a prefix, not a glob
                 raise S3Error("AccessDenied", f"Invalid according to Policy: Policy Condition failed: {cond}")
         else:
             raise S3Error("InvalidPolicyDocument", "Invalid Policy: Invalid condition.")
@@ -219,6 +221,8 @@ async def post_object(req: Req) -> Response:
     if "content-type" not in headers and file_ctype:
         headers["content-type"] = file_ctype
     acl = acl_from_headers({"x-amz-acl": fields["acl"]} if "acl" in fields else {}, b.project_id)
+    if acl is not None:
+        req.check("s3:PutObjectAcl", b, key)
     if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
         raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
     meta = user_metadata({k: v for k, v in fields.items() if k.startswith("x-amz-meta-")})

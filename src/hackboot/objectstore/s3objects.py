@@ -399,11 +399,23 @@ def new_object_attributes(req: Req, b: BucketInfo) -> tuple[Any, Any, str, Any, 
         raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
     return meta, headers, sc, tags, acl
 
+def check_attribute_rights(req: Req, b: BucketInfo, key: str, acl: Any, tags: Any) -> None:
+    """Setting an ACL, tags, a retention or a legal hold along with a new object needs those permissions
+    too (as S3): another project granted only s3:PutObject must not make objects public or undeletable."""
+    if acl is not None:
+        req.check("s3:PutObjectAcl", b, key)
+    if tags:
+        req.check("s3:PutObjectTagging", b, key)
+    if "x-amz-object-lock-mode" in req.headers or "x-amz-object-lock-retain-until-date" in req.headers:
+        req.check("s3:PutObjectRetention", b, key)
+    if "x-amz-object-lock-legal-hold" in req.headers:
+        req.check("s3:PutObjectLegalHold", b, key)
+
+
 async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:PutObject", b, key)
     meta, headers, sc, tags, acl = new_object_attributes(req, b)
-    if acl is not None:
-        req.check("s3:PutObjectAcl", b, key)
+    check_attribute_rights(req, b, key, acl, tags)
     lock_mode, lock_until, hold = lock_from_headers(req, b)
     sse_info, data_key, _ = sse_for_write(req, b)
     md5 = _content_md5(req)
@@ -848,6 +860,7 @@ async def copy_object(req: Req, b: BucketInfo, key: str) -> Response:
     acl = acl_from_headers(req.headers, b.project_id, b.project_id)
     if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
         raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
+    check_attribute_rights(req, b, key, acl, tags if tag_directive == "REPLACE" else None)
     lock_mode, lock_until, hold = lock_from_headers(req, b)
     await req.drain()
     obj = NewObject(key=key, size=src.size, etag=src.etag, storage_class=sc, headers=headers or None,
@@ -896,6 +909,7 @@ async def copy_object(req: Req, b: BucketInfo, key: str) -> Response:
 async def create_upload(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:PutObject", b, key)
     meta, headers, sc, tags, acl = new_object_attributes(req, b)
+    check_attribute_rights(req, b, key, acl, tags)
     lock_mode, lock_until, hold = lock_from_headers(req, b)
     sse_info, _, _ = sse_for_write(req, b)
     alg = req.headers.get("x-amz-checksum-algorithm")
