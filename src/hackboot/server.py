@@ -139,9 +139,14 @@ def _stop_children(pids: list[int]) -> None:
             os.waitpid(pid, 0)
 
 
-def _server(app: Any, host: str, port: int) -> uvicorn.Server:
+def _server(app: Any, host: str, port: int, *, s3: bool = False) -> uvicorn.Server:
+    # Request heads are bounded (431) on every port: see core.httpproto.
+    from hackboot.core import httpproto
+
+    protocol = httpproto.S3CappedHttpToolsProtocol if s3 else httpproto.CappedHttpToolsProtocol
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, http=protocol,
+                            h11_max_incomplete_event_size=httpproto.MAX_HEAD_BYTES)
     return uvicorn.Server(config)
 
 
@@ -164,7 +169,7 @@ def serve() -> None:
     servers = [api]
     s3 = _optional("hackboot.objectstore.s3app")
     if s3 is not None:
-        servers.append(_server(s3.create_s3_app(), settings.s3_host, settings.s3_port))
+        servers.append(_server(s3.create_s3_app(), settings.s3_host, settings.s3_port, s3=True))
 
     async def main() -> None:
         # Each uvicorn server catches SIGINT/SIGTERM for itself only: when one stops, stop all.

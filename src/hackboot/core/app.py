@@ -9,17 +9,19 @@ from collections.abc import Iterable
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hackboot.core.auth import authenticate_token
+from hackboot.core.auth import authenticate_token, authenticated
 from hackboot.core.config import get_settings
 from hackboot.core.db import session_scope
 from hackboot.core.errors import ApiError, Forbidden, Unauthenticated
-from hackboot.core.middleware import ApiMiddleware
+from hackboot.core.middleware import STREAMING_TYPES, ApiMiddleware, RoutePolicy
 
 log = logging.getLogger("hackboot.api")
 PROBLEM = "application/problem+json"
@@ -51,6 +53,7 @@ async def _metrics_caller(request: Request) -> None:
 
 
 def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API") -> FastAPI:
+    routers = list(routers)
     app = FastAPI(title=title, version="1.0.0", description=(
         "Self-hostable IaaS: identity, catalog, compute, volumes, object storage. "
         "Authenticate with `Authorization: Bearer <token>`; errors are RFC 9457 problem+json."))
@@ -118,8 +121,27 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
     for router in routers:
         app.include_router(router)
     _document_problems(app)
-    app.add_middleware(ApiMiddleware, max_body_bytes=get_settings().max_body_bytes)
+    app.add_middleware(ApiMiddleware, max_body_bytes=get_settings().max_body_bytes, routes=route_policy(routers))
     return app
+
+
+def _authenticates(dependant: Dependant) -> bool:
+    return dependant.call is authenticated or any(_authenticates(d) for d in dependant.dependencies)
+
+
+def route_policy(routers: Iterable[APIRouter]) -> RoutePolicy:
+    """Which /v1 routes take no token (login) and which stream their bodies (declared octet-stream)."""
+    policy = RoutePolicy()
+    for router in routers:
+        for route in router.routes:
+            if not isinstance(route, APIRoute):
+                continue
+            if not _authenticates(route.dependant):
+                policy.add("public", route.path, route.methods)
+            content = (route.openapi_extra or {}).get("requestBody", {}).get("content", {})
+            if any(ctype in STREAMING_TYPES for ctype in content):
+                policy.add("streaming", route.path, route.methods)
+    return policy
 
 
 PROBLEM_SCHEMA = {

@@ -1,0 +1,105 @@
+"""HTTP/1.1 protocol for uvicorn with bounded request heads (both the API and the S3 port).
+
+uvicorn's httptools protocol takes request lines and headers of any size: an 8 MiB header was
+accepted, and httptools accumulates a header in memory until it ends. Here the bytes of a
+request head are counted as they arrive; past `MAX_HEAD_BYTES` in total, or one field line
+over `MAX_FIELD_BYTES`, the connection gets `431 Request Header Fields Too Large` and is closed
+at once, before the application sees anything.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_FIELD_BYTES = 16 * 1024  # one header line (name + value), or the request target
+MAX_HEAD_BYTES = 64 * 1024  # request line and every header together
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+def problem_431(detail: str) -> tuple[bytes, bytes]:
+    body = json.dumps({"type": "https://hackboot.cloud/problems/request_header_fields_too_large",
+                       "title": "Request header fields too large", "status": 431,
+                       "code": "request_header_fields_too_large", "detail": detail}).encode()
+    return b"application/problem+json", body
+
+
+def s3_431(detail: str) -> tuple[bytes, bytes]:
+    body = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>RequestHeaderSectionTooLarge</Code>"
+            f"<Message>{detail}</Message></Error>").encode()
+    return b"application/xml", body
+
+
+class CappedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that refuses oversized request heads with 431 and closes the connection."""
+
+    render_431 = staticmethod(problem_431)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._fields_bytes = 0
+        self._in_head = True
+        self._head_too_large = ""
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._fields_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > MAX_FIELD_BYTES:
+            self._head_too_large = f"The request target is over {MAX_FIELD_BYTES} bytes"
+            raise _HeadTooLarge
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        if size > MAX_FIELD_BYTES:
+            self._head_too_large = f"A header field is over {MAX_FIELD_BYTES} bytes"
+            raise _HeadTooLarge
+        self._fields_bytes += size + 4  # ": " and CRLF
+        if self._fields_bytes + len(self.url) > MAX_HEAD_BYTES:
+            self._head_too_large = f"The request header section is over {MAX_HEAD_BYTES} bytes"
+            raise _HeadTooLarge
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Counted on what arrived, not on what the parser handed over: httptools buffers an unfinished
+        # header whole. The parser holds at most one read's worth past the limit.
+        if self._in_head and not self._head_too_large and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._reject(f"The request header section is over {MAX_HEAD_BYTES} bytes")
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:  # a parser callback above refused the head
+            self._reject(self._head_too_large)
+            return
+        super().send_400_response(msg)
+
+    def _reject(self, detail: str) -> None:
+        if self.transport.is_closing():
+            return
+        ctype, body = self.render_431(detail)
+        self.transport.write(b"".join([
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            b"content-type: ", ctype, b"\r\n",
+            b"content-length: ", str(len(body)).encode(), b"\r\n",
+            b"connection: close\r\n\r\n", body]))
+        self.transport.close()
+
+
+class S3CappedHttpToolsProtocol(CappedHttpToolsProtocol):
+    render_431 = staticmethod(s3_431)
