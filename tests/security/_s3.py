@@ -78,14 +78,15 @@ def error_code(resp: httpx.Response) -> str:
 
 
 def sign_unsigned_payload(cloud: Cloud, key: S3Key, method: str, path: str,
-                          headers: dict[str, str] | None = None) -> dict[str, str]:
-    """Header-signed SigV4 with `x-amz-content-sha256: UNSIGNED-PAYLOAD` (for bodies streamed by hand)."""
+                          headers: dict[str, str] | None = None, query: str = "") -> dict[str, str]:
+    """Header-signed SigV4 with `x-amz-content-sha256: UNSIGNED-PAYLOAD` (for bodies streamed by hand);
+    `query` is the canonical query string (e.g. "tagging=")."""
     now = dt.datetime.now(dt.UTC)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     h = {k.lower(): v for k, v in (headers or {}).items()} | {
         "host": f"127.0.0.1:{cloud.s3_port}", "x-amz-date": amz_date, "x-amz-content-sha256": "UNSIGNED-PAYLOAD"}
     names = sorted(h)
-    canonical = "\n".join([method, path, "", "".join(f"{n}:{h[n].strip()}\n" for n in names), ";".join(names),
+    canonical = "\n".join([method, path, query, "".join(f"{n}:{h[n].strip()}\n" for n in names), ";".join(names),
                            "UNSIGNED-PAYLOAD"])
     scope = f"{amz_date[:8]}/{REGION}/s3/aws4_request"
     sts = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])

@@ -5,16 +5,13 @@ oversized headers are refused. Real sockets, a 300 MB body, and the server's RSS
 
 from __future__ import annotations
 
-import select
-import socket
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.security._s3 import boto, bucket_name, s3_key
+from tests.security._s3 import boto, bucket_name, raw_exchange, s3_key, sign_unsigned_payload, status_of
 from tests.security.conftest import Tenant
 from tests.support import Cloud
 
@@ -28,46 +25,6 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-class _Answered(Exception):
-    pass
-
-
-def exchange(port: int, head: bytes, body: Iterator[bytes]) -> tuple[bytes, int]:
-    """Send `head` then stream `body` until the server answers or drops us; returns (response, bytes sent)."""
-    sent = 0
-    answer = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        try:
-            s.sendall(head)
-            for piece in body:
-                for i in range(0, len(piece), 65536):
-                    if select.select([s], [], [], 0)[0]:
-                        raise _Answered  # the server answered while we were still sending
-                    s.sendall(piece[i:i + 65536])
-                    sent += len(piece[i:i + 65536])
-        except (_Answered, BrokenPipeError, ConnectionResetError):
-            pass
-        deadline = time.monotonic() + 20
-        try:
-            while time.monotonic() < deadline:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
-                head_end = answer.find(b"\r\n\r\n")
-                if head_end >= 0:
-                    length = 0
-                    for line in answer[:head_end].split(b"\r\n")[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            length = int(value)
-                    if len(answer) >= head_end + 4 + length:
-                        break
-        except (ConnectionResetError, TimeoutError):
-            pass
-    return answer, sent
 
 
 def big_body(total: int = BIG) -> Iterator[bytes]:
@@ -91,11 +48,6 @@ def tenant_factory_module(cloud: Cloud) -> Callable[..., Tenant]:
     return lambda role="member": make_tenant(cloud, role)
 
 
-def status_of(answer: bytes) -> int:
-    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
-    return int(answer.split(b" ", 2)[1])
-
-
 def request_head(cloud: Cloud, method: str, path: str, length: int, extra: str = "") -> bytes:
     return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{cloud.s3_port}\r\nContent-Length: {length}\r\n"
             f"Content-Type: application/octet-stream\r\n{extra}\r\n").encode()
@@ -108,16 +60,31 @@ def test_unauthenticated_put_and_config_bodies_refused_early(cloud: Cloud, targe
     cases = [("PUT", f"/{target}/big.bin"), ("POST", f"/{target}?delete"), ("PUT", f"/{target}?tagging"),
              ("PUT", f"/{target}?policy"), ("PUT", f"/{target}/k?uploadId=x&partNumber=1")]
     for method, path in cases:
-        answer, sent = exchange(cloud.s3_port, request_head(cloud, method, path, BIG), big_body())
+        answer, sent = raw_exchange(cloud.s3_port, request_head(cloud, method, path, BIG), big_body())
         assert status_of(answer) in (400, 403, 404, 413), answer[:300]
         assert sent < BIG // 2, (method, path, sent)  # answered long before the body was through
     # A signed-looking but bogus Authorization header is checked from the headers alone, too.
     bogus = ("Authorization: AWS4-HMAC-SHA256 Credential=HBKNOTAKEY/20260101/us-east-1/s3/aws4_request, "
              "SignedHeaders=host, Signature=00\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"
              "x-amz-date: 20260101T000000Z\r\n")
-    answer, sent = exchange(cloud.s3_port, request_head(cloud, "PUT", f"/{target}/b.bin", BIG, bogus), big_body())
+    answer, sent = raw_exchange(cloud.s3_port, request_head(cloud, "PUT", f"/{target}/b.bin", BIG, bogus), big_body())
     assert status_of(answer) == 403 and sent < BIG // 2
     assert rss(pid) - before < GROWTH_LIMIT
+
+
+def test_authenticated_config_body_over_its_limit_refused_before_reading(cloud: Cloud) -> None:
+    from tests.security.conftest import make_tenant
+
+    key = s3_key(make_tenant(cloud))
+    name = bucket_name("cap")
+    boto(cloud, key).create_bucket(Bucket=name)
+    for method, path in (("PUT", f"/{name}?tagging"), ("POST", f"/{name}?delete"), ("PUT", f"/{name}?cors")):
+        url_path, _, query = path.partition("?")
+        signed = sign_unsigned_payload(cloud, key, method, url_path, {"content-length": str(BIG)}, query=query + "=")
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in signed.items()) + "\r\n"
+        answer, sent = raw_exchange(cloud.s3_port, head.encode(), big_body())
+        assert status_of(answer) == 400 and b"MaxMessageLengthExceeded" in answer, answer[:400]
+        assert sent < 4 * 1024 * 1024, (path, sent)  # refused from the declared length, not after reading
 
 
 def test_unauthenticated_post_form_fields_are_capped(cloud: Cloud, target: str) -> None:
@@ -136,7 +103,7 @@ def test_unauthenticated_post_form_fields_are_capped(cloud: Cloud, target: str) 
 
     head = (f"POST /{target} HTTP/1.1\r\nHost: 127.0.0.1:{cloud.s3_port}\r\nContent-Length: {BIG + 10 ** 7}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
-    answer, sent = exchange(cloud.s3_port, head, fields())
+    answer, sent = raw_exchange(cloud.s3_port, head, fields())
     assert status_of(answer) == 400, answer[:300]
     assert b"MalformedPOSTRequest" in answer or b"MaxMessageLengthExceeded" in answer
     assert sent < BIG // 2
@@ -146,6 +113,6 @@ def test_unauthenticated_post_form_fields_are_capped(cloud: Cloud, target: str) 
 def test_oversized_headers_refused(cloud: Cloud, target: str) -> None:
     for extra in (f"x-big: {'a' * 8 * 1024 * 1024}\r\n",
                   "".join(f"x-h{i}: {'b' * 8000}\r\n" for i in range(40))):
-        answer, _ = exchange(cloud.s3_port, request_head(cloud, "GET", f"/{target}/k", 0, extra), iter(()))
+        answer, _ = raw_exchange(cloud.s3_port, request_head(cloud, "GET", f"/{target}/k", 0, extra), iter(()))
         # refused by the HTTP server (an answer or a dropped connection) or by the S3 endpoint: never served
         assert not answer or status_of(answer) in (400, 431), answer[:300]

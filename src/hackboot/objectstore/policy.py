@@ -33,7 +33,7 @@ READ_ACTIONS = {
     "s3:GetLifecycleConfiguration", "s3:GetObjectRetention", "s3:GetObjectLegalHold",
     "s3:GetBucketObjectLockConfiguration", "s3:ListBucketMultipartUploads", "s3:ListMultipartUploadParts",
     "s3:GetEncryptionConfiguration", "s3:GetBucketTagging", "s3:GetBucketPublicAccessBlock",
-    "s3:ListAllMyBuckets", "s3:GetObjectAttributes", "s3:GetBucketOwnershipControls",
+    "s3:ListAllMyBuckets", "s3:GetObjectAttributes", "s3:GetBucketOwnershipControls", "s3:GetBucketPolicyStatus",
 }
 
 
