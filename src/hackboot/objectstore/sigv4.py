@@ -244,6 +244,7 @@ class ChunkedDecoder:
     """
 
     MAX_LINE = 4096
+    MAX_TRAILERS = 16  # S3 sends one (the checksum); bounded so a body cannot grow our memory through them
 
     def __init__(self, auth: AuthRequest | None, key: bytes | None, mode: str) -> None:
         self.signed = mode in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER)
@@ -346,6 +347,8 @@ class ChunkedDecoder:
                 if name == "x-amz-trailer-signature":
                     self._check_trailer(value.strip())
                 else:
+                    if len(self.trailer_lines) >= self.MAX_TRAILERS:
+                        raise self._bad("too many trailing headers")
                     self.trailers[name] = value.strip()
                     self.trailer_lines.append(f"{name}:{value.strip()}\n")
             else:  # done: ignore trailing whitespace, reject anything else
