@@ -229,6 +229,18 @@ def get_credential(access_key: str) -> Cred | None:
     return cred
 
 
+def _is_service_key(s: Session, row: S3Credential) -> bool:
+    """A key a service holds for the project itself, not for a person: block storage's backup key (made
+    once, by whichever member first backed up; its secret never leaves the server). The project's
+    backups must not stop when that member leaves, so no membership applies to it."""
+    try:
+        from hackboot.volumes.models import BackupCredential
+    except ImportError:  # a deployment without block storage
+        return False
+    link = s.get(BackupCredential, row.project_id)
+    return link is not None and link.credential_id == row.id
+
+
 def _holder_rights(s: Session, row: S3Credential) -> tuple[bool, bool]:
     """(usable, read_only) from the key's user as they are *now*, like API tokens: a key is refused once its
     user is disabled, deleted or no longer a member of the key's project, and a viewer's key only reads.
@@ -236,6 +248,8 @@ def _holder_rights(s: Session, row: S3Credential) -> tuple[bool, bool]:
     from hackboot.core.auth import ROLE_RANK
     from hackboot.identity.models import Membership, User
 
+    if _is_service_key(s, row):
+        return True, False
     user = s.get(User, row.user_id)
     if user is None or user.disabled:
         return False, True
