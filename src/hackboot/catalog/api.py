@@ -262,7 +262,8 @@ def list_prices(p: Viewer, page: Pagination, sku: Annotated[str | None, Query(ma
         return Page[PriceOut](items=[PriceOut.model_validate(r) for r in rows], next_cursor=nxt)
 
 
-@router.put("/prices/{sku}", response_model=PriceOut)
+@router.put("/prices/{sku}", response_model=PriceOut,
+            responses={201: {"model": PriceOut, "description": "Price created"}})
 def set_price(sku: Annotated[Sku, Path()], body: PriceIn, p: Superuser, response: Response,
               region: Annotated[RegionId | None, Query(description="Set a regional override")] = None) -> PriceOut:
     """Set a list price (cloud administrators): 201 when created, 200 when updated."""

@@ -6,7 +6,7 @@ import datetime as dt
 from enum import Enum
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 
 from hackboot.core import quotas
@@ -131,10 +131,15 @@ def _issued(issued: service.IssuedToken) -> IssuedTokenOut:
     return IssuedTokenOut(**TokenOut.model_validate(issued.token).model_dump(), token=issued.secret)
 
 
-@router.post("/auth/login", status_code=201, response_model=IssuedTokenOut, tags=["auth"])
-def login(body: LoginIn) -> IssuedTokenOut:
-    """Exchange a username and password for a short-lived token."""
-    return _issued(service.login(body.username, body.password, body.project_id))
+@router.post("/auth/login", status_code=201, response_model=IssuedTokenOut, tags=["auth"],
+             responses={429: {
+                 "description": "Too many failed logins for this username or source address",
+                 "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}})
+def login(body: LoginIn, request: Request) -> IssuedTokenOut:
+    """Exchange a username and password for a short-lived token (failed attempts are throttled)."""
+    source = request.client.host if request.client else "unknown"
+    return _issued(service.login(body.username, body.password, body.project_id, source))
 
 
 @router.get("/auth/whoami", response_model=WhoAmI, tags=["auth"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, ForeignKey, String, UniqueConstraint
+from sqlalchemy import Boolean, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from hackboot.core.db import Base, utcnow
@@ -69,3 +69,16 @@ class ApiToken(Base):
     last_used_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     created_by: Mapped[str] = mapped_column(String(40), default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class LoginThrottle(Base):
+    """Failed password logins per username (`user:<name>`) and per source address (`source:<ip>`).
+
+    In the database so that every API worker process (and every control-plane host) shares it.
+    """
+
+    __tablename__ = "login_throttle"
+    key: Mapped[str] = mapped_column(String(120), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)

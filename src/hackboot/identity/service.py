@@ -19,6 +19,7 @@ from hackboot.core.crypto import hash_password, hash_token, new_secret, verify_p
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.events.service import emit
+from hackboot.identity import throttle
 from hackboot.identity.config import setting
 from hackboot.identity.models import ORG_ROLES, ApiToken, Membership, Organisation, Project, User
 
@@ -77,13 +78,29 @@ def _issue(s: Session, *, user: User, project_id: str | None, role: str, name: s
     return IssuedToken(token=tok, secret=secret)
 
 
-def login(username: str, password: str, project_id: str | None) -> IssuedToken:
-    """Exchange a password for a short-lived token (project-scoped unless a superuser asks for none)."""
-    with session_scope() as s:
+# Unknown, disabled or password-less users are checked against this hash, so that every failed
+# login costs one scrypt: the answer time does not tell which usernames exist.
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(18))
+
+
+def login(username: str, password: str, project_id: str | None, source: str = "unknown") -> IssuedToken:
+    """Exchange a password for a short-lived token (project-scoped unless a superuser asks for none).
+
+    Throttled per username and per source address (`throttle`); the password is checked outside
+    any write transaction (scrypt is slow on purpose).
+    """
+    throttle.reserve(username, source)
+    with session_scope(write=False) as s:
         user = s.scalar(select(User).where(User.username == username))
+        stored = user.password_hash if user is not None and not user.disabled else None
+    valid = verify_password(password, stored or _DUMMY_HASH) and stored is not None
+    if not valid or user is None:
         # Same message whether the user exists or not: no account enumeration.
-        if user is None or user.disabled or not user.password_hash or not verify_password(password,
-                                                                                          user.password_hash):
+        raise errors.Unauthenticated("Wrong username or password", code="invalid_credentials")
+    throttle.succeeded(username, source)
+    with session_scope() as s:
+        user = s.get(User, user.id)
+        if user is None or user.disabled:
             raise errors.Unauthenticated("Wrong username or password", code="invalid_credentials")
         role = "admin"
         if project_id is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -73,3 +74,22 @@ def test_idempotency_key_returns_the_same_project(any_cloud: Cloud) -> None:
     with pytest.raises(ApiError) as err:
         admin.request("POST", "/v1/projects", json={"name": name + "x"}, idempotency_key="k-" + name)
     assert err.value.code == "idempotency_key_reused"
+
+
+def test_failed_logins_are_throttled_per_username(any_cloud: Cloud) -> None:
+    import httpx
+
+    admin = any_cloud.admin_client_unscoped()
+    project = admin.projects.create(_name("proj"))
+    user = admin.users.create(_name("tina"), password="correct-horse-1")
+    admin.projects.set_member(project["id"], user["id"], "member")
+    with httpx.Client(base_url=any_cloud.url, timeout=30) as http:
+        def attempt(password: str) -> httpx.Response:
+            return http.post("/v1/auth/login", json={"username": user["username"], "password": password})
+
+        assert [attempt("wrong-password").status_code for _ in range(5)] == [401] * 5
+        refused = attempt("correct-horse-1")
+        assert refused.status_code == 429 and refused.json()["code"] == "too_many_attempts"
+        time.sleep(int(refused.headers["retry-after"]) + 0.2)
+        assert attempt("correct-horse-1").status_code == 201
+        assert attempt("wrong-password").status_code == 401  # the success reset the counter
