@@ -6,10 +6,13 @@ allowed, 5 conflict or quota, 6 server unreachable or failing, 7 timed out waiti
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import typer
 
@@ -59,12 +62,14 @@ def serve(
     reset_settings_cache()
     settings = get_settings()
     secure_state_dir(settings.state_dir, settings.unprivileged_user)
+    from hackboot.core.diskspace import maintain_reserve
+
+    maintain_reserve(settings.state_dir)  # room for deletes the day the disk fills up
     if settings.api_workers > 1:
         # Prometheus must know before it is imported that several processes share /metrics.
-        metrics_dir = settings.state_dir / "run" / "metrics"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+        metrics_dir = Path(tempfile.mkdtemp(prefix="hackboot-metrics-", dir=_metrics_parent()))
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from hackboot import server
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -72,6 +77,16 @@ def serve(
     password = server.prepare()
     banner(settings, password)
     server.serve()
+
+
+def _metrics_parent() -> str | None:
+    """Where the worker processes share their metrics: memory, not the state directory's disk.
+
+    Prometheus maps those files and grows them sparsely; on a full disk, touching a new page
+    kills the process with SIGBUS. /dev/shm cannot be filled by tenants' data.
+    """
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
 
 
 def banner(settings: object, password: str | None) -> None:

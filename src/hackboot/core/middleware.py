@@ -30,8 +30,16 @@ from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hackboot.core import idempotency
-from hackboot.core.errors import ApiError, BadRequest, Conflict, PayloadTooLarge, Unauthenticated, ValidationFailed
+from hackboot.core import diskspace, idempotency
+from hackboot.core.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    InsufficientStorage,
+    PayloadTooLarge,
+    Unauthenticated,
+    ValidationFailed,
+)
 
 log = logging.getLogger("hackboot.api")
 
@@ -62,8 +70,11 @@ class RoutePolicy:
     def _matches(rules: list[tuple[re.Pattern[str], frozenset[str]]], method: str, path: str) -> bool:
         return any(method in methods and regex.match(path) for regex, methods in rules)
 
+    def is_public(self, method: str, path: str) -> bool:
+        return self._matches(self.public, method, path)
+
     def needs_token(self, method: str, path: str) -> bool:
-        return (path.startswith("/v1/") or path == "/v1") and not self._matches(self.public, method, path)
+        return (path.startswith("/v1/") or path == "/v1") and not self.is_public(method, path)
 
     def streams(self, method: str, path: str) -> bool:
         return self._matches(self.streaming, method, path)
@@ -171,6 +182,7 @@ class ApiMiddleware:
         self.app = app
         self.max_body = max_body_bytes
         self.routes = routes or RoutePolicy()
+        self._reserve_checked_at = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -197,6 +209,8 @@ class ApiMiddleware:
                 raise BadRequest("NUL characters are not allowed in paths or query strings", code="invalid_characters")
             if self.routes.needs_token(method, path):
                 await self._authenticate(scope)
+            if method in MUTATING and path.startswith("/v1/"):
+                await self._check_disk(method, path)
             streaming = self.routes.streams(method, path)
             length = _header(scope, b"content-length")
             if not streaming and length.isdigit() and int(length) > self.max_body:
@@ -246,6 +260,24 @@ class ApiMiddleware:
         except Exception:
             log.warning("audit record of %s %s (%s) not written", audit.scope["method"], audit.scope["path"],
                         audit.request_id, exc_info=True)
+
+    async def _check_disk(self, method: str, path: str) -> None:
+        """507 before anything is written on a full disk; deletes (and logins) may use the reserve.
+
+        A tenant must be able to free space when the disk is full: a DELETE releases the reserve
+        file so SQLite has room for its WAL. The reserve comes back once there is room again.
+        """
+        if diskspace.is_low():
+            if method == "DELETE" or self.routes.is_public(method, path):
+                diskspace.use_reserve()
+                return
+            raise InsufficientStorage("The cloud's storage is full: delete resources to free space, or retry later",
+                                      headers={"Retry-After": "60"})
+        now = time.monotonic()
+        if now >= self._reserve_checked_at:
+            self._reserve_checked_at = now + diskspace.CACHE_S
+            if not diskspace.reserve_path().exists():
+                await anyio.to_thread.run_sync(diskspace.maintain_reserve)
 
     @staticmethod
     async def _authenticate(scope: Scope) -> None:
