@@ -67,7 +67,9 @@ def serve(
     maintain_reserve(settings.state_dir)  # room for deletes the day the disk fills up
     if settings.api_workers > 1:
         # Prometheus must know before it is imported that several processes share /metrics.
-        metrics_dir = Path(tempfile.mkdtemp(prefix="hackboot-metrics-", dir=_metrics_parent()))
+        parent = _metrics_parent()
+        _remove_stale_metrics(Path(parent or tempfile.gettempdir()))
+        metrics_dir = Path(tempfile.mkdtemp(prefix=f"hackboot-metrics-{os.getpid()}-", dir=parent))
         atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from hackboot import server
@@ -87,6 +89,17 @@ def _metrics_parent() -> str | None:
     """
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+def _remove_stale_metrics(parent: Path) -> None:
+    """Metrics directories of servers that are gone (a killed server cannot clean up after itself)."""
+    for old in parent.glob("hackboot-metrics-*-*"):
+        try:
+            os.kill(int(old.name.split("-")[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def banner(settings: object, password: str | None) -> None:
