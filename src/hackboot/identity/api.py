@@ -131,11 +131,13 @@ def _issued(issued: service.IssuedToken) -> IssuedTokenOut:
     return IssuedTokenOut(**TokenOut.model_validate(issued.token).model_dump(), token=issued.secret)
 
 
-@router.post("/auth/login", status_code=201, response_model=IssuedTokenOut, tags=["auth"],
-             responses={429: {
-                 "description": "Too many failed logins for this username or source address",
-                 "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
-                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}})
+THROTTLED: dict[int | str, dict[str, object]] = {429: {
+    "description": "Too many failed password checks for this username or source address",
+    "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}}
+
+
+@router.post("/auth/login", status_code=201, response_model=IssuedTokenOut, tags=["auth"], responses=THROTTLED)
 def login(body: LoginIn, request: Request) -> IssuedTokenOut:
     """Exchange a username and password for a short-lived token (failed attempts are throttled)."""
     source = request.client.host if request.client else "unknown"
@@ -257,9 +259,12 @@ def update_user(user_id: str, body: UserPatch, p: Member) -> UserOut:
     return UserOut.model_validate(service.set_org_role(p, user_id, body.org_role))
 
 
-@router.post("/users/{user_id}/password", status_code=204)
-def change_password(user_id: str, body: PasswordIn, p: Viewer) -> Response:
-    service.change_password(p, user_id, body.old_password, body.new_password)
+@router.post("/users/{user_id}/password", status_code=204, responses=THROTTLED)
+def change_password(user_id: str, body: PasswordIn, p: Viewer, request: Request) -> Response:
+    """Change your password (the current one is required) or, for superusers, anyone's; the user's
+    other login sessions are revoked."""
+    source = request.client.host if request.client else "unknown"
+    service.change_password(p, user_id, body.old_password, body.new_password, source)
     return Response(status_code=204)
 
 

@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -381,14 +381,31 @@ def set_org_role(p: Principal, user_id: str, org_role: str) -> User:
         return user
 
 
-def change_password(p: Principal, user_id: str, old_password: str | None, new_password: str) -> None:
-    with session_scope() as s:
+def change_password(p: Principal, user_id: str, old_password: str | None, new_password: str,
+                    source: str = "unknown") -> None:
+    """Your own password (the current one is checked, throttled like logins), or anyone's for
+    superusers. The user's other login sessions end: a password changed after a leak locks the
+    intruder out. API tokens, made on purpose, stay until revoked."""
+    with session_scope(write=False) as s:
         user = get_user(s, p, user_id)
         if user.id != p.user_id and not p.is_superuser:
             raise errors.NotFound(f"User {user_id} not found")
-        if user.id == p.user_id and user.password_hash and not verify_password(old_password or "",
-                                                                               user.password_hash):
+        username = user.username
+        stored = user.password_hash if user.id == p.user_id else None
+    if stored:
+        throttle.reserve(username, source)
+        if not verify_password(old_password or "", stored):
             raise errors.Forbidden("The current password is wrong", code="wrong_password")
-        user.password_hash = hash_password(new_password)
+        throttle.succeeded(username, source)
+    new_hash = hash_password(new_password)  # outside the write transaction: scrypt is slow on purpose
+    with session_scope() as s:
+        user = s.get(User, user_id)
+        if user is None:
+            raise errors.NotFound(f"User {user_id} not found")
+        user.password_hash = new_hash
+        s.execute(update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.name == "login",
+                                         ApiToken.revoked_at.is_(None), ApiToken.id != p.token_id)
+                  .values(revoked_at=utcnow()))
         emit(s, "user.password_changed", resource_type="user", resource_id=user.id, project_id=None,
              actor=p.user_id)
+    forget_cached_tokens()

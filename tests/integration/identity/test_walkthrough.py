@@ -93,3 +93,24 @@ def test_failed_logins_are_throttled_per_username(any_cloud: Cloud) -> None:
         time.sleep(int(refused.headers["retry-after"]) + 0.2)
         assert attempt("correct-horse-1").status_code == 201
         assert attempt("wrong-password").status_code == 401  # the success reset the counter
+
+
+def test_password_change_ends_the_other_login_sessions(any_cloud: Cloud) -> None:
+    admin = any_cloud.admin_client_unscoped()
+    project = admin.projects.create(_name("proj"))
+    user = admin.users.create(_name("pat"), password="correct-horse-1")
+    admin.projects.set_member(project["id"], user["id"], "member")
+    anon = any_cloud.client()
+    mine, other = (anon.auth.login(user["username"], "correct-horse-1") for _ in range(2))
+    api_token = admin.tokens.create(project_id=project["id"], user_id=user["id"], name="ci")
+    me = any_cloud.client(mine["token"])
+    with pytest.raises(ApiError) as err:
+        me.users.set_password(user["id"], "new-password-1", old_password="not-the-password")
+    assert err.value.status == 403 and err.value.code == "wrong_password"
+    me.users.set_password(user["id"], "new-password-1", old_password="correct-horse-1")
+    assert me.auth.whoami()["user_id"] == user["id"]
+    assert any_cloud.client(api_token["token"]).auth.whoami()["user_id"] == user["id"]
+    with pytest.raises(ApiError) as err:
+        any_cloud.client(other["token"]).auth.whoami()
+    assert err.value.status == 401 and err.value.code == "token_revoked"
+    assert anon.auth.login(user["username"], "new-password-1")["user_id"] == user["id"]
