@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hmac
 import logging
 import os
@@ -36,16 +35,6 @@ def _problem(request: Request, status: int, code: str, title: str, detail: str, 
             "detail": detail, "instance": request.url.path,
             "request_id": request.scope.get("state", {}).get("request_id", "")} | extra
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """ENOSPC from a file write, or SQLITE_FULL from the database (wrapped by SQLAlchemy)."""
-    for err in (exc, getattr(exc, "orig", None), exc.__cause__):
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if err is not None and type(err).__name__ == "OperationalError" and "disk is full" in str(err):
-            return True
-    return False
 
 
 async def _metrics_caller(request: Request) -> None:
@@ -95,10 +84,6 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if _disk_full(exc):  # the disk filled between the middleware's check and the write
-            log.warning("storage full on %s %s: %s", request.method, request.url.path, exc)
-            return _problem(request, 507, "insufficient_storage", "Insufficient storage",
-                            "The cloud's storage is full: delete resources to free space, or retry later")
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _problem(request, 500, "internal_error", "Internal error",
                         "An unexpected error occurred; quote the request_id when reporting it")
@@ -114,8 +99,11 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
         try:
             with session_scope(write=False) as s:
                 s.execute(text("SELECT 1"))
-        except Exception as exc:
-            return JSONResponse({"status": "unavailable", "detail": str(exc)[:200]}, status_code=503)
+        except Exception:
+            # Public endpoint: the reason (database host, user, file paths) goes to the log only.
+            log.warning("readiness check failed", exc_info=True)
+            return JSONResponse({"status": "unavailable", "detail": "the database does not answer"},
+                                status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)

@@ -12,6 +12,7 @@ Every API/S3 process calls these; the checks cost one statvfs per second per pat
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -85,3 +86,13 @@ def maintain_reserve(path: Path | None = None) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         _cache.pop(str(_state_dir(path)), None)
+
+
+def is_full_error(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a file write, or SQLITE_FULL from the database (as SQLAlchemy wraps it)."""
+    for err in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if err is not None and type(err).__name__ == "OperationalError" and "disk is full" in str(err):
+            return True
+    return False

@@ -4,11 +4,14 @@ uvicorn's httptools protocol takes request lines and headers of any size: an 8 M
 accepted, and httptools accumulates a header in memory until it ends. Here the bytes of a
 request head are counted as they arrive; past `MAX_HEAD_BYTES` in total, or one field line
 over `MAX_FIELD_BYTES`, the connection gets `431 Request Header Fields Too Large` and is closed
-at once, before the application sees anything.
+at once, before the application sees anything. A request head must also arrive within
+`HEAD_TIMEOUT_S` of the connection opening (later heads, of their first byte): connections
+that trickle bytes or send nothing cannot be held open for ever (408, closed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -16,21 +19,27 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_FIELD_BYTES = 16 * 1024  # one header line (name + value), or the request target
 MAX_HEAD_BYTES = 64 * 1024  # request line and every header together
+HEAD_TIMEOUT_S = 30.0
 
 
 class _HeadTooLarge(Exception):
     pass
 
 
-def problem_431(detail: str) -> tuple[bytes, bytes]:
-    body = json.dumps({"type": "https://hackboot.cloud/problems/request_header_fields_too_large",
-                       "title": "Request header fields too large", "status": 431,
-                       "code": "request_header_fields_too_large", "detail": detail}).encode()
+_PROBLEMS = {431: ("request_header_fields_too_large", "Request header fields too large"),
+             408: ("request_timeout", "Request timeout")}
+_S3_CODES = {431: "RequestHeaderSectionTooLarge", 408: "RequestTimeout"}
+
+
+def problem_body(status: int, detail: str) -> tuple[bytes, bytes]:
+    code, title = _PROBLEMS[status]
+    body = json.dumps({"type": f"https://hackboot.cloud/problems/{code}", "title": title, "status": status,
+                       "code": code, "detail": detail}).encode()
     return b"application/problem+json", body
 
 
-def s3_431(detail: str) -> tuple[bytes, bytes]:
-    body = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>RequestHeaderSectionTooLarge</Code>"
+def s3_body(status: int, detail: str) -> tuple[bytes, bytes]:
+    body = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{_S3_CODES[status]}</Code>"
             f"<Message>{detail}</Message></Error>").encode()
     return b"application/xml", body
 
@@ -38,7 +47,7 @@ def s3_431(detail: str) -> tuple[bytes, bytes]:
 class CappedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that refuses oversized request heads with 431 and closes the connection."""
 
-    render_431 = staticmethod(problem_431)
+    render = staticmethod(problem_body)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -46,8 +55,40 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
         self._fields_bytes = 0
         self._in_head = True
         self._head_too_large = ""
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_bytes == 0 and self.cycle is None:
+            self.transport.close()  # an idle connection: nothing to answer
+            return
+        self._reject(f"The request head did not arrive within {HEAD_TIMEOUT_S:g} s", status=408)
 
     def on_message_begin(self) -> None:
+        # The first head must be whole within the timeout of the connection opening; later ones
+        # (keep-alive: uvicorn's own idle timeout runs until their first byte) of that first byte.
+        if self._head_timer is None:
+            self._arm_head_timer()
         self._in_head = True
         self._head_bytes = 0
         self._fields_bytes = 0
@@ -72,6 +113,7 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._cancel_head_timer()
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
@@ -89,12 +131,13 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().send_400_response(msg)
 
-    def _reject(self, detail: str) -> None:
+    def _reject(self, detail: str, status: int = 431) -> None:
         if self.transport.is_closing():
             return
-        ctype, body = self.render_431(detail)
+        ctype, body = self.render(status, detail)
+        reason = b"431 Request Header Fields Too Large" if status == 431 else b"408 Request Timeout"
         self.transport.write(b"".join([
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            b"HTTP/1.1 ", reason, b"\r\n",
             b"content-type: ", ctype, b"\r\n",
             b"content-length: ", str(len(body)).encode(), b"\r\n",
             b"connection: close\r\n\r\n", body]))
@@ -102,4 +145,4 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
 
 
 class S3CappedHttpToolsProtocol(CappedHttpToolsProtocol):
-    render_431 = staticmethod(s3_431)
+    render = staticmethod(s3_body)

@@ -124,6 +124,7 @@ class AuditContext:
 
 _audit_context: ContextVar[AuditContext | None] = ContextVar("hackboot_audit_context", default=None)
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_FULL_DETAIL = "The cloud's storage is full: delete resources to free space, or retry later"
 
 
 @event.listens_for(Session, "do_orm_execute")
@@ -193,13 +194,14 @@ class ApiMiddleware:
         method = scope["method"]
         path = scope["path"]
         started = time.perf_counter()
-        status_holder = {"status": 500}
+        status_holder = {"status": 500, "started": 0}
         body_unread = True
         audit = AuditContext(scope=scope, request_id=request_id) if method in MUTATING else None
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
+                status_holder["started"] = 1
                 message.setdefault("headers", [])
                 message["headers"] = [*list(message["headers"]), (b"x-request-id", request_id.encode())]
             await send(message)
@@ -219,7 +221,7 @@ class ApiMiddleware:
                 receive = self._limited(receive)
             body_unread = False
             key = _header(scope, b"idempotency-key")
-            if key and method == "POST":
+            if key and method == "POST" and not streaming:  # never buffer an upload to hash it
                 await self._idempotent(scope, receive, send_wrapper, key, audit)
             else:
                 await self._route(scope, receive, send_wrapper, audit)
@@ -229,6 +231,14 @@ class ApiMiddleware:
         except BodyTooLarge as err:  # raised while this middleware read the body itself
             status_holder["status"] = 413
             await _send_problem(send, PayloadTooLarge(str(err.detail)), request_id, close=True)
+        except Exception as exc:
+            # The disk filled between the check above and the write: a clear 507, and the
+            # connection stays usable (an exception reaching the server would close it).
+            if not diskspace.is_full_error(exc) or status_holder["started"]:
+                raise
+            log.warning("storage full on %s %s: %s", method, path, exc)
+            status_holder["status"] = 507
+            await _send_problem(send, InsufficientStorage(_FULL_DETAIL), request_id, close=body_unread)
         finally:
             route = scope.get("route")
             route_name = getattr(route, "path", "unmatched")
@@ -271,8 +281,7 @@ class ApiMiddleware:
             if method == "DELETE" or self.routes.is_public(method, path):
                 diskspace.use_reserve()
                 return
-            raise InsufficientStorage("The cloud's storage is full: delete resources to free space, or retry later",
-                                      headers={"Retry-After": "60"})
+            raise InsufficientStorage(_FULL_DETAIL, headers={"Retry-After": "60"})
         now = time.monotonic()
         if now >= self._reserve_checked_at:
             self._reserve_checked_at = now + diskspace.CACHE_S
