@@ -144,3 +144,19 @@ def test_huge_headers_get_431_on_the_api_and_s3_ports(cloud: Cloud) -> None:
             assert time.monotonic() - started < 5
     # Normal requests are untouched.
     assert httpx.get(cloud.url + "/healthz", headers={"X-Fine": "c" * 8000}).status_code == 200
+
+
+def test_revoked_token_gets_no_idempotent_replay(cloud: Cloud, tenant_factory: Callable[..., Tenant]) -> None:
+    """A replayed Idempotency-Key answer never reaches the route: the token is checked before it."""
+    tenant = tenant_factory("admin")
+    hook = tenant.client.webhooks.create("https://hooks.example.com/x", enabled=False)  # type: ignore[attr-defined]
+    admin = cloud.admin_client_unscoped()
+    issued = admin.tokens.create(project_id=tenant.project_id, role="admin", user_id=tenant.user_id, name="gone")
+    url = f"{cloud.url}/v1/webhooks/{hook['id']}/rotate-secret"  # a POST without a body
+    headers = {"Authorization": f"Bearer {issued['token']}", "Idempotency-Key": "rotate-once"}
+    first = httpx.post(url, headers=headers)
+    assert first.status_code == 200 and first.json()["secret"]
+    admin.tokens.revoke(issued["id"])  # type: ignore[attr-defined]
+    replay = httpx.post(url, headers=headers)
+    assert replay.status_code == 401, replay.text
+    assert "secret" not in replay.json()

@@ -294,6 +294,8 @@ class ApiMiddleware:
 
         Bodiless requests are left to the route's dependency, which hits the token cache without a
         thread hop; a request with a body pays one hop here so no byte of it is read for nobody.
+        So does a POST with an Idempotency-Key: a replayed answer never reaches the route, so a
+        revoked or expired token must be refused here.
         """
         header = _header(scope, b"authorization")
         if not header:
@@ -301,7 +303,7 @@ class ApiMiddleware:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("Authorization header must be 'Bearer <token>'", code="bad_auth_scheme")
-        if _has_body(scope):
+        if _has_body(scope) or (scope["method"] == "POST" and _header(scope, b"idempotency-key")):
             from hackboot.core.auth import PROJECT_HEADER, authenticate_token
 
             project = _header(scope, PROJECT_HEADER.lower().encode()) or None
