@@ -352,6 +352,10 @@ def agent(
                  "vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "cpu_allocation_ratio": cpu_ratio,
                  "ram_allocation_ratio": ram_ratio, "disk_allocation_ratio": disk_ratio, "gpus": gpus}
     cfg = AgentSettings(**{k: v for k, v in overrides.items() if v is not None})
+    from hackboot.core.config import get_settings
+    from hackboot.core.fsperms import secure_state_dir
+
+    secure_state_dir(cfg.state_dir, get_settings().unprivileged_user)  # tenant disks: not for local users
     import signal
     import threading
 
