@@ -7,7 +7,7 @@ from typing import Any
 
 from hackboot.objectstore import engine
 from hackboot.objectstore.s3app import Req, Response
-from hackboot.objectstore.s3xml import S3Error
+from hackboot.objectstore.s3errors import S3Error, no_such_bucket
 
 
 def _match(rules: list[dict[str, Any]] | None, origin: str, method: str,
@@ -49,7 +49,7 @@ async def preflight(req: Req) -> Response:
         raise S3Error("BadRequest", "Insufficient information. Origin request header needed.")
     b = await engine.blocking(engine.get_bucket, req.bucket_name)
     if b is None:
-        raise S3Error("NoSuchBucket", "The specified bucket does not exist")
+        raise no_such_bucket()
     if not b.cors:
         raise S3Error("CORSForbidden", "CORSResponse: CORS is not enabled for this bucket.", Method=method,
                       ResourceType="OBJECT")

@@ -46,7 +46,15 @@ from hackboot.objectstore.models import (
     S3ProjectSettings,
     Upload,
 )
-from hackboot.objectstore.s3xml import S3Error
+from hackboot.objectstore.s3errors import (
+    S3Error,
+    invalid_version_id,
+    method_not_allowed,
+    no_such_bucket,
+    no_such_key,
+    no_such_version,
+    precondition_failed,
+)
 from hackboot.objectstore.storage import BlobBackend, LocalBackend
 
 log = logging.getLogger("hackboot.objectstore")
@@ -344,7 +352,7 @@ def invalidate_bucket(name: str | None = None) -> None:
 def tx_bucket(s: Session, bucket_id: str) -> Bucket:
     b = s.get(Bucket, bucket_id)
     if b is None:
-        raise S3Error("NoSuchBucket", "The specified bucket does not exist")
+        raise no_such_bucket()
     return b
 
 
@@ -525,14 +533,12 @@ def _check_conditions(cur: ObjectVersion | None, if_match: str | None, if_none_m
         if if_none_match.strip() != "*":
             raise S3Error("NotImplemented", "If-None-Match on writes only supports '*'")
         if live is not None:
-            raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold",
-                          Condition="If-None-Match")
+            raise precondition_failed(Condition="If-None-Match")
     if if_match is not None:
         if live is None:
-            raise S3Error("NoSuchKey", "The specified key does not exist.")
+            raise no_such_key()
         if not etag_matches(if_match, live.etag):
-            raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold",
-                          Condition="If-Match")
+            raise precondition_failed(Condition="If-Match")
 
 
 def etag_matches(header: str, etag: str) -> bool:
@@ -562,7 +568,7 @@ _INSERT_CORE = insert(ObjectVersion.__table__)
 def _core_bucket(s: Session, bucket_id: str) -> Any:
     b = s.connection().execute(_Q_BUCKET, {"b": bucket_id}).first()
     if b is None:
-        raise S3Error("NoSuchBucket", "The specified bucket does not exist")
+        raise no_such_bucket()
     return b
 
 
@@ -629,10 +635,10 @@ def tx_delete_object(s: Session, bucket_id: str, key: str, version_id: str | Non
                                                  ObjectVersion.version_id == version_id))
         if v is None:
             if version_id != "null" and not _valid_version_id(version_id):
-                raise S3Error("InvalidArgument", "Invalid version id specified", ArgumentName="versionId")
+                raise invalid_version_id("versionId")
             return DeleteResult(version_id, False, [])
         if if_match is not None and not etag_matches(if_match, v.etag):
-            raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
+            raise precondition_failed()
         check_lock(v, bypass_governance, now)
         dead = _remove_row(s, b, v)
         if v.is_latest:
@@ -642,9 +648,9 @@ def tx_delete_object(s: Session, bucket_id: str, key: str, version_id: str | Non
     cur = _latest(s, bucket_id, key)
     if if_match is not None:
         if cur is None or cur.delete_marker:
-            raise S3Error("NoSuchKey", "The specified key does not exist.")
+            raise no_such_key()
         if not etag_matches(if_match, cur.etag):
-            raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
+            raise precondition_failed()
     if b.versioning == "":
         if cur is None:
             return DeleteResult(None, False, [])
@@ -723,11 +729,10 @@ def tx_update_version(s: Session, bucket_id: str, key: str, version_id: str | No
     v = q_get_version(s, bucket_id, key, version_id)
     if v is None or (v.delete_marker and version_id is None):
         if version_id is not None:
-            raise S3Error("NoSuchVersion", "The specified version does not exist.", Key=key, VersionId=version_id)
-        raise S3Error("NoSuchKey", "The specified key does not exist.", Key=key)
+            raise no_such_version(key, version_id)
+        raise no_such_key(Key=key)
     if v.delete_marker:
-        raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.",
-                      headers={"x-amz-delete-marker": "true"})
+        raise method_not_allowed({"x-amz-delete-marker": "true"})
     values = fn(v)
     if values:
         s.execute(_upd(ObjectVersion).where(ObjectVersion.id == v.id).values(**values))

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from hackboot.core.db import session_scope, utcnow
 from hackboot.objectstore import engine
 from hackboot.objectstore.models import Bucket, ObjectVersion, Upload
-from hackboot.objectstore.s3xml import S3Error, doc, parse, tag
+from hackboot.objectstore.s3errors import S3Error
+from hackboot.objectstore.s3xml import doc, parse, tag
 
 log = logging.getLogger("hackboot.objectstore.lifecycle")
 CLASSES = ("STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "GLACIER", "DEEP_ARCHIVE")

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from hackboot.objectstore.s3xml import S3Error
+from hackboot.objectstore.s3errors import S3Error, access_denied
 
 ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
 AUTH_USERS = "http://acs.amazonaws.com/groups/global/AuthenticatedUsers"
@@ -405,7 +405,7 @@ def authorize(*, req: Requester, action: str, bucket_name: str, bucket_owner: st
     arn = f"arn:aws:s3:::{bucket_name}" + (f"/{key}" if key is not None else "")
     decision = evaluate_policy(policy, req, action, arn, ctx, ignore_public_policy)
     if decision == "Deny":
-        raise S3Error("AccessDenied", "Access Denied")
+        raise access_denied()
     if req.project_id == bucket_owner or decision == "Allow":
         return
     need = _ACL_NEEDS.get(action)
@@ -416,4 +416,4 @@ def authorize(*, req: Requester, action: str, bucket_name: str, bucket_owner: st
             return
         if where == "o" and object_acl is None and acl_allows(bucket_acl, req, "FULL_CONTROL", ignore_public_acls):
             return
-    raise S3Error("AccessDenied", "Access Denied")
+    raise access_denied()

@@ -15,7 +15,8 @@ from hackboot.objectstore import engine, sigv4
 from hackboot.objectstore.engine import NewObject
 from hackboot.objectstore.policy import Requester, acl_from_headers, is_public_acl
 from hackboot.objectstore.s3app import Req, Response
-from hackboot.objectstore.s3xml import S3Error, doc, tag
+from hackboot.objectstore.s3errors import S3Error, invalid_access_key_id, public_acls_blocked
+from hackboot.objectstore.s3xml import doc, tag
 
 MAX_FIELDS = 64 * 1024  # all form fields together (the file excepted); S3 allows 20 KiB of fields + policy
 MAX_FIELD_COUNT = 100
@@ -204,7 +205,7 @@ async def post_object(req: Req) -> Response:
         cred = fields.get("x-amz-credential", "").split("/", 1)[0]
         c = await engine.blocking(engine.get_credential, cred)
         if c is None:
-            raise S3Error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.")
+            raise invalid_access_key_id()
         policy, _ = sigv4.verify_post_policy(fields, c.secret)
         req.requester = Requester(c.project_id, c.user_id, c.read_only, c.buckets, c.access_key)
         min_len, max_len = _check_policy(policy, fields, b.name)
@@ -224,7 +225,7 @@ async def post_object(req: Req) -> Response:
     if acl is not None:
         req.check("s3:PutObjectAcl", b, key)
     if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
-        raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
+        raise public_acls_blocked()
     meta = user_metadata({k: v for k, v in fields.items() if k.startswith("x-amz-meta-")})
     sink = Sink(None, 0, None, allow_inline=False)
     await feed(sink, form.stream())

@@ -31,7 +31,8 @@ from hackboot.core.config import get_settings
 from hackboot.core.errors import ApiError
 from hackboot.objectstore import engine, sigv4
 from hackboot.objectstore.policy import ANONYMOUS, Requester, authorize
-from hackboot.objectstore.s3xml import S3Error
+from hackboot.objectstore.s3errors import S3Error, insufficient_storage, invalid_access_key_id
+from hackboot.objectstore.s3xml import error_document
 
 log = logging.getLogger("hackboot.objectstore.s3")
 _RID_PREFIX = uuid.uuid4().hex[:6].upper()  # request ids: per-process prefix + counter (no syscall per request)
@@ -258,8 +259,7 @@ def _domains() -> tuple[str, ...]:
 async def _authenticate_v2(req: Req, access_key: str, signature: str, date_or_expires: str) -> None:
     cred = await engine.blocking(engine.get_credential, access_key)
     if cred is None:
-        raise S3Error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.",
-                      AWSAccessKeyId=access_key)
+        raise invalid_access_key_id(AWSAccessKeyId=access_key)
     resource = req.raw_path
     if req.bucket_name and not req.raw_path.startswith("/" + req.bucket_name):  # virtual-host style
         resource = "/" + req.bucket_name + req.raw_path
@@ -307,8 +307,7 @@ async def authenticate(req: Req) -> None:
     cred = engine.get_credential(auth.access_key) if auth.access_key in engine._creds else \
         await engine.blocking(engine.get_credential, auth.access_key)
     if cred is None:
-        raise S3Error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.",
-                      AWSAccessKeyId=auth.access_key)
+        raise invalid_access_key_id(AWSAccessKeyId=auth.access_key)
     headers = req.headers
     if auth.presigned and "host" not in headers:
         raise S3Error("AccessDenied", "Missing host header")
@@ -319,11 +318,6 @@ async def authenticate(req: Req) -> None:
 
 
 # --- disk space -----------------------------------------------------------------------------------
-
-def insufficient_storage() -> S3Error:
-    return S3Error("InsufficientStorage", "There is not enough free space to store this request; delete data "
-                                          "or try again later.", 507)
-
 
 def _frees_space(req: Req) -> bool:
     return req.method == "DELETE" or (req.method == "POST" and req.has("delete"))
@@ -396,7 +390,7 @@ def error_response(req: Req, err: S3Error) -> Response:
     headers = {"content-type": "application/xml"} | err.headers
     if err.status == 304:
         return Response(304, err.headers, b"")
-    body = err.to_xml(req.resource, req.request_id) if req.method != "HEAD" else b""
+    body = error_document(err, req.resource, req.request_id) if req.method != "HEAD" else b""
     if req.method == "HEAD":
         headers["content-length"] = "0"
     return Response(err.status, headers, body)

@@ -29,7 +29,15 @@ from hackboot.objectstore.policy import (
     validate_policy,
 )
 from hackboot.objectstore.s3app import Req, Response
-from hackboot.objectstore.s3xml import NS, S3Error, doc, esc, iso, parse, tag
+from hackboot.objectstore.s3errors import (
+    S3Error,
+    access_denied,
+    invalid_version_id,
+    method_not_allowed,
+    no_such_bucket,
+    public_acls_blocked,
+)
+from hackboot.objectstore.s3xml import NS, doc, esc, iso, parse, tag
 
 XML = {"content-type": "application/xml"}
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -54,7 +62,7 @@ async def load_bucket(req: Req) -> BucketInfo:
     hit = engine._buckets.get(name)
     info = engine.get_bucket(name) if hit is not None else await engine.blocking(engine.get_bucket, name)
     if info is None:
-        raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=name[:100])
+        raise no_such_bucket(BucketName=name[:100])
     return info
 
 
@@ -66,9 +74,9 @@ def owner_xml(project_id: str) -> str:
 
 async def service_op(req: Req) -> Response:
     if req.method != "GET":
-        raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.")
+        raise method_not_allowed()
     if req.requester.anonymous:
-        raise S3Error("AccessDenied", "Access Denied")
+        raise access_denied()
     project = req.requester.project_id
 
     def q(s: Session) -> list[Bucket]:
@@ -101,7 +109,7 @@ async def bucket_op(req: Req) -> Response:
         if req.has(sub):
             table = _HANDLERS.get((m, sub))
             if table is None:
-                raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.")
+                raise method_not_allowed()
             return await table(req, b)
     if m == "GET":
         if req.query.get("list-type") == "2":
@@ -109,7 +117,7 @@ async def bucket_op(req: Req) -> Response:
         return await list_objects(req, b, v2=False)
     if m == "DELETE":
         return await delete_bucket(req, b)
-    raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.")
+    raise method_not_allowed()
 
 
 # --- create / delete ------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ async def create_bucket(req: Req) -> Response:
     validate_bucket_name(name)
     if req.requester.anonymous:
         await req.drain()
-        raise S3Error("AccessDenied", "Access Denied")
+        raise access_denied()
     if req.requester.read_only or (req.requester.buckets is not None and name not in req.requester.buckets):
         await req.drain()
         raise S3Error("AccessDenied", "This access key may not create this bucket")
@@ -263,7 +271,7 @@ async def list_versions(req: Req, b: BucketInfo) -> Response:
         if key_marker and vid_marker:
             row_id = engine.q_version_row_id(s, b.id, key_marker, vid_marker)
             if row_id is None:
-                raise S3Error("InvalidArgument", "Invalid version id specified", ArgumentName="version-id-marker")
+                raise invalid_version_id("version-id-marker")
         return engine.q_list_objects(s, b.id, prefix, delimiter, key_marker, max_keys, versions=True,
                                      version_after_id=row_id)
 
@@ -480,7 +488,7 @@ async def put_acl(req: Req, b: BucketInfo) -> Response:
     req.check("s3:PutBucketAcl", b)
     grants = await parse_acl_request(req, b.project_id)
     if is_public_acl(grants) and b.blocks("BlockPublicAcls"):
-        raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
+        raise public_acls_blocked()
     await _update(b, acl=grants)
     return Response(200)
 

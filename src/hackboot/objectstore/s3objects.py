@@ -38,7 +38,20 @@ from hackboot.objectstore.s3buckets import (
     parse_acl_request,
     tagging_xml,
 )
-from hackboot.objectstore.s3xml import S3Error, doc, esc, http_date, iso, parse, tag
+from hackboot.objectstore.s3errors import (
+    S3Error,
+    access_denied,
+    invalid_part_number,
+    invalid_version_id,
+    method_not_allowed,
+    no_lock_configuration,
+    no_such_bucket,
+    no_such_key,
+    no_such_version,
+    precondition_failed,
+    public_acls_blocked,
+)
+from hackboot.objectstore.s3xml import doc, esc, http_date, iso, parse, tag
 
 XML = {"content-type": "application/xml"}
 MAX_KEY_BYTES = 1024
@@ -138,7 +151,7 @@ def lock_from_headers(req: Req, b: BucketInfo) -> tuple[str | None, dt.datetime 
     until_s = req.headers.get("x-amz-object-lock-retain-until-date")
     hold_s = req.headers.get("x-amz-object-lock-legal-hold")
     if (mode or until_s or hold_s) and not b.object_lock:
-        raise S3Error("InvalidRequest", "Bucket is missing Object Lock Configuration")
+        raise no_lock_configuration()
     if (mode is None) != (until_s is None):
         raise S3Error("InvalidArgument", "x-amz-object-lock-retain-until-date and x-amz-object-lock-mode must "
                                          "both be supplied")
@@ -370,7 +383,7 @@ async def object_op(req: Req) -> Response:
         if sub in q:
             h = handlers.get(m)
             if h is None:
-                raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.")
+                raise method_not_allowed()
             return await h(req, b, key)
     if m == "PUT":
         if "x-amz-copy-source" in req.headers:
@@ -382,7 +395,7 @@ async def object_op(req: Req) -> Response:
         return await delete_object(req, b, key)
     if m == "POST" and "restore" in q:
         raise S3Error("NotImplemented", "RestoreObject is not implemented")
-    raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.")
+    raise method_not_allowed()
 
 
 # --- put ------------------------------------------------------------------------------------------
@@ -396,7 +409,7 @@ def new_object_attributes(req: Req, b: BucketInfo) -> tuple[Any, Any, str, Any, 
     tags = parse_tagging_header(req.headers.get("x-amz-tagging"))
     acl = acl_from_headers(req.headers, b.project_id, b.project_id)
     if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
-        raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
+        raise public_acls_blocked()
     return meta, headers, sc, tags, acl
 
 def check_attribute_rights(req: Req, b: BucketInfo, key: str, acl: Any, tags: Any) -> None:
@@ -499,13 +512,11 @@ def check_read_conditions(h: dict[str, str], etag: str, last_modified: dt.dateti
     inm = h.get(prefix + "if-none-match")
     ims = h.get(prefix + "if-modified-since")
     if im is not None and not engine.etag_matches(im, etag):
-        raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold",
-                      Condition=prefix + "If-Match")
+        raise precondition_failed(Condition=prefix + "If-Match")
     if im is None and ius is not None:
         d = _parse_http_date(ius)
         if d is not None and lm > d:
-            raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold",
-                          Condition=prefix + "If-Unmodified-Since")
+            raise precondition_failed(Condition=prefix + "If-Unmodified-Since")
     not_modified = S3Error("PreconditionFailed" if copy else "NotModified", "Not Modified",
                            headers={"etag": etag, "last-modified": http_date(last_modified)})
     if inm is not None:
@@ -523,15 +534,14 @@ async def load_version(req: Req, b: BucketInfo, key: str, version_id: str | None
     if v is None:
         if version_id is not None:
             if version_id != "null" and not engine._valid_version_id(version_id):
-                raise S3Error("InvalidArgument", "Invalid version id specified", ArgumentName="versionId")
-            raise S3Error("NoSuchVersion", "The specified version does not exist.", Key=key, VersionId=version_id)
-        raise S3Error("NoSuchKey", "The specified key does not exist.", Key=key)
+                raise invalid_version_id("versionId")
+            raise no_such_version(key, version_id)
+        raise no_such_key(Key=key)
     if v.delete_marker:
         hdrs = {"x-amz-delete-marker": "true", "x-amz-version-id": v.version_id}
         if version_id is None:
-            raise S3Error("NoSuchKey", "The specified key does not exist.", headers=hdrs, Key=key)
-        raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.",
-                      headers=hdrs | {"allow": "DELETE"})
+            raise no_such_key(hdrs, Key=key)
+        raise method_not_allowed(hdrs | {"allow": "DELETE"})
     return v
 
 
@@ -675,11 +685,9 @@ async def get_object(req: Req, b: BucketInfo, key: str) -> Response:
         try:
             n = int(part)
         except ValueError:
-            raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive",
-                          ArgumentName="partNumber") from None
+            raise invalid_part_number() from None
         if not 1 <= n <= MAX_PART_NUMBER:
-            raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive",
-                          ArgumentName="partNumber")
+            raise invalid_part_number()
         start, end = _part_range(v, n)
         status = 206
         headers["content-range"] = f"bytes {start}-{end - 1}/{v.size}" if end > start else f"bytes */{v.size}"
@@ -741,7 +749,7 @@ async def delete_objects(req: Req, b: BucketInfo) -> Response:
     # Keys are in the body, so each is authorised after reading it; an anonymous caller can only be
     # allowed by a bucket policy or ACL: without either, refuse before reading anything.
     if req.requester.anonymous and not b.policy and not b.acl:
-        raise S3Error("AccessDenied", "Access Denied")
+        raise access_denied()
     body = await req.read_body(2 * 1024 * 1024)
     node = parse(body, "Delete")
     quiet = (node.text_of("Quiet") or "").lower() == "true"
@@ -828,7 +836,7 @@ async def _load_source(req: Req) -> tuple[BucketInfo, ObjectVersion, bytes | Non
     sb = engine.get_bucket(sb_name) if sb_name in engine._buckets else await engine.blocking(engine.get_bucket,
                                                                                               sb_name)
     if sb is None:
-        raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=sb_name)
+        raise no_such_bucket(BucketName=sb_name)
     src = await load_version(req, sb, skey, svid, "s3:GetObjectVersion" if svid else "s3:GetObject")
     check_read_conditions(req.headers, src.etag, src.last_modified, prefix="x-amz-copy-source-", copy=True)
     if src.storage_class in ARCHIVED:
@@ -859,7 +867,7 @@ async def copy_object(req: Req, b: BucketInfo, key: str) -> Response:
     tags = parse_tagging_header(req.headers.get("x-amz-tagging")) if tag_directive == "REPLACE" else src.tags
     acl = acl_from_headers(req.headers, b.project_id, b.project_id)
     if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
-        raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
+        raise public_acls_blocked()
     check_attribute_rights(req, b, key, acl, tags if tag_directive == "REPLACE" else None)
     lock_mode, lock_until, hold = lock_from_headers(req, b)
     await req.drain()
@@ -940,8 +948,7 @@ def _part_number(req: Req) -> int:
     except ValueError:
         n = 0
     if not 1 <= n <= MAX_PART_NUMBER:
-        raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive",
-                      ArgumentName="partNumber", ArgumentValue=raw[:20])
+        raise invalid_part_number(ArgumentValue=raw[:20])
     return n
 
 
@@ -1202,7 +1209,7 @@ async def put_object_acl(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:PutObjectAcl", b, key, v0.acl if v0 is not None else None)
     grants = await parse_acl_request(req, b.project_id)
     if is_public_acl(grants) and b.blocks("BlockPublicAcls"):
-        raise S3Error("AccessDenied", "Access Denied: public ACLs are blocked (block public access)")
+        raise public_acls_blocked()
     v = await _update_version(req, b, key, lambda _v: {"acl": grants})
     return Response(200, _vid_header(b, v))
 
@@ -1210,7 +1217,7 @@ async def put_object_acl(req: Req, b: BucketInfo, key: str) -> Response:
 async def get_retention(req: Req, b: BucketInfo, key: str) -> Response:
     v = await _version_for(req, b, key, "s3:GetObjectRetention")
     if not b.object_lock:
-        raise S3Error("InvalidRequest", "Bucket is missing Object Lock Configuration")
+        raise no_lock_configuration()
     if not v.lock_mode or v.lock_until is None:
         raise S3Error("NoSuchObjectLockConfiguration", "The specified object does not have a ObjectLock "
                                                        "configuration")
@@ -1220,7 +1227,7 @@ async def get_retention(req: Req, b: BucketInfo, key: str) -> Response:
 async def put_retention(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:PutObjectRetention", b, key)
     if not b.object_lock:
-        raise S3Error("InvalidRequest", "Bucket is missing Object Lock Configuration")
+        raise no_lock_configuration()
     node = parse(await req.read_body(), "Retention")
     mode = node.text_of("Mode")
     until_s = node.text_of("RetainUntilDate")
@@ -1253,14 +1260,14 @@ async def put_retention(req: Req, b: BucketInfo, key: str) -> Response:
 async def get_legal_hold(req: Req, b: BucketInfo, key: str) -> Response:
     v = await _version_for(req, b, key, "s3:GetObjectLegalHold")
     if not b.object_lock:
-        raise S3Error("InvalidRequest", "Bucket is missing Object Lock Configuration")
+        raise no_lock_configuration()
     return Response(200, XML, doc("LegalHold", tag("Status", "ON" if v.legal_hold else "OFF")))
 
 
 async def put_legal_hold(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:PutObjectLegalHold", b, key)
     if not b.object_lock:
-        raise S3Error("InvalidRequest", "Bucket is missing Object Lock Configuration")
+        raise no_lock_configuration()
     status = parse(await req.read_body(), "LegalHold").text_of("Status")
     if status not in ("ON", "OFF"):
         raise S3Error("MalformedXML", "LegalHold Status must be ON or OFF")

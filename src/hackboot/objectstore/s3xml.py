@@ -1,4 +1,4 @@
-"""S3 errors and the little XML the protocol needs (built as strings: fast and exact)."""
+"""The little XML the S3 protocol needs (built as strings: fast and exact), error documents included."""
 
 from __future__ import annotations
 
@@ -9,54 +9,12 @@ import xml.parsers.expat as expat
 from typing import Any, NoReturn
 from xml.sax.saxutils import escape as _escape
 
+# S3Error is imported from here by code outside the object store too
+from hackboot.objectstore.s3errors import S3Error
+
 NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 HEADER = '<?xml version="1.0" encoding="UTF-8"?>\n'
 MAX_XML_BODY = 1024 * 1024
-
-# code → HTTP status
-_STATUS = {
-    "AccessDenied": 403, "AccountProblem": 403, "AllAccessDisabled": 403,
-    "BadDigest": 400, "BucketAlreadyExists": 409, "BucketAlreadyOwnedByYou": 409, "BucketNotEmpty": 409,
-    "EntityTooSmall": 400, "EntityTooLarge": 400, "ExpiredToken": 400, "IllegalVersioningConfigurationException": 400,
-    "IncompleteBody": 400, "InlineDataTooLarge": 400, "InternalError": 500, "InvalidAccessKeyId": 403,
-    "InvalidArgument": 400, "InvalidBucketName": 400, "InvalidBucketState": 409, "InvalidDigest": 400,
-    "InvalidEncryptionAlgorithmError": 400, "InvalidObjectState": 403, "InvalidPart": 400,
-    "InvalidPartOrder": 400, "InvalidRange": 416, "InvalidRequest": 400, "InvalidStorageClass": 400,
-    "InvalidTag": 400, "InvalidURI": 400, "KeyTooLongError": 400, "MalformedACLError": 400,
-    "MalformedPOSTRequest": 400, "MalformedXML": 400, "MalformedPolicy": 400, "MaxMessageLengthExceeded": 400,
-    "MetadataTooLarge": 400, "MethodNotAllowed": 405, "MissingContentLength": 411, "MissingSecurityHeader": 400,
-    "NoSuchBucket": 404, "NoSuchBucketPolicy": 404, "NoSuchKey": 404, "NoSuchLifecycleConfiguration": 404,
-    "NoSuchUpload": 404, "NoSuchVersion": 404, "NoSuchTagSet": 404, "NoSuchCORSConfiguration": 404,
-    "NotImplemented": 501, "NotModified": 304, "PreconditionFailed": 412, "RequestTimeTooSkewed": 403,
-    "SignatureDoesNotMatch": 403, "ServiceUnavailable": 503, "SlowDown": 503, "TooManyBuckets": 400,
-    "XAmzContentSHA256Mismatch": 400, "ObjectLockConfigurationNotFoundError": 404,
-    "NoSuchObjectLockConfiguration": 404, "InvalidRetentionPeriod": 400,
-    "ServerSideEncryptionConfigurationNotFoundError": 404, "NoSuchPublicAccessBlockConfiguration": 404,
-    "ConditionalRequestConflict": 409, "QuotaExceeded": 403, "InvalidChunkSizeError": 400,
-    "BadRequest": 400, "InvalidPolicyDocument": 400, "EntityTooLargeForPost": 400, "CORSForbidden": 403,
-    "UnexpectedContent": 400, "AuthorizationHeaderMalformed": 400, "AuthorizationQueryParametersError": 400,
-    "IncorrectNumberOfFilesInPostRequest": 400, "OwnershipControlsNotFoundError": 404,
-    "MissingRequestBodyError": 400, "RequestTimeout": 400, "NoSuchObjectLockConfigurationError": 404,
-    "InsufficientStorage": 507, "RequestHeaderSectionTooLarge": 431,
-}
-
-
-class S3Error(Exception):
-    def __init__(self, code: str, message: str = "", status: int | None = None,
-                 headers: dict[str, str] | None = None, **extra: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message or code
-        self.status = status or _STATUS.get(code, 400)
-        self.headers = headers or {}
-        self.extra = extra
-
-    def to_xml(self, resource: str, request_id: str) -> bytes:
-        extra = "".join(f"<{k}>{esc(v)}</{k}>" for k, v in self.extra.items())
-        return (f"{HEADER}<Error><Code>{self.code}</Code><Message>{esc(self.message)}</Message>{extra}"
-                f"<Resource>{esc(resource)}</Resource><RequestId>{request_id}</RequestId>"
-                f"<HostId>{request_id}</HostId></Error>").encode()
-
 
 _SPECIAL = re.compile(r'[&<>"]')
 
@@ -84,6 +42,13 @@ def tag(name: str, value: Any) -> str:
 
 def doc(root: str, inner: str) -> bytes:
     return f'{HEADER}<{root} xmlns="{NS}">{inner}</{root}>'.encode()
+
+
+def error_document(err: S3Error, resource: str, request_id: str) -> bytes:
+    extra = "".join(f"<{k}>{esc(v)}</{k}>" for k, v in err.extra.items())
+    return (f"{HEADER}<Error><Code>{err.code}</Code><Message>{esc(err.message)}</Message>{extra}"
+            f"<Resource>{esc(resource)}</Resource><RequestId>{request_id}</RequestId>"
+            f"<HostId>{request_id}</HostId></Error>").encode()
 
 
 # --- parsing -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import quote, unquote
 
-from hackboot.objectstore.s3xml import S3Error
+from hackboot.objectstore.s3errors import S3Error
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()

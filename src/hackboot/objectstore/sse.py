@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hackboot.core.crypto import seal, unseal
-from hackboot.objectstore.s3xml import S3Error
+from hackboot.objectstore.s3errors import S3Error
 
 CHUNK = 64 * 1024
 TAG = 16
