@@ -6,8 +6,8 @@ import fnmatch
 from typing import Any
 
 from hackboot.objectstore import engine
-from hackboot.objectstore.s3app import Req, Response
 from hackboot.objectstore.s3errors import S3Error, no_such_bucket
+from hackboot.objectstore.s3proto import Req, Response
 
 
 def _match(rules: list[dict[str, Any]] | None, origin: str, method: str,
@@ -67,8 +67,7 @@ async def preflight(req: Req) -> Response:
 
 def actual_headers(req: Req) -> dict[str, str]:
     origin = req.headers.get("origin", "")
-    hit = engine._buckets.get(req.bucket_name or "")
-    b = hit[0] if hit is not None else None
+    b = engine.cached_bucket(req.bucket_name or "")
     if b is None or not b.cors:
         return {}
     method = "GET" if req.method == "HEAD" and not _match(b.cors, origin, "HEAD", []) else req.method

@@ -237,6 +237,11 @@ def get_credential(access_key: str) -> Cred | None:
     return cred
 
 
+async def load_credential(access_key: str) -> Cred | None:
+    # A cached key is answered on the event loop; a miss reads the database in a worker thread.
+    return get_credential(access_key) if access_key in _creds else await blocking(get_credential, access_key)
+
+
 def _is_service_key(s: Session, row: S3Credential) -> bool:
     """A key a service holds for the project itself, not for a person: block storage's backup key (made
     once, by whichever member first backed up; its secret never leaves the server). The project's
@@ -340,6 +345,18 @@ def get_bucket(name: str) -> BucketInfo | None:
         _buckets.clear()
     _buckets[name] = (info, now + BUCKET_TTL)
     return info
+
+
+async def load_bucket_info(name: str) -> BucketInfo | None:
+    # A cached bucket is answered on the event loop; a miss reads the database in a worker thread.
+    return get_bucket(name) if name in _buckets else await blocking(get_bucket, name)
+
+
+def cached_bucket(name: str) -> BucketInfo | None:
+    """The bucket as last cached, however old, or None: for what must not cost a database read
+    (CORS headers added to any answer, errors included)."""
+    hit = _buckets.get(name)
+    return hit[0] if hit is not None else None
 
 
 def invalidate_bucket(name: str | None = None) -> None:
@@ -634,7 +651,7 @@ def tx_delete_object(s: Session, bucket_id: str, key: str, version_id: str | Non
         v = s.scalar(select(ObjectVersion).where(ObjectVersion.bucket_id == bucket_id, ObjectVersion.key == key,
                                                  ObjectVersion.version_id == version_id))
         if v is None:
-            if version_id != "null" and not _valid_version_id(version_id):
+            if version_id != "null" and not valid_version_id(version_id):
                 raise invalid_version_id("versionId")
             return DeleteResult(version_id, False, [])
         if if_match is not None and not etag_matches(if_match, v.etag):
@@ -675,7 +692,7 @@ def tx_delete_object(s: Session, bucket_id: str, key: str, version_id: str | Non
     return DeleteResult(marker_id, True, dead)
 
 
-def _valid_version_id(v: str) -> bool:
+def valid_version_id(v: str) -> bool:
     return 10 <= len(v) <= 40 and v.replace("-", "").replace("_", "").isalnum()
 
 
@@ -743,7 +760,7 @@ def tx_update_version(s: Session, bucket_id: str, key: str, version_id: str | No
 
 # --- listing --------------------------------------------------------------------------------------
 
-def _next_after(prefix: str) -> str:
+def next_after(prefix: str) -> str:
     """The smallest string greater than every string starting with `prefix` (code point order)."""
     while prefix:
         last = ord(prefix[-1])
@@ -773,7 +790,7 @@ def q_list_objects(s: Session, bucket_id: str, prefix: str, delimiter: str, afte
     else:
         base = base.where(ObjectVersion.is_latest.is_(True), ObjectVersion.delete_marker.is_(False))
         order = (ObjectVersion.key,)
-    upper = _next_after(prefix) if prefix else None
+    upper = next_after(prefix) if prefix else None
     if upper:
         base = base.where(ObjectVersion.key < upper)
     contents: list[Any] = []
@@ -786,7 +803,7 @@ def q_list_objects(s: Session, bucket_id: str, prefix: str, delimiter: str, afte
         if delimiter and rest is not None and delimiter in rest:
             cp = prefix + rest[:rest.index(delimiter) + len(delimiter)]
             if cp == after:
-                cursor = (_next_after(cp), True)
+                cursor = (next_after(cp), True)
         if cursor is None:
             if versions and version_after_id is not None:
                 pending_version = (after, version_after_id)
@@ -826,7 +843,7 @@ def q_list_objects(s: Session, bucket_id: str, prefix: str, delimiter: str, afte
                 prefixes.append(cp)
                 last_cp = cp
                 count += 1
-                cursor = (_next_after(cp), True)
+                cursor = (next_after(cp), True)
                 pending_version = None
                 restarted = True
                 break

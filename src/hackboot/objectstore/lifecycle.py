@@ -191,7 +191,7 @@ def apply_bucket(bucket_id: str, rules: list[dict[str, Any]]) -> dict[str, int]:
                 stmt = select(ObjectVersion).where(ObjectVersion.bucket_id == bucket_id)
                 if rule["prefix"]:
                     stmt = stmt.where(ObjectVersion.key >= rule["prefix"])
-                    upper = engine._next_after(rule["prefix"])
+                    upper = engine.next_after(rule["prefix"])
                     if upper:
                         stmt = stmt.where(ObjectVersion.key < upper)
                 if after is not None:

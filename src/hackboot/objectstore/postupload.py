@@ -14,8 +14,9 @@ from typing import Any
 from hackboot.objectstore import engine, sigv4
 from hackboot.objectstore.engine import NewObject
 from hackboot.objectstore.policy import Requester, acl_from_headers, is_public_acl
-from hackboot.objectstore.s3app import Req, Response
 from hackboot.objectstore.s3errors import S3Error, invalid_access_key_id, public_acls_blocked
+from hackboot.objectstore.s3objects import Sink, feed, stored_headers, user_metadata, validate_key
+from hackboot.objectstore.s3proto import Req, Response, load_bucket
 from hackboot.objectstore.s3xml import doc, tag
 
 MAX_FIELDS = 64 * 1024  # all form fields together (the file excepted); S3 allows 20 KiB of fields + policy
@@ -162,15 +163,6 @@ def _check_policy(policy: dict[str, Any], fields: dict[str, str], bucket: str) -
 
 
 async def post_object(req: Req) -> Response:
-    from hackboot.objectstore.s3buckets import load_bucket
-    from hackboot.objectstore.s3objects import (
-        Sink,
-        feed,
-        stored_headers,
-        user_metadata,
-        validate_key,
-    )
-
     ctype = req.headers.get("content-type", "")
     boundary = None
     for item in ctype.split(";")[1:]:

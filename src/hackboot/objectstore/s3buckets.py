@@ -20,26 +20,32 @@ from hackboot.objectstore import engine, lifecycle
 from hackboot.objectstore.engine import BucketInfo
 from hackboot.objectstore.models import Bucket, Upload
 from hackboot.objectstore.policy import (
-    ALL_USERS,
-    AUTH_USERS,
-    PERMISSIONS,
     acl_from_headers,
     is_public_acl,
     is_public_policy,
     validate_policy,
 )
-from hackboot.objectstore.s3app import Req, Response
 from hackboot.objectstore.s3errors import (
     S3Error,
     access_denied,
     invalid_version_id,
     method_not_allowed,
-    no_such_bucket,
     public_acls_blocked,
+)
+from hackboot.objectstore.s3proto import (
+    XML,
+    Req,
+    Response,
+    acl_xml,
+    int_param,
+    load_bucket,
+    owner_xml,
+    parse_acl_request,
+    parse_tagset,
+    tagging_xml,
 )
 from hackboot.objectstore.s3xml import NS, doc, esc, iso, parse, tag
 
-XML = {"content-type": "application/xml"}
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -55,19 +61,6 @@ def validate_bucket_name(name: str) -> None:
             pass
     if bad:
         raise S3Error("InvalidBucketName", "The specified bucket is not valid.", BucketName=name[:100])
-
-
-async def load_bucket(req: Req) -> BucketInfo:
-    name = req.bucket_name or ""
-    hit = engine._buckets.get(name)
-    info = engine.get_bucket(name) if hit is not None else await engine.blocking(engine.get_bucket, name)
-    if info is None:
-        raise no_such_bucket(BucketName=name[:100])
-    return info
-
-
-def owner_xml(project_id: str) -> str:
-    return f"<Owner><ID>{esc(project_id)}</ID><DisplayName>{esc(project_id)}</DisplayName></Owner>"
 
 
 # --- service --------------------------------------------------------------------------------------
@@ -101,10 +94,6 @@ async def bucket_op(req: Req) -> Response:
     if m == "HEAD":
         req.check("s3:ListBucket", b)
         return Response(200, {"x-amz-bucket-region": b.region or "us-east-1"})
-    if m == "POST" and req.has("delete"):
-        from hackboot.objectstore.s3objects import delete_objects
-
-        return await delete_objects(req, b)
     for sub in _SUBRESOURCES:
         if req.has(sub):
             table = _HANDLERS.get((m, sub))
@@ -161,21 +150,6 @@ async def delete_bucket(req: Req, b: BucketInfo) -> Response:
 
 # --- listings -------------------------------------------------------------------------------------
 
-def _int_param(req: Req, name: str, default: int, lo: int = 0, hi: int = 1000) -> int:
-    raw = req.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise S3Error("InvalidArgument", f"Provided {name} not an integer or within integer range",
-                      ArgumentName=name, ArgumentValue=raw[:50]) from None
-    if v < lo:
-        raise S3Error("InvalidArgument", f"Argument {name} must be an integer between {lo} and 2147483647",
-                      ArgumentName=name, ArgumentValue=raw[:50])
-    return min(v, hi)
-
-
 _URL_SAFE = re.compile(r"^[A-Za-z0-9/~._-]*$")
 
 
@@ -202,7 +176,7 @@ async def list_objects(req: Req, b: BucketInfo, v2: bool) -> Response:
     req.check("s3:ListBucket", b)
     prefix = req.query.get("prefix", "")
     delimiter = req.query.get("delimiter", "")
-    max_keys = _int_param(req, "max-keys", 1000)
+    max_keys = int_param(req, "max-keys", 1000)
     url = _encoding(req)
     fetch_owner = not v2 or req.query.get("fetch-owner") == "true"
     if v2:
@@ -258,7 +232,7 @@ async def list_versions(req: Req, b: BucketInfo) -> Response:
     req.check("s3:ListBucketVersions", b)
     prefix = req.query.get("prefix", "")
     delimiter = req.query.get("delimiter", "")
-    max_keys = _int_param(req, "max-keys", 1000)
+    max_keys = int_param(req, "max-keys", 1000)
     url = _encoding(req)
     key_marker = req.query.get("key-marker") or None
     vid_marker = req.query.get("version-id-marker") or None
@@ -311,7 +285,7 @@ async def list_uploads(req: Req, b: BucketInfo) -> Response:
     req.check("s3:ListBucketMultipartUploads", b)
     prefix = req.query.get("prefix", "")
     delimiter = req.query.get("delimiter", "")
-    max_uploads = _int_param(req, "max-uploads", 1000)
+    max_uploads = int_param(req, "max-uploads", 1000)
     url = _encoding(req)
     key_marker = req.query.get("key-marker", "")
     id_marker = req.query.get("upload-id-marker", "")
@@ -320,7 +294,7 @@ async def list_uploads(req: Req, b: BucketInfo) -> Response:
         stmt = select(Upload).where(Upload.bucket_id == b.id)
         if prefix:
             stmt = stmt.where(Upload.key >= prefix)
-            upper = engine._next_after(prefix)
+            upper = engine.next_after(prefix)
             if upper:
                 stmt = stmt.where(Upload.key < upper)
         if key_marker:
@@ -433,52 +407,6 @@ async def get_policy_status(req: Req, b: BucketInfo) -> Response:
     return Response(200, XML, doc("PolicyStatus", tag("IsPublic", "true" if public else "false")))
 
 
-def acl_xml(owner: str, grants: list[dict[str, str]]) -> bytes:
-    xsi = "http://www.w3.org/2001/XMLSchema-instance"
-    items = [f'<Grant><Grantee xmlns:xsi="{xsi}" xsi:type="CanonicalUser"><ID>{esc(owner)}</ID>'
-             f"<DisplayName>{esc(owner)}</DisplayName></Grantee><Permission>FULL_CONTROL</Permission></Grant>"]
-    for g in grants:
-        if g["grantee"] in (ALL_USERS, AUTH_USERS):
-            grantee = f'<Grantee xmlns:xsi="{xsi}" xsi:type="Group"><URI>{esc(g["grantee"])}</URI></Grantee>'
-        else:
-            grantee = (f'<Grantee xmlns:xsi="{xsi}" xsi:type="CanonicalUser"><ID>{esc(g["grantee"])}</ID>'
-                       f"<DisplayName>{esc(g['grantee'])}</DisplayName></Grantee>")
-        items.append(f"<Grant>{grantee}<Permission>{g['permission']}</Permission></Grant>")
-    return doc("AccessControlPolicy", owner_xml(owner) + f"<AccessControlList>{''.join(items)}</AccessControlList>")
-
-
-async def parse_acl_request(req: Req, owner: str) -> list[dict[str, str]]:
-    from_headers = acl_from_headers(req.headers, owner)
-    body = await req.read_body(64 * 1024)
-    if from_headers is not None:
-        if body.strip():
-            raise S3Error("UnexpectedContent", "This request does not support content")
-        return from_headers
-    if not body.strip():
-        raise S3Error("MissingSecurityHeader", "Your request was missing a required header",
-                      MissingHeaderName="x-amz-acl")
-    node = parse(body, "AccessControlPolicy")
-    acl = node.find("AccessControlList")
-    grants: list[dict[str, str]] = []
-    for g in acl.children("Grant") if acl is not None else []:
-        grantee = g.find("Grantee")
-        perm = g.text_of("Permission")
-        if grantee is None or perm not in PERMISSIONS:
-            raise S3Error("MalformedACLError", "The XML you provided was not well-formed or did not validate "
-                                               "against our published schema")
-        who = grantee.text_of("ID") or grantee.text_of("URI")
-        if not who:
-            if grantee.text_of("EmailAddress"):
-                raise S3Error("NotImplemented", "Grants by email address are not supported")
-            raise S3Error("MalformedACLError", "Grantee must have an ID or a URI")
-        if who.startswith("http://") and who not in (ALL_USERS, AUTH_USERS):
-            raise S3Error("InvalidArgument", "Invalid group uri")
-        if who == owner and perm == "FULL_CONTROL":
-            continue
-        grants.append({"grantee": who, "permission": perm})
-    return grants
-
-
 async def get_acl(req: Req, b: BucketInfo) -> Response:
     req.check("s3:GetBucketAcl", b)
     return Response(200, XML, acl_xml(b.project_id, b.acl))
@@ -493,27 +421,6 @@ async def put_acl(req: Req, b: BucketInfo) -> Response:
     return Response(200)
 
 
-def _parse_tagset(body: bytes, limit: int) -> dict[str, str]:
-    node = parse(body, "Tagging")
-    tagset = node.find("TagSet")
-    tags: dict[str, str] = {}
-    for t in tagset.children("Tag") if tagset is not None else []:
-        k, v = t.text_of("Key"), t.text_of("Value", "")
-        if k is None or k == "" or len(k) > 128 or len(v or "") > 256:
-            raise S3Error("InvalidTag", "The TagKey you have provided is invalid")
-        if k in tags:
-            raise S3Error("InvalidTag", "Cannot provide multiple Tags with the same key")
-        tags[k] = v or ""
-    if len(tags) > limit:
-        raise S3Error("BadRequest", f"Object tags cannot be greater than {limit}")
-    return tags
-
-
-def tagging_xml(tags: dict[str, str]) -> bytes:
-    items = "".join(f"<Tag>{tag('Key', k)}{tag('Value', v)}</Tag>" for k, v in tags.items())
-    return doc("Tagging", f"<TagSet>{items}</TagSet>")
-
-
 async def get_bucket_tagging(req: Req, b: BucketInfo) -> Response:
     req.check("s3:GetBucketTagging", b)
     if not b.tags:
@@ -523,7 +430,7 @@ async def get_bucket_tagging(req: Req, b: BucketInfo) -> Response:
 
 async def put_bucket_tagging(req: Req, b: BucketInfo) -> Response:
     req.check("s3:PutBucketTagging", b)
-    await _update(b, tags=_parse_tagset(await req.read_body(), 50))
+    await _update(b, tags=parse_tagset(await req.read_body(), 50))
     return Response(204)
 
 

@@ -28,16 +28,6 @@ from hackboot.objectstore import checksums, engine, sse
 from hackboot.objectstore.engine import INLINE_MAX, BucketInfo, NewObject
 from hackboot.objectstore.models import ObjectVersion, Upload
 from hackboot.objectstore.policy import acl_from_headers, is_public_acl
-from hackboot.objectstore.s3app import Req, Response
-from hackboot.objectstore.s3buckets import (
-    _int_param,
-    _parse_tagset,
-    acl_xml,
-    load_bucket,
-    owner_xml,
-    parse_acl_request,
-    tagging_xml,
-)
 from hackboot.objectstore.s3errors import (
     S3Error,
     access_denied,
@@ -51,9 +41,20 @@ from hackboot.objectstore.s3errors import (
     precondition_failed,
     public_acls_blocked,
 )
+from hackboot.objectstore.s3proto import (
+    XML,
+    Req,
+    Response,
+    acl_xml,
+    int_param,
+    load_bucket,
+    owner_xml,
+    parse_acl_request,
+    parse_tagset,
+    tagging_xml,
+)
 from hackboot.objectstore.s3xml import doc, esc, http_date, iso, parse, tag
 
-XML = {"content-type": "application/xml"}
 MAX_KEY_BYTES = 1024
 MAX_META_BYTES = 2048
 MAX_PART_NUMBER = 10000
@@ -533,7 +534,7 @@ async def load_version(req: Req, b: BucketInfo, key: str, version_id: str | None
     req.check(action, b, key, v.acl if v is not None else None)
     if v is None:
         if version_id is not None:
-            if version_id != "null" and not engine._valid_version_id(version_id):
+            if version_id != "null" and not engine.valid_version_id(version_id):
                 raise invalid_version_id("versionId")
             raise no_such_version(key, version_id)
         raise no_such_key(Key=key)
@@ -833,8 +834,7 @@ def parse_copy_source(value: str) -> tuple[str, str, str | None]:
 async def _load_source(req: Req) -> tuple[BucketInfo, ObjectVersion, bytes | None]:
     sb_name, skey, svid = parse_copy_source(req.headers["x-amz-copy-source"])
     validate_key(skey)
-    sb = engine.get_bucket(sb_name) if sb_name in engine._buckets else await engine.blocking(engine.get_bucket,
-                                                                                              sb_name)
+    sb = await engine.load_bucket_info(sb_name)
     if sb is None:
         raise no_such_bucket(BucketName=sb_name)
     src = await load_version(req, sb, skey, svid, "s3:GetObjectVersion" if svid else "s3:GetObject")
@@ -1141,8 +1141,8 @@ async def abort_upload(req: Req, b: BucketInfo, key: str) -> Response:
 async def list_parts(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:ListMultipartUploadParts", b, key)
     upload_id = req.query["uploadId"]
-    max_parts = _int_param(req, "max-parts", 1000)
-    marker = _int_param(req, "part-number-marker", 0, 0, 10**9)
+    max_parts = int_param(req, "max-parts", 1000)
+    marker = int_param(req, "part-number-marker", 0, 0, 10**9)
 
     def q(s: Session) -> tuple[Upload, list[Any]]:
         return engine.tx_get_upload(s, b.id, upload_id, key), engine.q_parts(s, upload_id)
@@ -1188,7 +1188,7 @@ async def get_object_tagging(req: Req, b: BucketInfo, key: str) -> Response:
 
 async def put_object_tagging(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:PutObjectTagging", b, key)
-    tags = _parse_tagset(await req.read_body(), 10)
+    tags = parse_tagset(await req.read_body(), 10)
     v = await _update_version(req, b, key, lambda _v: {"tags": tags or None})
     return Response(200, _vid_header(b, v))
 
@@ -1303,12 +1303,4 @@ _SUB: dict[str, dict[str, Any]] = {
 }
 
 
-# --- browser POST uploads -------------------------------------------------------------------------
-
-async def post_upload(req: Req) -> Response:
-    from hackboot.objectstore.postupload import post_object
-
-    return await post_object(req)
-
-
-__all__ = ["ObjectVersion", "Sink", "feed", "object_op", "post_upload", "stream_object"]
+__all__ = ["ObjectVersion", "Sink", "feed", "object_op", "stream_object"]

@@ -55,7 +55,7 @@ def aws_quote(value: str, safe: str = "~") -> str:
     return quote(value, safe=safe)
 
 
-def _parse_amz_date(value: str) -> dt.datetime:
+def parse_amz_date(value: str) -> dt.datetime:
     if len(value) == 16 and value[8] == "T" and value[15] == "Z" and value[:8].isdigit() and value[9:15].isdigit():
         try:
             return dt.datetime(int(value[:4]), int(value[4:6]), int(value[6:8]), int(value[9:11]),
@@ -102,7 +102,7 @@ def parse_authorization(header: str, headers: dict[str, str]) -> AuthRequest:
                       "required") from None
     ak, date, region, service = _credential(credential)
     amz_date = headers.get("x-amz-date") or headers.get("date", "")
-    when = _parse_amz_date(amz_date)
+    when = parse_amz_date(amz_date)
     payload = headers.get("x-amz-content-sha256", "")
     if not payload:
         raise S3Error("InvalidRequest", "Missing required header for this request: x-amz-content-sha256")
@@ -134,7 +134,7 @@ def parse_presigned(query: dict[str, str]) -> AuthRequest:
         raise S3Error("AuthorizationQueryParametersError",
                       "X-Amz-Expires must be less than a week (in seconds) that is 604800")
     ak, date, region, service = _credential(credential)
-    when = _parse_amz_date(amz_date)
+    when = parse_amz_date(amz_date)
     return AuthRequest(ak, date, region, service, signed.split(";"), signature, amz_date,
                        query.get("X-Amz-Content-Sha256", UNSIGNED), presigned=True, expires=expires, when=when)
 

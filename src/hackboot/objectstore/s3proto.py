@@ -1,0 +1,354 @@
+"""What every S3 protocol module shares: the request (`Req`: parsing, addressing, authorisation
+checks, body decoding) and response types, the content-type of XML answers, and the parameter and
+document helpers used by bucket and object operations alike (query integers, ACLs, tag sets).
+
+A leaf of the protocol layer: `s3app` (routing), `s3buckets`, `s3objects`, `postupload` and `cors`
+import it, and it imports none of them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.types import Receive, Scope
+
+from hackboot.objectstore import engine, sigv4
+from hackboot.objectstore.engine import BucketInfo
+from hackboot.objectstore.policy import (
+    ALL_USERS,
+    ANONYMOUS,
+    AUTH_USERS,
+    PERMISSIONS,
+    Requester,
+    acl_from_headers,
+    authorize,
+)
+from hackboot.objectstore.s3errors import S3Error, no_such_bucket
+from hackboot.objectstore.s3xml import doc, esc, parse, tag
+
+XML = {"content-type": "application/xml"}
+_RID_PREFIX = uuid.uuid4().hex[:6].upper()  # request ids: per-process prefix + counter (no syscall per request)
+_rid_counter = itertools.count(1)
+Body = bytes | AsyncIterator[bytes]
+
+
+@dataclass
+class Response:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Body = b""
+
+
+class Req:
+    """One S3 request: method, path-style or virtual-host-style bucket and key, query, headers (repeated
+    ones joined by commas), the authenticated requester, and its body read on demand."""
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.method: str = scope["method"]
+        self.request_id = f"{_RID_PREFIX}{next(_rid_counter):010X}"
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        self.raw_path = raw_path.decode("latin-1").split("?", 1)[0]
+        self.raw_query: str = scope.get("query_string", b"").decode("latin-1")
+        self.query: dict[str, str] = {}
+        if self.raw_query:
+            for item in self.raw_query.split("&"):
+                if item:
+                    k, _, v = item.partition("=")
+                    self.query.setdefault(unquote(k.replace("+", " ")), unquote(v.replace("+", " ")))
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            name = k.decode("latin-1").lower()
+            value = v.decode("latin-1")
+            headers[name] = headers[name] + "," + value if name in headers else value
+        self.headers = headers
+        self.client_ip = (scope.get("client") or ("", 0))[0]
+        self.requester: Requester = ANONYMOUS
+        self.auth: sigv4.AuthRequest | None = None
+        self.signing_key: bytes | None = None
+        self.trailers: dict[str, str] = {}
+        self.bucket_name: str | None = None
+        self.key: str | None = None
+        self.body_started = False
+        self.deferred_sha: Any = None
+        self._route()
+
+    def _route(self) -> None:
+        path = self.raw_path
+        host = self.headers.get("host", "").rsplit(":", 1)[0].lower() if not self.headers.get("host", "").startswith(
+            "[") else ""
+        vhost_bucket = None
+        for domain in _domains():
+            if host.endswith("." + domain):
+                vhost_bucket = host[: -len(domain) - 1]
+                break
+        if vhost_bucket:
+            self.bucket_name = vhost_bucket
+            key = path.removeprefix("/")
+            self.key = unquote(key) if key else None
+            return
+        stripped = path.removeprefix("/")
+        if not stripped:
+            return
+        bucket, sep, key = stripped.partition("/")
+        self.bucket_name = unquote(bucket)
+        self.key = unquote(key) if sep and key else None
+
+    @property
+    def resource(self) -> str:
+        if self.bucket_name is None:
+            return "/"
+        return f"/{self.bucket_name}" + (f"/{self.key}" if self.key else "")
+
+    def has(self, name: str) -> bool:
+        return name in self.query
+
+    def ctx(self) -> dict[str, Any]:
+        """Condition keys for bucket policies."""
+        ctx: dict[str, Any] = {
+            "aws:sourceip": self.client_ip,
+            "aws:securetransport": "true" if self.scope.get("scheme") == "https" else "false",
+            "aws:currenttime": dt.datetime.now(dt.UTC).isoformat(),
+            "aws:epochtime": str(int(dt.datetime.now(dt.UTC).timestamp())),
+            "aws:useragent": self.headers.get("user-agent"),
+            "aws:referer": self.headers.get("referer"),
+            "s3:prefix": self.query.get("prefix"),
+            "s3:delimiter": self.query.get("delimiter"),
+            "s3:max-keys": self.query.get("max-keys"),
+            "s3:versionid": self.query.get("versionId"),
+            "s3:x-amz-acl": self.headers.get("x-amz-acl"),
+            "s3:x-amz-server-side-encryption": self.headers.get("x-amz-server-side-encryption"),
+            "s3:x-amz-storage-class": self.headers.get("x-amz-storage-class"),
+            "s3:x-amz-copy-source": self.headers.get("x-amz-copy-source"),
+            "s3:signatureversion": "AWS4-HMAC-SHA256" if self.auth else None,
+            "s3:authtype": ("REST-QUERY-STRING" if self.auth.presigned else "REST-HEADER") if self.auth else None,
+        }
+        if self.requester.project_id:
+            ctx["aws:principalaccount"] = self.requester.project_id
+            ctx["aws:userid"] = self.requester.user_id
+        return {k: v for k, v in ctx.items() if v is not None}
+
+    def check(self, action: str, bucket: engine.BucketInfo, key: str | None = None,
+              object_acl: list[dict[str, str]] | None = None) -> None:
+        authorize(req=self.requester, action=action, bucket_name=bucket.name, bucket_owner=bucket.project_id,
+                  policy=bucket.policy, bucket_acl=bucket.acl, object_acl=object_acl, key=key,
+                  ctx=self.ctx() if bucket.policy else {},
+                  ignore_public_policy=bucket.blocks("RestrictPublicBuckets"),
+                  ignore_public_acls=bucket.blocks("IgnorePublicAcls"))
+
+    @property
+    def actor(self) -> str:
+        return self.requester.user_id or self.requester.access_key or "anonymous"
+
+    # --- body ---------------------------------------------------------------------------------
+
+    def payload_mode(self) -> str:
+        return self.auth.payload_hash if self.auth else sigv4.UNSIGNED
+
+    def declared_length(self) -> int | None:
+        mode = self.payload_mode()
+        value = self.headers.get("x-amz-decoded-content-length") if mode in sigv4.STREAMING or \
+            "aws-chunked" in self.headers.get("content-encoding", "") else self.headers.get("content-length")
+        if value is None:
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            raise S3Error("InvalidArgument", "Invalid content length") from None
+        if n < 0:
+            raise S3Error("InvalidArgument", "Invalid content length")
+        return n
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The decoded payload, verified: signatures of chunks, x-amz-content-sha256, length."""
+        self.body_started = True
+        mode = self.payload_mode()
+        chunked = mode in sigv4.STREAMING or "aws-chunked" in self.headers.get("content-encoding", "")
+        decoder = sigv4.ChunkedDecoder(self.auth, self.signing_key, mode) if chunked else None
+        sha = hashlib.sha256() if len(mode) == 64 and self.deferred_sha is None else None
+        expected = self.declared_length()
+        total = 0
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                raise S3Error("IncompleteBody", "The client closed the connection before the body was complete")
+            data = msg.get("body", b"")
+            if data:
+                pieces = decoder.feed(data) if decoder is not None else [data]
+                for piece in pieces:
+                    if sha is not None:
+                        if len(piece) <= 65536:  # see Sink.write: keep the GIL for small inputs
+                            view = memoryview(piece)
+                            for i in range(0, len(piece), 2047):
+                                sha.update(view[i:i + 2047])
+                        else:
+                            sha.update(piece)
+                    total += len(piece)
+                    if expected is not None and total > expected:
+                        raise S3Error("IncompleteBody", "The body is longer than its declared length")
+                    yield piece
+            if not msg.get("more_body", False):
+                break
+        if decoder is not None:
+            self.trailers = decoder.close()
+        if expected is not None and total != expected:
+            raise S3Error("IncompleteBody", "You did not provide the number of bytes specified by the "
+                                            "Content-Length HTTP header")
+        if sha is not None:
+            self.check_payload_sha(sha.hexdigest())
+
+    def defer_payload_hash(self) -> Any:
+        """Let the consumer hash the payload (in its worker thread) instead of the event loop."""
+        if len(self.payload_mode()) == 64:
+            self.deferred_sha = hashlib.sha256()
+        return self.deferred_sha
+
+    def check_payload_sha(self, actual: str) -> None:
+        mode = self.payload_mode()
+        if actual != mode:
+            raise S3Error("XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not "
+                                                      "match what was computed.", ClientComputedContentSHA256=mode,
+                          S3ComputedContentSHA256=actual)
+
+    async def read_body(self, limit: int = 1024 * 1024) -> bytes:
+        """A small request body (XML configuration, multi-delete…), at most `limit` bytes. A declared
+        length over the limit is refused before a byte is read (S3 answers MaxMessageLengthExceeded)."""
+        declared = self.declared_length()
+        if declared is not None and declared > limit:
+            raise S3Error("MaxMessageLengthExceeded", "Your request was too big.", MaxMessageLength=str(limit))
+        parts = []
+        n = 0
+        async for piece in self.iter_body():
+            n += len(piece)
+            if n > limit:
+                raise S3Error("MaxMessageLengthExceeded", "Your request was too big.")
+            parts.append(piece)
+        body = b"".join(parts)
+        md5 = self.headers.get("content-md5")
+        if md5 is not None:
+            import base64
+
+            if base64.b64encode(hashlib.md5(body).digest()).decode() != md5.strip():
+                raise S3Error("BadDigest", "The Content-MD5 you specified did not match what we received.")
+        return body
+
+    async def drain(self) -> None:
+        if self.body_started:
+            return
+        self.body_started = True
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+                return
+
+
+@functools.lru_cache(maxsize=1)
+def _domains() -> tuple[str, ...]:
+    return tuple(d.strip().lower() for d in os.environ.get("HACKBOOT_S3_DOMAINS", "s3.localhost,localhost")
+                 .split(",") if d.strip())
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+async def load_bucket(req: Req) -> BucketInfo:
+    name = req.bucket_name or ""
+    info = await engine.load_bucket_info(name)
+    if info is None:
+        raise no_such_bucket(BucketName=name[:100])
+    return info
+
+
+def owner_xml(project_id: str) -> str:
+    return f"<Owner><ID>{esc(project_id)}</ID><DisplayName>{esc(project_id)}</DisplayName></Owner>"
+
+
+def int_param(req: Req, name: str, default: int, lo: int = 0, hi: int = 1000) -> int:
+    raw = req.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise S3Error("InvalidArgument", f"Provided {name} not an integer or within integer range",
+                      ArgumentName=name, ArgumentValue=raw[:50]) from None
+    if v < lo:
+        raise S3Error("InvalidArgument", f"Argument {name} must be an integer between {lo} and 2147483647",
+                      ArgumentName=name, ArgumentValue=raw[:50])
+    return min(v, hi)
+
+
+def acl_xml(owner: str, grants: list[dict[str, str]]) -> bytes:
+    xsi = "http://www.w3.org/2001/XMLSchema-instance"
+    items = [f'<Grant><Grantee xmlns:xsi="{xsi}" xsi:type="CanonicalUser"><ID>{esc(owner)}</ID>'
+             f"<DisplayName>{esc(owner)}</DisplayName></Grantee><Permission>FULL_CONTROL</Permission></Grant>"]
+    for g in grants:
+        if g["grantee"] in (ALL_USERS, AUTH_USERS):
+            grantee = f'<Grantee xmlns:xsi="{xsi}" xsi:type="Group"><URI>{esc(g["grantee"])}</URI></Grantee>'
+        else:
+            grantee = (f'<Grantee xmlns:xsi="{xsi}" xsi:type="CanonicalUser"><ID>{esc(g["grantee"])}</ID>'
+                       f"<DisplayName>{esc(g['grantee'])}</DisplayName></Grantee>")
+        items.append(f"<Grant>{grantee}<Permission>{g['permission']}</Permission></Grant>")
+    return doc("AccessControlPolicy", owner_xml(owner) + f"<AccessControlList>{''.join(items)}</AccessControlList>")
+
+
+async def parse_acl_request(req: Req, owner: str) -> list[dict[str, str]]:
+    from_headers = acl_from_headers(req.headers, owner)
+    body = await req.read_body(64 * 1024)
+    if from_headers is not None:
+        if body.strip():
+            raise S3Error("UnexpectedContent", "This request does not support content")
+        return from_headers
+    if not body.strip():
+        raise S3Error("MissingSecurityHeader", "Your request was missing a required header",
+                      MissingHeaderName="x-amz-acl")
+    node = parse(body, "AccessControlPolicy")
+    acl = node.find("AccessControlList")
+    grants: list[dict[str, str]] = []
+    for g in acl.children("Grant") if acl is not None else []:
+        grantee = g.find("Grantee")
+        perm = g.text_of("Permission")
+        if grantee is None or perm not in PERMISSIONS:
+            raise S3Error("MalformedACLError", "The XML you provided was not well-formed or did not validate "
+                                               "against our published schema")
+        who = grantee.text_of("ID") or grantee.text_of("URI")
+        if not who:
+            if grantee.text_of("EmailAddress"):
+                raise S3Error("NotImplemented", "Grants by email address are not supported")
+            raise S3Error("MalformedACLError", "Grantee must have an ID or a URI")
+        if who.startswith("http://") and who not in (ALL_USERS, AUTH_USERS):
+            raise S3Error("InvalidArgument", "Invalid group uri")
+        if who == owner and perm == "FULL_CONTROL":
+            continue
+        grants.append({"grantee": who, "permission": perm})
+    return grants
+
+
+def parse_tagset(body: bytes, limit: int) -> dict[str, str]:
+    node = parse(body, "Tagging")
+    tagset = node.find("TagSet")
+    tags: dict[str, str] = {}
+    for t in tagset.children("Tag") if tagset is not None else []:
+        k, v = t.text_of("Key"), t.text_of("Value", "")
+        if k is None or k == "" or len(k) > 128 or len(v or "") > 256:
+            raise S3Error("InvalidTag", "The TagKey you have provided is invalid")
+        if k in tags:
+            raise S3Error("InvalidTag", "Cannot provide multiple Tags with the same key")
+        tags[k] = v or ""
+    if len(tags) > limit:
+        raise S3Error("BadRequest", f"Object tags cannot be greater than {limit}")
+    return tags
+
+
+def tagging_xml(tags: dict[str, str]) -> bytes:
+    items = "".join(f"<Tag>{tag('Key', k)}{tag('Value', v)}</Tag>" for k, v in tags.items())
+    return doc("Tagging", f"<TagSet>{items}</TagSet>")
