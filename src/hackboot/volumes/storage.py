@@ -450,7 +450,10 @@ class Graph:
     def close_chain(self, volume_id: str, files: list[str]) -> None:
         """blockdev-del every node of the volume that the monitor owns, top first, until none is left."""
         wanted = [fuse_node(volume_id)] + [node_name(volume_id, f) for f in files]
-        for _ in range(len(wanted) + 1):
+        # A device that just left the QOM tree may release its drive a moment later (finalised
+        # asynchronously): "in use" then is not final. Giving up would leave the volume open.
+        deadline = time.monotonic() + 10
+        while True:
             present = [n for n in wanted if n in self.nodes()]
             if not present:
                 break
@@ -461,8 +464,11 @@ class Graph:
                     progressed = True
                 except Exception as exc:
                     log.debug("blockdev-del %s: %s", n, exc)
-            if not progressed:
+            if time.monotonic() > deadline:
+                log.warning("volume %s: block nodes %s are still open after detach", volume_id, present)
                 break
+            if not progressed:
+                time.sleep(0.1)
         self.del_object(secret_id(volume_id))
 
     def run_job(self, command: str, args: dict[str, Any], timeout: float = 6 * 3600) -> None:
