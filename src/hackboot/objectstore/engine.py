@@ -12,9 +12,12 @@ Functions named `tx_*` run inside a write transaction (given the session); `q_*`
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import itertools
 import json
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -37,6 +40,7 @@ from hackboot.core.crypto import unseal
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.errors import QuotaExceeded
 from hackboot.events.service import emit
+from hackboot.objectstore import checksums
 from hackboot.objectstore.models import (
     Blob,
     Bucket,
@@ -60,6 +64,7 @@ from hackboot.objectstore.storage import BlobBackend, LocalBackend
 log = logging.getLogger("hackboot.objectstore")
 T = TypeVar("T")
 INLINE_MAX = 64 * 1024  # objects up to this size live in their metadata row (one durable write)
+MIN_PART_SIZE = int(os.environ.get("HACKBOOT_S3_MIN_PART_SIZE", str(5 * 1024 * 1024)))  # all parts but the last
 SECRET_CONTEXT = b"s3-credential"
 
 
@@ -927,11 +932,84 @@ def q_parts(s: Session, upload_id: str) -> list[Part]:
     return list(s.scalars(select(Part).where(Part.upload_id == upload_id).order_by(Part.part_number)))
 
 
+@dataclass(frozen=True)
+class PartRef:
+    """A part as a CompleteMultipartUpload request names it: number, ETag, checksums sent (algorithm → base64)."""
+    number: int
+    etag: str
+    checksums: dict[str, str] = field(default_factory=dict)
+
+
+def check_part_list(parts: Sequence[PartRef]) -> None:
+    """The part list's own rules, checked before any database work: not empty, numbers ascending."""
+    if not parts:
+        raise S3Error("MalformedXML", "You must specify at least one part")
+    for a, c in itertools.pairwise(parts):
+        if c.number <= a.number:
+            raise S3Error("InvalidPartOrder", "The list of parts was not in ascending order. The parts list must be "
+                                              "specified in order by part number.")
+
+
+def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wanted: Sequence[PartRef], actor: str,
+                       *, if_match: str | None = None,
+                       if_none_match: str | None = None) -> tuple[WriteResult, NewObject]:
+    """Turn an upload into an object made of the listed parts (no data is copied): every part must exist with
+    the ETag given, all but the last be at least MIN_PART_SIZE, and carry the upload's checksum algorithm if it
+    has one. The ETag is S3's MD5 of the parts' MD5s plus "-<count>"; the checksum is composite. Parts not
+    listed are released. The parts' rows and the upload go with the object's commit (tx_put_object)."""
+    up = tx_get_upload(s, bucket_id, upload_id, key)
+    parts = {p.part_number: p for p in q_parts(s, upload_id)}
+    md5s: list[bytes] = []
+    digests: list[bytes] = []
+    segments: list[list[Any]] = []
+    total = 0
+    for ref in wanted:  # every part is looked up before any other rule is checked (S3's order of errors)
+        p = parts.get(ref.number)
+        if p is None or p.etag.strip('"') != ref.etag.strip('"'):
+            raise S3Error("InvalidPart", "One or more of the specified parts could not be found. The part may "
+                                         "not have been uploaded, or the specified entity tag may not match the "
+                                         "part's entity tag.", UploadId=upload_id, PartNumber=str(ref.number),
+                          ETag=ref.etag)
+    for i, ref in enumerate(wanted):
+        n = ref.number
+        p = parts[n]
+        if i < len(wanted) - 1 and p.size < MIN_PART_SIZE:
+            raise S3Error("EntityTooSmall", "Your proposed upload is smaller than the minimum allowed object "
+                                            "size.", ProposedSize=str(p.size), MinSizeAllowed=str(MIN_PART_SIZE),
+                          PartNumber=str(n), ETag=p.etag)
+        if up.checksum_algorithm:
+            have = (p.checksum or {}).get(up.checksum_algorithm)
+            if have is None:
+                raise S3Error("InvalidRequest", f"The upload was created using a {up.checksum_algorithm} checksum. "
+                                                f"The complete request must include the checksum for each part. "
+                                                f"It was missing for part {n} in the request.")
+            sent = ref.checksums.get(up.checksum_algorithm)
+            if sent is not None and sent != have:
+                raise S3Error("InvalidPart", "The checksum of a part does not match", PartNumber=str(n))
+            digests.append(base64.b64decode(have))
+        md5s.append(bytes.fromhex(p.etag.strip('"')))
+        segments.append([p.blob_id, p.size, n])
+        total += p.size
+    used = {ref.number for ref in wanted}
+    unused = [p.blob_id for n, p in parts.items() if n not in used]
+    checksum = None
+    if up.checksum_algorithm:
+        checksum = {up.checksum_algorithm: checksums.composite(up.checksum_algorithm, digests),
+                    "type": "COMPOSITE"}
+    obj = NewObject(key=key, size=total, etag=checksums.multipart_etag(md5s), storage_class=up.storage_class,
+                    headers=up.headers, user_meta=up.user_meta, segments=segments, parts_count=len(segments),
+                    checksum=checksum, sse=up.sse, lock_mode=up.lock_mode, lock_until=up.lock_until,
+                    legal_hold=up.legal_hold, tags=up.tags, acl=up.acl)
+    dead = tx_ref(s, unused, -1)
+    result = tx_put_object(s, bucket_id, obj, actor, if_match=if_match, if_none_match=if_none_match,
+                           upload_id=upload_id)
+    result.dead_blobs += dead
+    return result, obj
+
+
 # --- misc -----------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=1)
 def day_seconds() -> float:
     """Length of a lifecycle "day" (HACKBOOT_S3_LIFECYCLE_DAY_S; tests make it a second)."""
-    import os
-
     return float(os.environ.get("HACKBOOT_S3_LIFECYCLE_DAY_S", "86400"))

@@ -14,7 +14,6 @@ import binascii
 import datetime as dt
 import email.utils
 import hashlib
-import itertools
 import os
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -58,7 +57,6 @@ from hackboot.objectstore.s3xml import doc, esc, http_date, iso, parse, tag
 MAX_KEY_BYTES = 1024
 MAX_META_BYTES = 2048
 MAX_PART_NUMBER = 10000
-MIN_PART_SIZE = int(os.environ.get("HACKBOOT_S3_MIN_PART_SIZE", str(5 * 1024 * 1024)))
 MAX_OBJECT_SIZE = 5 * 1024**4
 MAX_PUT_SIZE = 5 * 1024**3
 READ_CHUNK = 1024 * 1024
@@ -1047,7 +1045,7 @@ async def complete_upload(req: Req, b: BucketInfo, key: str) -> Response:
     upload_id = req.query["uploadId"]
     body = await req.read_body(2 * 1024 * 1024)
     node = parse(body, "CompleteMultipartUpload")
-    wanted: list[tuple[int, str, dict[str, str]]] = []
+    wanted: list[engine.PartRef] = []
     for p in node.children("Part"):
         try:
             n = int(p.text_of("PartNumber") or "")
@@ -1056,66 +1054,12 @@ async def complete_upload(req: Req, b: BucketInfo, key: str) -> Response:
         etag = (p.text_of("ETag") or "").strip()
         cks = {alg: p.text_of("Checksum" + alg) or "" for alg in checksums.ALGORITHMS
                if p.find("Checksum" + alg) is not None}
-        wanted.append((n, etag, cks))
-    if not wanted:
-        raise S3Error("MalformedXML", "You must specify at least one part")
-    for (a, _, _), (c, _, _) in itertools.pairwise(wanted):
-        if c <= a:
-            raise S3Error("InvalidPartOrder", "The list of parts was not in ascending order. The parts list must be "
-                                              "specified in order by part number.")
+        wanted.append(engine.PartRef(n, etag, cks))
+    engine.check_part_list(wanted)
     if_match = req.headers.get("if-match")
     if_none_match = req.headers.get("if-none-match")
-
-    def tx(s: Session) -> tuple[engine.WriteResult, NewObject]:
-        up = engine.tx_get_upload(s, b.id, upload_id, key)
-        parts = {p.part_number: p for p in engine.q_parts(s, upload_id)}
-        md5s: list[bytes] = []
-        digests: list[bytes] = []
-        segments: list[list[Any]] = []
-        total = 0
-        for n, etag, _ in wanted:
-            p = parts.get(n)
-            if p is None or p.etag.strip('"') != etag.strip('"'):
-                raise S3Error("InvalidPart", "One or more of the specified parts could not be found. The part may "
-                                             "not have been uploaded, or the specified entity tag may not match the "
-                                             "part's entity tag.", UploadId=upload_id, PartNumber=str(n),
-                              ETag=etag)
-        for i, (n, _etag, cks) in enumerate(wanted):
-            p = parts[n]
-            if i < len(wanted) - 1 and p.size < MIN_PART_SIZE:
-                raise S3Error("EntityTooSmall", "Your proposed upload is smaller than the minimum allowed object "
-                                                "size.", ProposedSize=str(p.size), MinSizeAllowed=str(MIN_PART_SIZE),
-                              PartNumber=str(n), ETag=p.etag)
-            if up.checksum_algorithm:
-                have = (p.checksum or {}).get(up.checksum_algorithm)
-                if have is None:
-                    raise S3Error("InvalidRequest", f"The upload was created using a {up.checksum_algorithm} checksum. "
-                                                    f"The complete request must include the checksum for each part. "
-                                                    f"It was missing for part {n} in the request.")
-                sent = cks.get(up.checksum_algorithm)
-                if sent is not None and sent != have:
-                    raise S3Error("InvalidPart", "The checksum of a part does not match", PartNumber=str(n))
-                digests.append(base64.b64decode(have))
-            md5s.append(bytes.fromhex(p.etag.strip('"')))
-            segments.append([p.blob_id, p.size, n])
-            total += p.size
-        used = {n for n, _, _ in wanted}
-        unused = [p.blob_id for n, p in parts.items() if n not in used]
-        checksum = None
-        if up.checksum_algorithm:
-            checksum = {up.checksum_algorithm: checksums.composite(up.checksum_algorithm, digests),
-                        "type": "COMPOSITE"}
-        obj = NewObject(key=key, size=total, etag=checksums.multipart_etag(md5s), storage_class=up.storage_class,
-                        headers=up.headers, user_meta=up.user_meta, segments=segments, parts_count=len(segments),
-                        checksum=checksum, sse=up.sse, lock_mode=up.lock_mode, lock_until=up.lock_until,
-                        legal_hold=up.legal_hold, tags=up.tags, acl=up.acl)
-        dead = engine.tx_ref(s, unused, -1)
-        result = engine.tx_put_object(s, b.id, obj, req.actor, if_match=if_match, if_none_match=if_none_match,
-                                      upload_id=upload_id)
-        result.dead_blobs += dead
-        return result, obj
-
-    result, obj = await engine.write(tx)
+    result, obj = await engine.write(lambda s: engine.tx_complete_upload(
+        s, b.id, upload_id, key, wanted, req.actor, if_match=if_match, if_none_match=if_none_match))
     if result.dead_blobs:
         await engine.blocking(engine.delete_blob_data, result.dead_blobs)
     h = XML | sse_headers(obj.sse)
