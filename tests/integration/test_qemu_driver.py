@@ -173,11 +173,11 @@ class TestBootedGuest:
         assert int(paths.pidfile.read_text()) == g.pid
         argv = json.loads(paths.cmdline_json.read_text())
         assert proc_argv(g.pid) == argv
-        assert "-daemonize" in argv and "-S" in argv
-        # daemonized: not our child, own session
+        assert "-daemonize" not in argv and "-S" in argv
+        # detached: its own session (a process group of its own, no controlling terminal)
         stat = Path(f"/proc/{g.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ppid, sid = int(stat[1]), int(stat[3])
-        assert ppid != os.getpid() and sid != os.getsid(0)
+        sid = int(stat[3])
+        assert sid == g.pid and sid != os.getsid(0)
         assert g.driver.qmp(g.iid, "query-name")["name"] == "main,guest"
         assert g.driver.qmp(g.iid, "query-uuid")["UUID"] == g.iid
 
@@ -188,7 +188,7 @@ class TestBootedGuest:
 
     def test_disks_attached(self, main_guest: MainGuest):
         g = main_guest
-        blocks = {b["device"]: b for b in g.driver.qmp(g.iid, "query-block")}
+        blocks = {b["inserted"]["node-name"]: b for b in g.driver.qmp(g.iid, "query-block") if b.get("inserted")}
         disk = blocks["disk0"]["inserted"]
         assert disk["drv"] == "qcow2" and not disk["ro"]
         assert disk["cache"]["direct"] is probe_direct_io(g.spec.disk_path)

@@ -79,13 +79,21 @@ def test_size_and_machine():
 # --------------------------------------------------------------------------- process model
 
 
-def test_daemonized_paused_with_qmp_and_pidfile():
+def test_spawned_paused_with_qmp_on_an_inherited_socket():
     av = argv()
     assert av[0] == "qemu-system-x86_64"
-    assert "-daemonize" in av and "-S" in av
-    assert opt(av, "-pidfile") == [str(PATHS.pidfile)]
-    assert opt(av, "-qmp") == [f"unix:{PATHS.qmp_socket},server=on,wait=off"]
+    # we spawn QEMU detached ourselves: -daemonize (fork + setsid) is incompatible with the sandbox
+    assert "-daemonize" not in av and "-pidfile" not in av and "-qmp" not in av
+    assert "-S" in av
+    assert "socket,id=qmp,fd=3,server=on,wait=off" in opt(av, "-chardev")
+    assert opt(av, "-mon") == ["chardev=qmp,mode=control"]
+    # QEMU gets fds, never run-dir paths (they only appear as the labels of its fd sets)
+    assert not any(str(PATHS.run_dir) in a for a in av if not a.startswith("fd="))
     assert "shutdown=pause" in opt(av, "-action")
+    real = argv(fds={"qmp": 40, "console": 41, "disk0:rw": 42, "disk0:ro": 43})
+    assert "socket,id=qmp,fd=40,server=on,wait=off" in opt(real, "-chardev")
+    assert opt(real, "-add-fd")[1:] == [f"fd=42,set=2,opaque=hackboot:{spec().disk_path}",
+                                        f"fd=43,set=2,opaque=hackboot:{spec().disk_path}"]
     assert build_argv(spec(), PATHS, qemu_binary="/opt/q/bin/qemu")[0] == "/opt/q/bin/qemu"
 
 
@@ -100,7 +108,8 @@ def test_headless_and_no_defaults():
 
 def test_serial_console_goes_to_log_file():
     av = argv()
-    assert f"file,id=serial0,path={PATHS.console_log},append=on" in opt(av, "-chardev")
+    assert opt(av, "-add-fd")[0] == f"fd=4,set=1,opaque=hackboot:{PATHS.console_log}"
+    assert "file,id=serial0,path=/dev/fdset/1,append=on" in opt(av, "-chardev")
     assert opt(av, "-serial") == ["chardev:serial0"]
 
 
@@ -114,9 +123,8 @@ def test_name_and_uuid_markers():
     assert opt(argv(spec(instance_id="i-42")), "-uuid") == [u]  # stable
 
 
-def test_sandbox_can_be_disabled():
-    assert opt(argv(), "-sandbox") == [qemu_mod.SANDBOX_OPTS]
-    assert "spawn=deny" not in qemu_mod.SANDBOX_OPTS  # would break -daemonize
+def test_full_sandbox_which_can_be_disabled():
+    assert opt(argv(), "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     assert "-sandbox" not in argv(sandbox=False)
 
 
@@ -139,8 +147,11 @@ def test_disk_boot_without_kernel():
 def test_direct_kernel_boot():
     s = spec(kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd"), cmdline="root=/dev/vda1 console=ttyS0")
     av = argv(s)
-    assert opt(av, "-kernel") == ["/img/vmlinuz"]
-    assert opt(av, "-initrd") == ["/img/initrd"]
+    # private copies in the run dir, reached through inherited fds (QEMU cannot enter the run dir)
+    assert opt(av, "-kernel") == ["/proc/self/fd/7"]
+    assert opt(av, "-initrd") == ["/proc/self/fd/8"]
+    reqs = {r.key: r.path for r in qemu_mod.fd_requests(s, PATHS, qemu_mod.disk_layers(s))}
+    assert reqs["kernel"] == PATHS.kernel_copy and reqs["initrd"] == PATHS.initrd_copy
     assert opt(av, "-append") == ["root=/dev/vda1 console=ttyS0"]
 
 
@@ -159,22 +170,60 @@ def test_diskless_kernel_guest():
     ],
 )
 def test_disk_cache_modes(cache, direct_io, expected):
-    (drive,) = opt(argv(spec(disk_cache=cache), direct_io=direct_io), "-drive")
-    assert drive.startswith("file=/var/lib/hackboot/disks/vm1.qcow2,if=none,id=disk0,format=qcow2,")
-    assert expected in drive
-    assert "discard=unmap" in drive
+    (node,) = [json.loads(b) for b in opt(argv(spec(disk_cache=cache), direct_io=direct_io), "-blockdev")]
+    direct, aio = expected == "cache=none,aio=native", expected.split("aio=")[1]
+    assert node["node-name"] == "disk0" and node["driver"] == "qcow2" and node["read-only"] is False
+    assert node["cache"]["direct"] is direct and node["file"]["cache"]["direct"] is direct
+    assert node["file"] == {"driver": "file", "filename": "/dev/fdset/2", "aio": aio, "cache": node["cache"]}
+    assert node["discard"] == "unmap" and node["backing"] is None
+    assert "-drive" not in argv()
 
 
 def test_disk_path_with_comma_is_escaped():
-    (drive,) = opt(argv(spec(disk_path=Path("/d/a,b.qcow2"))), "-drive")
-    assert drive.startswith("file=/d/a,,b.qcow2,if=none")
+    av = argv(spec(disk_path=Path("/d/a,b.qcow2")))
+    assert "fd=5,set=2,opaque=hackboot:/d/a,,b.qcow2" in opt(av, "-add-fd")
     assert qemu_opt("a,b,,c") == "a,,b,,,,c"
+
+
+def test_backing_chain_is_explicit_and_read_only():
+    chain = [(Path("/d/top.qcow2"), "qcow2"), (Path("/img/base.qcow2"), "qcow2"), (Path("/img/raw.img"), "raw")]
+    av = argv(spec(disk_path=Path("/d/top.qcow2")), chain=chain)
+    nodes = [json.loads(b) for b in opt(av, "-blockdev")]
+    assert [n["node-name"] for n in nodes] == ["disk0-b2", "disk0-b1", "disk0"]  # bottom first
+    assert nodes[2]["backing"] == "disk0-b1" and nodes[1]["backing"] == "disk0-b2" and "backing" not in nodes[0]
+    assert nodes[0]["driver"] == "raw" and nodes[0]["read-only"] and nodes[1]["read-only"]
+    # only the top gets a read-write fd: a base image shared by other guests is never writable
+    fdsets = opt(av, "-add-fd")
+    assert [f for f in fdsets if "/img/" in f] == ["fd=7,set=3,opaque=hackboot:/img/base.qcow2",
+                                                   "fd=8,set=4,opaque=hackboot:/img/raw.img"]
+    reqs = qemu_mod.fd_requests(spec(), PATHS, qemu_mod.disk_layers(spec(), chain))
+    assert [(r.key, r.flags) for r in reqs if "disk0" in r.key] == [
+        ("disk0:rw", os.O_RDWR), ("disk0:ro", os.O_RDONLY), ("disk0-b1:ro", os.O_RDONLY), ("disk0-b2:ro", os.O_RDONLY)]
+
+
+def test_backing_chain_read_from_qcow2_headers(tmp_path):
+    import subprocess
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\0" * 65536)
+    mid, top = tmp_path / "mid.qcow2", tmp_path / "top.qcow2"
+    for path, backing, fmt in ((mid, base, "raw"), (top, Path("mid.qcow2"), "qcow2")):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", fmt, "-u", str(path),
+                        "64K"], check=True)
+    assert qemu_mod.backing_chain(top, "qcow2") == [(top, "qcow2"), (mid, "qcow2"), (base, "raw")]
+    assert qemu_mod.backing_chain(base, "raw") == [(base, "raw")]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "nbd:127.0.0.1:1", "-F", "raw", "-u",
+                    str(tmp_path / "nbd.qcow2"), "64K"], check=True)
+    with pytest.raises(ValueError, match="not a local file"):
+        qemu_mod.backing_chain(tmp_path / "nbd.qcow2", "qcow2")
 
 
 def test_seed_iso_is_readonly_virtio_disk():
     av = argv(spec(seed_iso=Path("/seeds/vm1.iso")))
-    seed = [d for d in opt(av, "-drive") if "id=seed0" in d]
-    assert seed == ["file=/seeds/vm1.iso,if=none,id=seed0,format=raw,readonly=on,media=disk"]
+    seed = [json.loads(b) for b in opt(av, "-blockdev") if '"seed0"' in b]
+    assert seed == [{"driver": "raw", "node-name": "seed0", "read-only": True,
+                     "file": {"driver": "file", "filename": "/dev/fdset/3", "read-only": True}}]
+    assert "fd=7,set=3,opaque=hackboot:/seeds/vm1.iso" in opt(av, "-add-fd")
     assert "virtio-blk-pci,drive=seed0,id=virtio-seed0" in opt(av, "-device")
 
 
@@ -194,6 +243,25 @@ def test_vfio_gpus_on_pc():
     devices = opt(argv(spec(machine="pc", gpu_pci_addresses=["0000:3b:00.0"])), "-device")
     assert "vfio-pci,host=0000:3b:00.0,id=gpu0" in devices
     assert not any(d.startswith("pcie-root-port") for d in devices)
+
+
+def test_guests_are_started_as_the_unprivileged_account():
+    from hackboot.core.privsep import Account
+
+    acct = Account("hackboot-guest", 64000, 64001)
+    prefix, switch = qemu_mod.guest_launch(acct, spec(accel="tcg"))
+    assert prefix == [] and switch == {"user": 64000, "group": 64001, "extra_groups": []}
+    if os.path.exists("/dev/kvm"):
+        _, switch = qemu_mod.guest_launch(acct, spec(accel="kvm"))
+        assert switch["extra_groups"] == [os.stat("/dev/kvm").st_gid]
+    # VFIO: root raises the locked-memory limit, then setpriv drops to the account and execs QEMU
+    prefix, switch = qemu_mod.guest_launch(acct, spec(memory_mb=2048, gpu_pci_addresses=["0000:3b:00.0"]))
+    assert switch == {}
+    assert os.path.basename(prefix[0]) == "prlimit" and prefix[1] == f"--memlock={3072 << 20}:{3072 << 20}"
+    assert os.path.basename(prefix[3]) == "setpriv"
+    assert prefix[4:] == ["--reuid=64000", "--regid=64001", "--clear-groups", "--"]
+    me = Account("me", os.geteuid(), os.getegid())
+    assert qemu_mod.guest_launch(me, spec()) == ([], {})
 
 
 def test_no_gpus_no_vfio():

@@ -209,6 +209,10 @@ def boot_probe(
     ``marker_timeout`` seconds of the start (default: 3 x first_output_timeout,
     at least 15 s; a working KVM guest needs about one second).
     The QEMU child is always killed (by pid) before returning.
+
+    The probe guest runs like real guests do: as the unprivileged guest account (with the
+    group of ``/dev/kvm``), under the full seccomp sandbox, given its kernel and initramfs as
+    memfd copies (it can enter no directory of ours).
     """
     kernel = kernel or find_probe_kernel()
     if kernel is None:
@@ -216,28 +220,41 @@ def boot_probe(
     kernel, work_dir = Path(kernel).absolute(), Path(work_dir).absolute()  # QEMU runs in /
     if marker_timeout is None:
         marker_timeout = max(15.0, 3 * first_output_timeout)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     initrd = work_dir / "probe-initramfs.cpio"
     if not initrd.exists():
         build_busybox_initramfs(initrd, PROBE_INIT)
+    from hackboot.compute.qemu import SANDBOX_OPTS
+    from hackboot.core.privsep import unprivileged_account
+
+    kernel_fd, initrd_fd = _memfd_copy(kernel), _memfd_copy(initrd)
     argv = [
         qemu_binary, "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
         "-machine", "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
-        "-smp", "1", "-m", "96", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-smp", "1", "-m", "96", "-no-reboot", "-sandbox", SANDBOX_OPTS,
+        "-kernel", f"/proc/self/fd/{kernel_fd}", "-initrd", f"/proc/self/fd/{initrd_fd}",
         "-append", "console=ttyS0 panic=-1 loglevel=4",
         "-serial", "stdio",
     ]  # fmt: skip
+    account = unprivileged_account()
+    switch: dict[str, object] = {}
+    if not account.is_current:
+        groups = [os.stat("/dev/kvm").st_gid] if accel == "kvm" and os.path.exists("/dev/kvm") else []
+        switch = {"user": account.uid, "group": account.gid, "extra_groups": groups}
     # If our process dies mid-probe (agent killed, test timeout), a hung KVM guest
     # would otherwise spin forever: have the kernel SIGKILL it when we go away.
     setpriv = shutil.which("setpriv")
     if setpriv:
         argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True, cwd="/",
-    )  # fmt: skip
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd="/", pass_fds=(kernel_fd, initrd_fd), **switch,  # type: ignore[arg-type]
+        )  # fmt: skip
+    finally:
+        os.close(kernel_fd)
+        os.close(initrd_fd)
     assert proc.stdout is not None
     buf = b""
     got_output = False
@@ -274,6 +291,33 @@ def boot_probe(
         except subprocess.TimeoutExpired:  # pragma: no cover - D-state after kill
             log.warning("probe qemu pid %s did not exit after SIGKILL", proc.pid)
         proc.stdout.close()
+
+
+def _memfd_copy(path: Path) -> int:
+    """An anonymous in-memory copy of ``path`` (readable through /proc/self/fd by any uid)."""
+    fd = os.memfd_create(f"hackboot-probe-{path.name}", os.MFD_CLOEXEC)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                os.write(fd, chunk)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def guest_account_can_use_kvm(path: str = "/dev/kvm") -> tuple[bool, str]:
+    """Whether guests (run as the unprivileged account, with the device's group) can open ``path``."""
+    from hackboot.core.privsep import unprivileged_account
+
+    account = unprivileged_account()
+    if account.is_current:
+        return True, "ok"
+    st = os.stat(path)
+    if st.st_mode & 0o006 == 0o006 or st.st_mode & 0o060 == 0o060 or st.st_uid == account.uid:
+        return True, "ok"
+    return False, (f"{path} (mode {oct(st.st_mode & 0o777)}) is not usable by the guest account {account.name}: "
+                   "give it a group guests get (e.g. 0660 root:kvm)")
 
 
 def host_fingerprint(qemu_binary: str) -> str:
@@ -331,6 +375,8 @@ def probe_accelerator(
 
     t0 = time.monotonic()
     ok, why = kvm_device_usable()
+    if ok:
+        ok, why = guest_account_can_use_kvm()
     if not ok:
         info = AccelInfo("tcg", why, now, time.monotonic() - t0, "probe", fingerprint)
     else:

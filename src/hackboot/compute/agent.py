@@ -12,8 +12,9 @@ Nova's compute nodes have too (through its conductor) and fine for one operator'
 What a reconcile does, per instance assigned to this host (idempotent, safe to re-run after any
 crash):
 
-* build: copy-on-write overlay ``qemu-img create -f qcow2 -b <image> -F <fmt>`` sized to the
-  flavor (written to a temp name, renamed when complete), NoCloud seed ISO, a free SSH port on
+* build: copy-on-write qcow2 overlay on the image, sized to the flavor (written to a temp name,
+  renamed when complete; created, like every other disk operation, by an unprivileged sandboxed
+  QEMU: :mod:`hackboot.compute.offline`), NoCloud seed ISO, a free SSH port on
   127.0.0.1, then ``driver.spawn``; ACTIVE only once the driver sees the guest running;
 * stop / start / reboot / resize (stop, grow the disk, start) / snapshot / delete (process,
   sockets, disks, seed, ports, then the allocation and quota) – each finished with a
@@ -28,6 +29,7 @@ instance was deleted while it was away.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,8 +47,9 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hackboot.compute import lifecycle, service
+from hackboot.compute import lifecycle, offline, service
 from hackboot.compute.models import ACTIVE, BUILDING, ERROR, SHUTOFF
+from hackboot.compute.qemu import backing_chain
 from hackboot.compute.service import Work
 
 log = logging.getLogger("hackboot.agent")
@@ -112,16 +115,12 @@ class BuildError(Exception):
     """A step of building/starting a guest failed; the message is shown to the user."""
 
 
-def _run(argv: list[str], what: str, timeout: float = 120.0) -> str:
+def _offline(fn: Any, what: str, *args: Any) -> None:
+    """Run an operation of :mod:`hackboot.compute.offline`, as a BuildError for the user on failure."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise BuildError(f"{what}: {argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise BuildError(f"{what}: {argv[0]} timed out after {timeout:.0f}s") from None
-    if proc.returncode != 0:
-        raise BuildError(f"{what}: {(proc.stderr or proc.stdout).strip()[-400:]}")
-    return proc.stdout
+        fn(*args)
+    except (offline.BlockJobError, OSError) as exc:
+        raise BuildError(f"{what}: {exc}") from None
 
 
 class Agent:
@@ -133,9 +132,9 @@ class Agent:
         self.name = cfg.name or socket.gethostname()
         self.zone = cfg.zone or settings.zone
         self.state_dir = Path(cfg.state_dir or settings.state_dir / "agent").absolute()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.disks_dir = self.state_dir / "disks"
-        self.disks_dir.mkdir(exist_ok=True)
+        self.disks_dir.mkdir(exist_ok=True, mode=0o700)
         self._driver = driver
         self.host_id: str | None = None
         self.accel = "tcg"
@@ -457,16 +456,16 @@ class Agent:
         if not w.image.disk_path.is_file():
             raise BuildError(f"Image file of {w.image.name} is missing on host {self.name}: {w.image.disk_path}")
         try:
-            self.disk_dir(w.id).mkdir(parents=True, exist_ok=True)
+            self.disk_dir(w.id).mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise BuildError(f"Cannot create the instance directory on host {self.name}: {exc}") from None
         size = max(w.disk_gb * GiB, int(w.image.virtual_size or 0))
         tmp = disk.with_name(".disk.qcow2.tmp")
         tmp.unlink(missing_ok=True)
         try:
-            _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(w.image.disk_path.resolve()),
-                  "-F", w.image.disk_format, str(tmp), str(size)],
-                 f"Cannot create the instance disk on host {self.name}")
+            # the image is checked and the overlay written by an unprivileged helper, never parsed as root
+            _offline(offline.create_overlay, f"Cannot create the instance disk on host {self.name}",
+                     tmp, w.image.disk_path.resolve(), w.image.disk_format, size)
             os.replace(tmp, disk)
         finally:
             tmp.unlink(missing_ok=True)
@@ -608,11 +607,7 @@ class Agent:
         if self._state(w.id) in ("running", "paused"):
             self.driver.shutdown(w.id, timeout=self.cfg.shutdown_timeout)
         disk = self.ensure_disk(w)
-        info = json.loads(_run(["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", str(disk)],
-                               "Cannot read the instance disk"))
-        if int(info.get("virtual-size", 0)) < w.disk_gb * GiB:
-            _run(["qemu-img", "resize", "-q", "-f", "qcow2", str(disk), str(w.disk_gb * GiB)],
-                 f"Cannot grow the instance disk on host {self.name}")
+        _offline(offline.grow, f"Cannot grow the instance disk on host {self.name}", disk, w.disk_gb * GiB)
         if w.previous_status == SHUTOFF:
             service.finish_task(w.id, w.action_seq, status=SHUTOFF, power_state=self._state(w.id),
                                 desired_power="off", ssh_port=None, event="instance.resized")
@@ -624,11 +619,12 @@ class Agent:
     def snapshot(self, w: Work) -> None:
         """Flatten the instance's disk into a new image (the images service validates and stores it).
 
-        A running guest is snapshotted live with a QMP ``drive-backup`` (sync=full: the overlay and
+        A running guest is snapshotted live with a QMP ``blockdev-backup`` (sync=full: the overlay and
         its backing image, as the guest sees them; crash-consistent, like pulling the plug, as
-        there is no guest agent to freeze file systems). `qemu-img` must never touch a running
-        guest's disk, so if the live path is not available the guest is stopped, converted with
-        `qemu-img convert` and started again (a cold snapshot).
+        there is no guest agent to freeze file systems). Nothing else may touch a running guest's
+        disk, so if the live path is not available the guest is stopped, its disk flattened by an
+        unprivileged block helper (:mod:`hackboot.compute.offline`) and started again (a cold
+        snapshot).
         """
         from hackboot.compute import imagesource
 
@@ -647,8 +643,12 @@ class Agent:
                     self.driver.shutdown(w.id, timeout=self.cfg.shutdown_timeout)
                     restart = True
             if not running or restart:
-                _run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "qcow2", str(self.disk_path(w.id)),
-                      str(out)], f"Cannot save the snapshot on host {self.name}", timeout=3600)
+                disk = self.disk_path(w.id)
+                try:
+                    chain = backing_chain(disk, "qcow2")
+                except ValueError as exc:
+                    raise BuildError(f"Cannot save the snapshot on host {self.name}: {exc}") from None
+                _offline(offline.flatten, f"Cannot save the snapshot on host {self.name}", chain, out, 3600)
             if image_id:
                 imagesource.finish_snapshot(image_id, out)
         except Exception as exc:
@@ -667,27 +667,41 @@ class Agent:
                                          ssh_port=self._port_if_running(w, power) if running else None)
 
     def _live_backup(self, iid: str, out: Path, timeout: float = 3600.0) -> None:
+        """Copy the running guest's disk into a new qcow2 ``out`` with its own QEMU (blockdev-backup).
+
+        QEMU cannot create files (it runs unprivileged and has no access to the disk directory):
+        ``out`` is created here and handed to it as an fd by the driver's ``blockdev-add``.
+        """
         qmp = getattr(self.driver, "qmp", None)
         if qmp is None:
             raise BuildError("the driver has no QMP access")
         job = "snap-" + os.urandom(4).hex()
-        qmp(iid, "drive-backup", {"job-id": job, "device": "disk0", "target": str(out), "format": "qcow2",
-                                  "sync": "full", "mode": "absolute-paths", "auto-dismiss": False})
-        deadline = time.monotonic() + timeout
-        while True:
-            jobs = {j["id"]: j for j in qmp(iid, "query-jobs")}
-            current = jobs.get(job)
-            if current is None:
-                raise BuildError("the backup job vanished")
-            if current["status"] == "concluded":
-                qmp(iid, "job-dismiss", {"id": job})
-                if current.get("error"):
-                    raise BuildError(f"live snapshot failed: {current['error']}")
-                return
-            if time.monotonic() > deadline:
-                qmp(iid, "job-cancel", {"id": job})
-                raise BuildError("live snapshot timed out")
-            time.sleep(0.2)
+
+        def execute(command: str, args: dict[str, Any] | None) -> Any:
+            return qmp(iid, command, args)
+
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        added: list[str] = []
+        try:
+            size = offline.virtual_size(execute, "disk0")
+            qmp(iid, "blockdev-add", {"driver": "file", "node-name": f"{job}-f", "filename": str(out)})
+            added.insert(0, f"{job}-f")
+            qmp(iid, "blockdev-create", {"job-id": f"{job}-c",
+                                         "options": {"driver": "qcow2", "file": f"{job}-f", "size": size}})
+            offline.wait_job(execute, f"{job}-c", 120)
+            qmp(iid, "blockdev-add", {"driver": "qcow2", "node-name": f"{job}-t", "file": f"{job}-f"})
+            added.insert(0, f"{job}-t")
+            qmp(iid, "blockdev-backup", {"job-id": job, "device": "disk0", "target": f"{job}-t", "sync": "full",
+                                         "auto-dismiss": False})
+            try:
+                offline.wait_job(execute, job, timeout)
+            except offline.BlockJobError as exc:
+                raise BuildError(f"live snapshot failed: {exc}") from None
+        finally:
+            for node in added:
+                with contextlib.suppress(Exception):
+                    qmp(iid, "blockdev-del", {"node-name": node})
 
     def _destroy_local(self, iid: str) -> None:
         self.driver.destroy(iid)

@@ -203,12 +203,14 @@ def build_seed_iso(
     os.close(fd)
     tmp_iso = Path(tmp_name)
     try:
+        # Staged privately (user-data may hold secrets): `-r` (rationalised Rock Ridge) gives the
+        # ISO's files root ownership and world-read modes whatever the staging modes are.
         with tempfile.TemporaryDirectory(prefix="hackboot-seed-") as staging:
-            os.chmod(staging, 0o755)  # becomes the ISO root directory's mode
             for name, content in files.items():
                 path = Path(staging, name)
-                path.write_text(content, encoding="utf-8")
-                path.chmod(0o644)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(content)
             proc = subprocess.run(
                 [
                     genisoimage,
@@ -218,7 +220,7 @@ def build_seed_iso(
                     "-volid",
                     "cidata",
                     "-joliet",
-                    "-rock",
+                    "-r",
                     staging,
                 ],
                 capture_output=True,

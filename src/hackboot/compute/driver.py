@@ -9,8 +9,8 @@ plays for ``nova-compute``).
 
 Two implementations exist:
 
-* :class:`hackboot.compute.qemu.QemuDriver` -- real guests, one daemonized QEMU
-  process per instance, controlled over QMP.
+* :class:`hackboot.compute.qemu.QemuDriver` -- real guests, one detached QEMU
+  process per instance (unprivileged, seccomp-sandboxed), controlled over QMP.
 * :class:`hackboot.compute.fake_driver.FakeDriver` -- an in-memory simulation with
   the same observable behaviour, for unit tests of the agent and scheduler.
 

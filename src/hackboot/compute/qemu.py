@@ -1,21 +1,37 @@
-"""QEMU driver: one daemonized ``qemu-system-x86_64`` per guest, driven over QMP.
+"""QEMU driver: one unprivileged, sandboxed ``qemu-system-x86_64`` per guest, driven over QMP.
 
 Process model
 -------------
-``spawn`` runs QEMU with ``-daemonize``: the launcher we exec returns only once
-QEMU has initialised (sockets and pidfile exist), and the real QEMU process is
-re-parented away from the agent in its own session.  Killing or restarting the
-agent therefore never touches guests; a new driver finds them again with
+``spawn`` starts QEMU itself (no ``-daemonize``, which needs fork/setsid and so
+rules out a full seccomp sandbox) as a detached child in its own session,
+running as the unprivileged guest account (:mod:`hackboot.core.privsep`) under
+``-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny``.
+Killing or restarting the agent never touches guests (the process is
+re-parented to init); a new driver finds them again with
 :meth:`QemuDriver.adopt` from the instance's *run dir*::
 
     <state_dir>/instances/<instance_id>/
-        qemu.pid       written by QEMU (-pidfile)
-        qmp.sock       QMP monitor (-qmp unix:...,server=on,wait=off)
-        console.log    serial console (chardev file, append=on), size-capped
+        qemu.pid       written by the driver right after the spawn
+        qmp.sock       QMP monitor: bound by the driver, QEMU gets the listening fd
+        console.log    serial console (QEMU appends to an fd), size-capped
+        kernel, initrd private copies for direct kernel boot (owned by the guest account)
         cmdline.json   the exact argv; adopt() requires /proc/PID/cmdline to match
         spec.json      the GuestSpec (to release NIC backends after a restart)
-        qemu-stderr.log  QEMU's own error output while it starts
+        qemu-stderr.log  QEMU's stdout and stderr
         shutoff.json   present when the last exit was deliberate (SHUTOFF vs CRASHED)
+
+File access
+-----------
+QEMU runs as one account shared by all guests, so it is given *file
+descriptors*, never paths: disks, their backing chain, the seed ISO and the
+console log as fd sets (``-add-fd`` + ``/dev/fdset/N``), the QMP socket as a
+listening fd.  Run dirs, instance disks and images stay owned by root, mode
+0600 in 0700 directories: an escaped QEMU can reach exactly the files of its own
+guest (through the fds it holds), not another tenant's disk, and the base image
+it reads is opened read-only for it.  Only the kernel/initrd copies are owned by
+the account (QEMU's loader insists on a path: ``/proc/self/fd/N``).  Disks
+hot-plugged later (``blockdev-add`` through :meth:`QemuDriver.qmp`) are opened by
+the driver and sent over the QMP socket (SCM_RIGHTS + ``add-fd``) the same way.
 
 Guests are created with ``-S`` (vCPUs stopped), checked over QMP
 (``query-status`` is ``prelaunch``, ``query-kvm`` matches the requested
@@ -50,13 +66,16 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import json
 import logging
 import mmap
 import os
+import re
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -82,6 +101,7 @@ from hackboot.compute.driver import (
     SpawnError,
     check_instance_id,
 )
+from hackboot.core.privsep import Account, give_to, unprivileged_account
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +110,12 @@ T = TypeVar("T")
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_LOG_MAX_BYTES = 1024 * 1024
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
-# spawn=deny would forbid -daemonize's fork; elevateprivileges=deny breaks -daemonize too.
-SANDBOX_OPTS = "on,obsolete=deny,resourcecontrol=deny"
+# The full sandbox: no fork/exec (so no -daemonize: we spawn QEMU detached ourselves), no set*id,
+# no scheduler/affinity games, no obsolete syscalls.
+SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+FDSET_OPAQUE = "hackboot:"  # opaque (then the path) of the fd sets given to QEMU: shows which file it is
+FDSET_OPAQUE_HOTPLUG = "hackboot:hotplug:"  # fd sets added over QMP, removed once no node uses them
+QCOW2_EXT_BACKING_FORMAT = 0xE2792ACA
 
 QMP_STATUS_TO_STATE: dict[str, GuestState] = {
     "running": GuestState.RUNNING,
@@ -163,10 +187,69 @@ class RunPaths:
     def shutoff_json(self) -> Path:
         return self.run_dir / "shutoff.json"
 
+    @property
+    def kernel_copy(self) -> Path:
+        return self.run_dir / "kernel"
+
+    @property
+    def initrd_copy(self) -> Path:
+        return self.run_dir / "initrd"
+
 
 def qemu_opt(value: str | Path) -> str:
     """Escape a value embedded in a QEMU ``key=value,...`` option string."""
     return str(value).replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class DiskLayer:
+    """One file of a disk's backing chain (top first), as QEMU gets it: node name, file, format."""
+
+    node: str
+    path: Path
+    fmt: str
+
+
+@dataclass(frozen=True)
+class FdRequest:
+    """A file the spawner opens (as root) and QEMU inherits; ``key`` names it in :func:`build_argv`."""
+
+    key: str
+    path: Path
+    flags: int
+
+
+def disk_layers(spec: GuestSpec, chain: list[tuple[Path, str]] | None = None) -> list[DiskLayer]:
+    """The root disk and its backing files as QEMU block nodes (``disk0``, ``disk0-b1``, ...).
+
+    ``chain`` is :func:`backing_chain`'s answer (what spawn reads from the qcow2 headers); without
+    it the disk is taken to have no backing file (pure command-line tests).
+    """
+    if spec.disk_path is None:
+        return []
+    files = chain if chain is not None else [(Path(spec.disk_path), spec.disk_format)]
+    return [DiskLayer("disk0" if i == 0 else f"disk0-b{i}", path, fmt) for i, (path, fmt) in enumerate(files)]
+
+
+def fd_requests(spec: GuestSpec, paths: RunPaths, layers: list[DiskLayer]) -> list[FdRequest]:
+    """Every file descriptor QEMU inherits for ``spec``, in a fixed order.
+
+    The top disk gets a read-write and a read-only fd (QEMU picks the one matching the open
+    mode, e.g. when a block job reopens it); backing files and the seed only a read-only one,
+    so even an escaped QEMU cannot write to a base image shared by other guests.
+    """
+    reqs = [FdRequest("console", paths.console_log, os.O_WRONLY | os.O_APPEND)]
+    for i, layer in enumerate(layers):
+        if i == 0:
+            reqs.append(FdRequest(f"{layer.node}:rw", layer.path, os.O_RDWR))
+        reqs.append(FdRequest(f"{layer.node}:ro", layer.path, os.O_RDONLY))
+    if spec.seed_iso is not None:
+        reqs.append(FdRequest("seed0:ro", Path(spec.seed_iso), os.O_RDONLY))
+    if spec.kernel is not None:
+        reqs.append(FdRequest("kernel", paths.kernel_copy, os.O_RDONLY))
+        if spec.initrd is not None:
+            reqs.append(FdRequest("initrd", paths.initrd_copy, os.O_RDONLY))
+    return reqs
 
 
 def build_argv(
@@ -176,18 +259,27 @@ def build_argv(
     qemu_binary: str = QEMU_BINARY,
     direct_io: bool = False,
     sandbox: bool = True,
+    fds: dict[str, int] | None = None,
+    chain: list[tuple[Path, str]] | None = None,
 ) -> list[str]:
     """The complete QEMU command line for ``spec`` (pure: no I/O).
 
-    ``direct_io`` says whether O_DIRECT works for the disk (see
-    :func:`probe_direct_io`); it only matters when ``spec.disk_cache`` is
-    ``"auto"``.  Raises ``ValueError`` for an invalid spec or a run dir whose
-    socket path would not fit in ``sun_path``.
+    QEMU gets file descriptors, not paths (see the module docstring): ``fds`` maps the
+    :func:`fd_requests` keys (and ``"qmp"``, the listening QMP socket) to the fd numbers it
+    inherits; without it they are numbered 3, 4, ... in request order.  ``chain`` is the root
+    disk's backing chain (:func:`backing_chain`).  ``direct_io`` says whether O_DIRECT works for
+    the disk (see :func:`probe_direct_io`); it only matters when ``spec.disk_cache`` is
+    ``"auto"``.  Raises ``ValueError`` for an invalid spec or a run dir whose socket path would
+    not fit in ``sun_path``.
     """
     spec.validate()
     sock = str(paths.qmp_socket)
     if len(sock.encode()) > UNIX_PATH_MAX:
         raise ValueError(f"QMP socket path too long ({len(sock)} > {UNIX_PATH_MAX}): {sock}")
+    layers = disk_layers(spec, chain)
+    reqs = fd_requests(spec, paths, layers)
+    if fds is None:
+        fds = {"qmp": 3} | {r.key: 4 + i for i, r in enumerate(reqs)}
 
     kvm = spec.accel == "kvm"
     tb_size = f",tb-size={spec.tcg_tb_size_mb}" if spec.tcg_tb_size_mb else ""
@@ -204,44 +296,66 @@ def build_argv(
         "-nodefaults", "-no-user-config",
         "-display", "none", "-vga", "none",
         "-msg", "timestamp=on",
-        "-daemonize",
-        "-pidfile", str(paths.pidfile),
-        "-qmp", f"unix:{qemu_opt(sock)},server=on,wait=off",
+    ]  # fmt: skip
+    if sandbox:
+        argv += ["-sandbox", SANDBOX_OPTS]
+    # fd sets: one per file, numbered in request order (a disk's rw and ro fds share a set)
+    sets: dict[str, int] = {}
+    for req in reqs:
+        if req.key in ("kernel", "initrd"):
+            continue
+        name = req.key.split(":")[0]
+        set_id = sets.setdefault(name, len(sets) + 1)
+        argv += ["-add-fd", f"fd={fds[req.key]},set={set_id},opaque={qemu_opt(FDSET_OPAQUE + str(req.path))}"]
+    argv += [
+        "-chardev", f"socket,id=qmp,fd={fds['qmp']},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
         "-S",
         # keep the process after guest poweroff (see module docstring); pause on
         # panic so the state is CRASHED and the console/memory can be inspected
         "-action", "shutdown=pause",
         "-action", "panic=pause",
-        "-chardev", f"file,id=serial0,path={qemu_opt(paths.console_log)},append=on",
+        "-chardev", f"file,id=serial0,path=/dev/fdset/{sets['console']},append=on",
         "-serial", "chardev:serial0",
         "-device", "pvpanic",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0,id=rng-pci0",
     ]  # fmt: skip
-    if sandbox:
-        argv += ["-sandbox", SANDBOX_OPTS]
 
-    if spec.disk_path is not None:
+    if layers:
         cache = spec.disk_cache
         if cache == "auto":
             cache = "none" if direct_io else "writeback"
-        aio = "native" if cache == "none" else "threads"
-        argv += [
-            "-drive",
-            (f"file={qemu_opt(spec.disk_path)},if=none,id=disk0,format={spec.disk_format},"
-            f"cache={cache},aio={aio},discard=unmap,detect-zeroes=unmap"),
-            "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1",
-        ]  # fmt: skip
+        direct = cache == "none"
+        cache_opts = {"direct": direct, "no-flush": False}
+        # bottom first: each node names its backing explicitly, so QEMU never opens a
+        # backing file by the name stored in an image header
+        for i in reversed(range(len(layers))):
+            layer = layers[i]
+            top = i == 0
+            node: dict[str, object] = {
+                "driver": layer.fmt, "node-name": layer.node, "read-only": not top, "cache": cache_opts,
+                "file": {"driver": "file", "filename": f"/dev/fdset/{sets[layer.node]}",
+                         "aio": "native" if direct else "threads", "cache": cache_opts},
+            }  # fmt: skip
+            if top:
+                node |= {"discard": "unmap", "detect-zeroes": "unmap"}
+            if layer.fmt == "qcow2":
+                node["backing"] = layers[i + 1].node if i + 1 < len(layers) else None
+            argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
+        argv += ["-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1"]
     if spec.seed_iso is not None:
+        seed = {"driver": "raw", "node-name": "seed0", "read-only": True,
+                "file": {"driver": "file", "filename": f"/dev/fdset/{sets['seed0']}", "read-only": True}}
         argv += [
-            "-drive",
-            f"file={qemu_opt(spec.seed_iso)},if=none,id=seed0,format=raw,readonly=on,media=disk",
+            "-blockdev", json.dumps(seed, separators=(",", ":")),
             "-device", "virtio-blk-pci,drive=seed0,id=virtio-seed0",
         ]  # fmt: skip
     if spec.kernel is not None:
-        argv += ["-kernel", str(spec.kernel)]
+        # QEMU's kernel loader opens a path: a private copy it owns, reached through its fd
+        argv += ["-kernel", f"/proc/self/fd/{fds['kernel']}"]
         if spec.initrd is not None:
-            argv += ["-initrd", str(spec.initrd)]
+            argv += ["-initrd", f"/proc/self/fd/{fds['initrd']}"]
         if spec.cmdline:
             argv += ["-append", spec.cmdline]
 
@@ -265,23 +379,69 @@ def build_argv(
 # --------------------------------------------------------------------------- host helpers
 
 
-def _qcow2_backing_file(path: Path) -> Path | None:
+def _qcow2_backing_name(path: Path) -> tuple[str | None, str | None]:
+    """The backing file name and backing format stored in a qcow2 header (None when absent)."""
     try:
         with open(path, "rb") as f:
-            header = f.read(20)
-            if len(header) < 20 or header[:4] != b"QFI\xfb":
-                return None
+            header = f.read(104)
+            if len(header) < 72 or header[:4] != b"QFI\xfb":
+                return None, None
+            version = struct.unpack(">I", header[4:8])[0]
             offset, size = struct.unpack(">QI", header[8:20])
             if not offset or not size or size > 4096:
-                return None
+                return None, None
+            fmt = None
+            header_len = struct.unpack(">I", header[100:104])[0] if version >= 3 and len(header) >= 104 else 72
+            f.seek(header_len)
+            for _ in range(64):  # header extensions: (type, length, data padded to 8 bytes), type 0 ends
+                ext = f.read(8)
+                if len(ext) < 8:
+                    break
+                kind, length = struct.unpack(">II", ext)
+                if kind == 0 or length > 65536:
+                    break
+                data = f.read(length)
+                f.seek((8 - length % 8) % 8, os.SEEK_CUR)
+                if kind == QCOW2_EXT_BACKING_FORMAT:
+                    fmt = data.decode(errors="replace")
             f.seek(offset)
             name = f.read(size).decode(errors="surrogateescape")
-    except OSError:
-        return None
-    if ":" in name.split("/", 1)[0]:  # protocol (nbd:, json:) - not a local file
+    except (OSError, struct.error):
+        return None, None
+    return name, fmt
+
+
+def _qcow2_backing_file(path: Path) -> Path | None:
+    name, _ = _qcow2_backing_name(path)
+    if not name or ":" in name.split("/", 1)[0]:  # protocol (nbd:, json:) - not a local file
         return None
     backing = Path(name)
     return backing if backing.is_absolute() else path.parent / backing
+
+
+def backing_chain(disk: Path, fmt: str, max_depth: int = 16) -> list[tuple[Path, str]]:
+    """``disk`` and its backing files with their formats, top first (read from the qcow2 headers).
+
+    QEMU gets each file as an fd and each node its backing explicitly, so the chain is resolved
+    here: a backing format missing from the header is taken as ``raw`` (never probed), and a
+    backing that is not a local qcow2/raw file is refused.
+    """
+    chain = [(Path(disk), fmt)]
+    while chain[-1][1] == "qcow2":
+        path = chain[-1][0]
+        name, backing_fmt = _qcow2_backing_name(path)
+        if not name:
+            break
+        if ":" in name.split("/", 1)[0]:
+            raise ValueError(f"{path}: backing file {name!r} is not a local file")
+        backing = Path(name) if os.path.isabs(name) else path.parent / name
+        backing_fmt = backing_fmt or "raw"
+        if backing_fmt not in ("qcow2", "raw"):
+            raise ValueError(f"{path}: unsupported backing format {backing_fmt!r}")
+        if len(chain) >= max_depth:
+            raise ValueError(f"{disk}: backing chain deeper than {max_depth}")
+        chain.append((backing, backing_fmt))
+    return chain
 
 
 def _direct_read_ok(path: Path) -> bool:
@@ -391,7 +551,7 @@ def is_our_qemu(pid: int, paths: RunPaths) -> bool:
     """Whether ``pid`` is the QEMU of this run dir (guards against pid reuse).
 
     The process argv must equal ``cmdline.json`` exactly; without that file we
-    fall back to "a qemu-system binary whose arguments name our QMP socket".
+    fall back to "a qemu-system binary with this instance's ``-uuid``".
     """
     argv = proc_argv(pid)
     if not argv:
@@ -402,7 +562,9 @@ def is_our_qemu(pid: int, paths: RunPaths) -> bool:
         expected = None
     if isinstance(expected, list):
         return argv == expected
-    return "qemu-system" in os.path.basename(argv[0]) and any(str(paths.qmp_socket) in a for a in argv)
+    uuid_arg = GuestSpec(paths.run_dir.name, "x", 1, 32).smbios_uuid
+    return "qemu-system" in os.path.basename(argv[0]) and any(
+        a == "-uuid" and b == uuid_arg for a, b in itertools.pairwise(argv))
 
 
 class _Proc:
@@ -460,10 +622,71 @@ def _absolute_paths(spec: GuestSpec) -> GuestSpec:
     )
 
 
+def _exit_status(child: subprocess.Popen[bytes]) -> str:
+    try:
+        rc = child.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        return "no QMP answer"
+    return f"exit status {rc}"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     tmp.replace(path)
+
+
+def file_nodes(tree: Any) -> list[dict[str, Any]]:
+    """The ``{"driver": "file", "filename": <path>}`` nodes of blockdev-add arguments (at any depth)."""
+    found: list[dict[str, Any]] = []
+    if isinstance(tree, dict):
+        name = tree.get("filename")
+        if tree.get("driver") == "file" and isinstance(name, str) and not name.startswith("/dev/fdset/"):
+            found.append(tree)
+        for value in tree.values():
+            found += file_nodes(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            found += file_nodes(value)
+    return found
+
+
+def guest_launch(account: Account, spec: GuestSpec) -> tuple[list[str], dict[str, Any]]:
+    """How to start QEMU as ``account``: an argv prefix and ``subprocess`` arguments.
+
+    Supplementary groups are only those the guest needs: the group of ``/dev/kvm`` for KVM.
+    With VFIO devices QEMU pins all guest RAM, so its locked-memory limit must cover it and
+    only root may raise it: ``prlimit`` (as root) then ``setpriv`` (dropping to the account)
+    exec QEMU in place, same pid. The VFIO group devices (``/dev/vfio/N``) themselves must be
+    given to the account by the operator (e.g. a udev rule).
+    """
+    if account.is_current:
+        return [], {}
+    groups: list[int] = []
+    if spec.accel == "kvm":
+        with contextlib.suppress(OSError):
+            groups.append(os.stat("/dev/kvm").st_gid)
+    if not spec.gpu_pci_addresses:
+        return [], {"user": account.uid, "group": account.gid, "extra_groups": groups}
+    memlock = (spec.memory_mb + 1024) * 1024 * 1024
+    drop = [f"--reuid={account.uid}", f"--regid={account.gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"]
+    return [shutil.which("prlimit") or "prlimit", f"--memlock={memlock}:{memlock}", "--",
+            shutil.which("setpriv") or "setpriv", *drop, "--"], {}
+
+
+def _private_copy(src: Path, dst: Path, account: Account) -> None:
+    """A copy of ``src`` that only ``account`` (and root) can read."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+    give_to(account, tmp)
+    os.chmod(tmp, 0o400)
+    tmp.replace(dst)
 
 
 # --------------------------------------------------------------------------- QMP monitor
@@ -494,6 +717,7 @@ class _Monitor:
         self.exited = asyncio.Event()  # EXITED handled, monitor forgotten
         self.proc_gone = asyncio.Event()  # pidfd fired
         self.guest_off = asyncio.Event()  # SHUTDOWN seen
+        self.fd_lock = asyncio.Lock()  # an fd sent over the socket must be taken by the very next add-fd
         assert self.proc.fd is not None
         loop.add_reader(self.proc.fd, self._on_pidfd)
         try:
@@ -544,6 +768,62 @@ class _Monitor:
 
     async def status(self) -> str:
         return str((await self.execute("query-status"))["status"])
+
+    async def add_fds(self, path: Path, flags: list[int], opaque: str) -> int:
+        """Open ``path`` once per mode in ``flags`` and hand the fds to QEMU as one fd set."""
+        async with self.fd_lock:
+            fdset: int | None = None
+            for flag in flags:
+                try:
+                    fd = os.open(path, flag | os.O_CLOEXEC)
+                except OSError as e:
+                    raise DriverError(f"{self.instance_id}: cannot open {path}: {e.strerror}") from e
+                try:
+                    if self.finished or self.qmp.runstate != Runstate.RUNNING:
+                        raise GuestNotRunning(f"{self.instance_id}: QEMU is not running")
+                    self.qmp.send_fd_scm(fd)
+                    args: dict[str, Any] = {"opaque": opaque}
+                    if fdset is not None:
+                        args["fdset-id"] = fdset
+                    fdset = int((await self.execute("add-fd", args))["fdset-id"])
+                finally:
+                    os.close(fd)
+            assert fdset is not None
+            return fdset
+
+    async def blockdev_add(self, arguments: dict[str, Any]) -> Any:
+        """``blockdev-add`` with every file opened by us and passed as an fd set (QEMU has no path access)."""
+        args = json.loads(json.dumps(arguments))  # a private copy we can rewrite
+        flags = [os.O_RDONLY] if args.get("read-only") else [os.O_RDWR, os.O_RDONLY]
+        added: list[int] = []
+        try:
+            for node in file_nodes(args):
+                path = Path(node["filename"])
+                fdset = await self.add_fds(path, flags, f"{FDSET_OPAQUE_HOTPLUG}{path}")
+                added.append(fdset)
+                node["filename"] = f"/dev/fdset/{fdset}"
+                # QEMU's image locks are OFD locks: they belong to the open file description,
+                # which the fd kept in the set shares with the node's dup. A node reopened
+                # read-only (an external snapshot) would leave its write lock behind on the
+                # description until the set goes, and refuse a clone of that very file. The
+                # agent serialises all work on a volume and routes it through this QEMU while
+                # attached, so for hot-plugged files the locks are dropped rather than kept stale.
+                node.setdefault("locking", "off")
+            return await self.execute("blockdev-add", args)
+        except BaseException:
+            for fdset in added:
+                with contextlib.suppress(Exception):
+                    await self.execute("remove-fd", {"fdset-id": fdset})
+            raise
+
+    async def prune_fdsets(self) -> None:
+        """Release the hot-plug fd sets no block node uses any more (after blockdev-del)."""
+        nodes = json.dumps(await self.execute("query-named-block-nodes", {"flat": True}))
+        used = {int(m) for m in re.findall(r"/dev/fdset/(\d+)", nodes)}
+        for fdset in await self.execute("query-fdsets"):
+            ours = any(str(fd.get("opaque", "")).startswith(FDSET_OPAQUE_HOTPLUG) for fd in fdset.get("fds", []))
+            if ours and fdset["fdset-id"] not in used:
+                await self.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
 
     async def _wait(self, ev: asyncio.Event, timeout: float) -> bool:
         try:
@@ -607,6 +887,7 @@ class _Monitor:
     def _on_pidfd(self) -> None:
         self._remove_reader()
         self.proc_gone.set()
+        self.driver._reap(self.pid, self.proc.fd)  # our child while this agent lives: no zombie
         # Belt and braces: the QMP socket's EOF normally reports the exit first.
         asyncio.get_running_loop().call_later(2.0, lambda: self._background(self._late_exit()))
 
@@ -716,7 +997,7 @@ class QemuDriver(ComputeDriver):
         once they exceed it (checked every ``housekeeping_interval`` seconds and
         on every :meth:`console_log` call).
     :param qmp_timeout: per-command QMP timeout.
-    :param spawn_timeout: how long QEMU may take to initialise and daemonize.
+    :param spawn_timeout: how long QEMU may take to initialise (until QMP answers).
     :param sandbox: run QEMU under its seccomp ``-sandbox``.
     """
 
@@ -746,6 +1027,8 @@ class QemuDriver(ComputeDriver):
         self._locks: dict[str, threading.RLock] = {}
         self._locks_lock = threading.Lock()
         self._closed = False
+        self._children: dict[int, subprocess.Popen[bytes]] = {}  # QEMUs we started, until reaped
+        self._children_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="hackboot-qemu-loop", daemon=True)
         self._thread.start()
@@ -784,9 +1067,23 @@ class QemuDriver(ComputeDriver):
             if self._monitors.get(mon.instance_id) is mon:
                 del self._monitors[mon.instance_id]
 
-    async def _attach(self, instance_id: str, paths: RunPaths, proc: _Proc) -> _Monitor:
+    def _reap(self, pid: int, pidfd: int | None = None) -> None:
+        """Collect the exit status of an exited QEMU if it is a child of this process (no zombie)."""
+        with self._children_lock:
+            child = self._children.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
+            return
+        # started by an earlier driver of this process (adopted after close()): maybe still our
+        # child. Waiting on the pidfd targets exactly that process, never a recycled pid.
+        if pidfd is not None:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+
+    async def _attach(self, instance_id: str, paths: RunPaths, proc: _Proc, timeout: float | None = None) -> _Monitor:
         mon = _Monitor(self, instance_id, paths, proc)
-        await mon.start(self.qmp_timeout)
+        await mon.start(timeout or self.qmp_timeout)
         with self._mon_lock:
             self._monitors[instance_id] = mon
         return mon
@@ -848,15 +1145,18 @@ class QemuDriver(ComputeDriver):
             return spec.disk_cache == "none"
         return probe_direct_io(spec.disk_path)
 
-    def build_argv(self, spec: GuestSpec) -> list[str]:
-        """The argv spawn() would use for ``spec`` (probes O_DIRECT when disk_cache is auto)."""
+    def build_argv(self, spec: GuestSpec, fds: dict[str, int] | None = None) -> list[str]:
+        """The argv spawn() would use for ``spec`` (reads the disk's backing chain, probes O_DIRECT)."""
         spec = _absolute_paths(spec)
+        chain = backing_chain(spec.disk_path, spec.disk_format) if spec.disk_path is not None else None
         return build_argv(
             spec,
             self.paths(spec.instance_id),
             qemu_binary=self.qemu_binary,
             direct_io=self.resolve_direct_io(spec),
             sandbox=self.sandbox,
+            fds=fds,
+            chain=chain,
         )
 
     # ----------------------------------------------------------------- contract
@@ -873,38 +1173,74 @@ class QemuDriver(ComputeDriver):
             if stale is not None:
                 stale.close()
                 raise GuestAlreadyRunning(f"{iid}: QEMU pid {stale.pid} is alive")
-            argv = self.build_argv(spec)
+            try:
+                self.build_argv(spec)  # validates the spec, the socket path and the disk chain
+            except ValueError as e:
+                if spec.disk_path is not None and "backing" in str(e):
+                    raise SpawnError(f"unusable disk: {e}") from None
+                raise
+            account = unprivileged_account()
             paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for f in (paths.pidfile, paths.qmp_socket, paths.shutoff_json, paths.stderr_log):
+            for f in (paths.pidfile, paths.qmp_socket, paths.shutoff_json, paths.stderr_log,
+                      paths.kernel_copy, paths.initrd_copy):
                 f.unlink(missing_ok=True)
-            _atomic_write(paths.cmdline_json, json.dumps(argv, indent=1))
-            _atomic_write(paths.spec_json, json.dumps(spec.to_dict(), indent=1))
             for nic in spec.nics:
                 nic.prepare(iid)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            with open(paths.console_log, "ab") as f:
+            fd = os.open(paths.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "ab") as f:
                 f.write(f"\r\n--- hackboot: starting {spec.name} ({iid}) at {stamp} ---\r\n".encode())
 
-            rc: int | None
-            with open(paths.stderr_log, "wb") as err:
+            opened: list[int] = []
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if spec.kernel is not None:
+                    _private_copy(spec.kernel, paths.kernel_copy, account)
+                    if spec.initrd is not None:
+                        _private_copy(spec.initrd, paths.initrd_copy, account)
+                # We bind the QMP socket and QEMU inherits the listening fd: the socket file stays
+                # root's, in a run dir QEMU cannot enter.
+                listener.bind(str(paths.qmp_socket))
+                os.chmod(paths.qmp_socket, 0o600)
+                listener.listen(8)
+                fds = {"qmp": listener.fileno()}
+                chain = backing_chain(spec.disk_path, spec.disk_format) if spec.disk_path is not None else None
+                for req in fd_requests(spec, paths, disk_layers(spec, chain)):
+                    fds[req.key] = os.open(req.path, req.flags | os.O_CLOEXEC)
+                    opened.append(fds[req.key])
+                argv = self.build_argv(spec, fds)
+                _atomic_write(paths.cmdline_json, json.dumps(argv, indent=1))
+                _atomic_write(paths.spec_json, json.dumps(spec.to_dict(), indent=1))
+                err_fd = os.open(paths.stderr_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                 try:
-                    rc = subprocess.run(
-                        argv, check=False, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                        close_fds=True, cwd="/", timeout=self.spawn_timeout,
-                    ).returncode  # fmt: skip
-                except subprocess.TimeoutExpired:
-                    rc = None
-            if rc != 0:
-                self._kill_leftover(paths)
+                    # A child in its own session (no terminal signal reaches it); it is re-parented
+                    # to init when the agent exits, and reaped by us while we live.
+                    prefix, switch = guest_launch(account, spec)
+                    child = subprocess.Popen(
+                        [*prefix, *argv], stdin=subprocess.DEVNULL, stdout=err_fd, stderr=err_fd, close_fds=True,
+                        pass_fds=tuple(fds.values()), cwd="/", start_new_session=True, **switch,
+                    )  # fmt: skip
+                finally:
+                    os.close(err_fd)
+            except (OSError, ValueError, subprocess.SubprocessError) as e:
                 self._write_shutoff(paths, "spawn-failed")
-                raise SpawnError(f"QEMU failed to start (exit status {rc})", self._stderr(paths))
-            proc = open_our_qemu(paths)
-            if proc is None:
-                raise SpawnError("QEMU exited right after starting", self._stderr(paths))
+                raise SpawnError(f"cannot start QEMU: {e}") from e
+            finally:
+                listener.close()
+                for fd in opened:
+                    os.close(fd)
+            with self._children_lock:
+                self._children[child.pid] = child
+            _atomic_write(paths.pidfile, f"{child.pid}\n")
+            proc = _Proc(child.pid)
 
             mon: _Monitor | None = None
             try:
-                mon = self._call(self._attach(iid, paths, proc))
+                try:
+                    # QEMU answers on QMP once initialised; if it dies first the socket is refused.
+                    mon = self._call(self._attach(iid, paths, proc, timeout=self.spawn_timeout))
+                except (TimeoutError, QMPError, OSError, DriverError, concurrent.futures.TimeoutError) as e:
+                    raise SpawnError(f"QEMU failed to start ({_exit_status(child)})", self._stderr(paths)) from e
                 status = self._call(mon.status())
                 if status != "prelaunch":
                     raise SpawnError(f"unexpected QEMU state {status!r} after start")
@@ -922,11 +1258,12 @@ class QemuDriver(ComputeDriver):
                     proc.signal(signal.SIGKILL)
                     proc.exited(10)
                     proc.close()
+                self._reap(child.pid)
                 self._write_shutoff(paths, "spawn-failed")
                 if isinstance(e, SpawnError) or not isinstance(e, Exception):
                     raise
                 raise SpawnError(f"QEMU started but failed checks: {e}", self._stderr(paths)) from e
-            log.info("spawned %s as QEMU pid %s", iid, proc.pid)
+            log.info("spawned %s as QEMU pid %s (uid %s)", iid, proc.pid, account.uid)
             return self._make_handle(mon, adopted=False)
 
     def _stderr(self, paths: RunPaths) -> str:
@@ -934,13 +1271,6 @@ class QemuDriver(ComputeDriver):
             return paths.stderr_log.read_text(errors="replace")[-4000:]
         except OSError:
             return ""
-
-    def _kill_leftover(self, paths: RunPaths) -> None:
-        proc = open_our_qemu(paths)
-        if proc is not None:
-            proc.signal(signal.SIGKILL)
-            proc.exited(10)
-            proc.close()
 
     def adopt(self, instance_id: str) -> GuestHandle | None:
         check_instance_id(instance_id)
@@ -1079,9 +1409,20 @@ class QemuDriver(ComputeDriver):
     # ----------------------------------------------------------------- extras
 
     def qmp(self, instance_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run a raw QMP command (operator/debug escape hatch; also used by tests)."""
+        """Run a raw QMP command (operator/debug escape hatch; volumes hot-plug through it).
+
+        QEMU cannot open files itself: the ``{"driver": "file", "filename": ...}`` nodes of a
+        ``blockdev-add`` are opened here and passed to it as fd sets (read-only when the node
+        is), which a ``blockdev-del`` releases again.
+        """
         mon = self._require_monitor(instance_id)
-        return self._call(mon.execute(command, arguments))
+        if command == "blockdev-add" and arguments:
+            return self._call(mon.blockdev_add(arguments))
+        result = self._call(mon.execute(command, arguments))
+        if command == "blockdev-del":
+            with contextlib.suppress(DriverError):
+                self._call(mon.prune_fdsets())
+        return result
 
     def pid(self, instance_id: str) -> int | None:
         """PID of the live QEMU of ``instance_id`` (None if not running)."""
