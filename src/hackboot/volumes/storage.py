@@ -468,6 +468,8 @@ class Graph:
                 log.warning("volume %s: block nodes %s are still open after detach", volume_id, present)
                 break
             if not progressed:
+                if device_id(volume_id) in self.devices():
+                    break  # still plugged (a forced detach's null disk): nothing to wait for
                 time.sleep(0.1)
         self.del_object(secret_id(volume_id))
 
