@@ -10,10 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from hackboot.sdk import Client
 
@@ -100,6 +103,24 @@ class Cloud:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def session_keypair(name: str, client: str, cloud: str) -> Any:
+    """A session fixture `name`: a key pair created through the SDK client fixture `client`, its private key
+    written (0600) in the state dir of the Cloud fixture `cloud`; the SDK's dict plus `path` (the key file)."""
+
+    @pytest.fixture(scope="session", name=name)
+    def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
+        c: Client = request.getfixturevalue(client)
+        target: Cloud = request.getfixturevalue(cloud)
+        kp: dict[str, Any] = c.keypairs.create(f"{name}-{uuid.uuid4().hex[:6]}")  # type: ignore[attr-defined]
+        path = target.state_dir / f"{name}.key"
+        path.write_text(kp["private_key"])
+        path.chmod(0o600)
+        kp["path"] = str(path)
+        return kp
+
+    return fixture
 
 
 def make_cloud(state_dir: Path, database_url: str = "", **extra_env: str) -> Cloud:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from hackboot.sdk import Client
-from tests.support import REPO, Cloud, make_cloud
+from tests.support import REPO, Cloud, make_cloud, session_keypair
 
 # Built once per machine and reused (the builder skips an up-to-date build in well under a second).
 IMAGE_CACHE = Path(os.environ.get("HACKBOOT_IMAGE_CACHE", "/var/tmp/hackboot-image-cache"))
@@ -105,14 +105,7 @@ def vm(vm_cloud: Cloud) -> Client:
     return vm_cloud.client()
 
 
-@pytest.fixture(scope="session")
-def keypair(vm: Client, vm_cloud: Cloud) -> dict[str, Any]:
-    kp = vm.keypairs.create(unique("key"))  # type: ignore[attr-defined]
-    path = vm_cloud.state_dir / "test-key"
-    path.write_text(kp["private_key"])
-    path.chmod(0o600)
-    kp["path"] = str(path)
-    return kp  # type: ignore[no-any-return]
+keypair = session_keypair("keypair", "vm", "vm_cloud")
 
 
 def ssh(inst: dict[str, Any], key: str, command: str, timeout: float = 60.0) -> str:

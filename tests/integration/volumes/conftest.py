@@ -20,7 +20,7 @@ from tests.integration.compute.conftest import (  # noqa: F401 - fixtures re-use
     unique,
     wait_local_host,
 )
-from tests.support import Cloud, make_cloud
+from tests.support import Cloud, make_cloud, session_keypair
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +49,7 @@ def vc(vol_cloud: Cloud) -> Client:
     return vol_cloud.client()
 
 
-@pytest.fixture(scope="session")
-def vkey(vc: Client, vol_cloud: Cloud) -> dict[str, Any]:
-    kp = vc.keypairs.create(unique("vkey"))  # type: ignore[attr-defined]
-    path = vol_cloud.state_dir / "vol-test-key"
-    path.write_text(kp["private_key"])
-    path.chmod(0o600)
-    kp["path"] = str(path)
-    return kp  # type: ignore[no-any-return]
+vkey = session_keypair("vkey", "vc", "vol_cloud")
 
 
 @pytest.fixture(scope="session")
