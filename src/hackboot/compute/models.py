@@ -80,6 +80,9 @@ class Instance(Base):
     action_seq: Mapped[int] = mapped_column(Integer, default=0)
     reboot_hard: Mapped[bool] = mapped_column(Boolean, default=False)
     previous_status: Mapped[str | None] = mapped_column(String(16), nullable=True)  # before a resize
+    # the sizes before a resize (flavor_id, vcpus, memory_mb, disk_gb, gpu_model, gpu_count,
+    # gpu_pci_addresses), kept until the resize ends: a failed resize goes back to them
+    resize_from: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     snapshot_image_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
     # observed state

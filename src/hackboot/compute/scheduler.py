@@ -24,7 +24,7 @@ generation: a placement re-reads only the hosts whose generation moved (usually 
 cost does not grow with the number of instances. The authoritative check in step 4 does not use
 the cache, so a stale cache can cost a retry, never an overcommit.
 
-Every writer of allocations must bump the host's generation (``claim``, ``claim_resize`` and
+Every writer of allocations must bump the host's generation (``claim``, ``claim_resize``, ``restore_allocation`` and
 ``free`` here do).
 """
 
@@ -344,6 +344,34 @@ def claim_resize(session: Session, consumer_id: str, project_id: str, host_id: s
         _write(session, host_id, consumer_id, project_id, wanted, devices)
         return [d for devs in devices.values() for d in devs]
     raise errors.NoCapacity("Too many concurrent claims on the instance's host, try again")
+
+
+def restore_allocation(session: Session, consumer_id: str, project_id: str, host_id: str,
+                       wanted: dict[str, int], devices: dict[str, list[str]]) -> str | None:
+    """Put back a consumer's earlier allocation on its host (a failed resize), exact devices included.
+
+    Checked against everyone else's allocations under the host generation CAS, like a claim.
+    Returns None when restored, else why not (the allocation is then left as it is).
+    """
+    for _attempt in range(MAX_ATTEMPTS):
+        generation = session.scalar(select(Host.generation).where(Host.id == host_id))
+        if generation is None:
+            return f"host {host_id} no longer exists"
+        if not _cas(session, host_id, generation):
+            continue
+        inventory = _inventory(session, host_id)
+        used = _usage_now(session, host_id, exclude_consumer=consumer_id)
+        short = _fits({rc: inv.capacity for rc, inv in inventory.items()}, used, wanted)
+        if short is not None:
+            return f"its {short} went to other instances meanwhile"
+        for rc, devs in devices.items():
+            if devs and _pick_devices(session, host_id, rc, len(devs), devs, exclude_consumer=consumer_id) != devs:
+                return f"its {rc} devices went to other instances meanwhile"
+        session.execute(delete(Allocation).where(Allocation.consumer_id == consumer_id))
+        session.flush()
+        _write(session, host_id, consumer_id, project_id, wanted, devices)
+        return None
+    return "too many concurrent claims on the host"
 
 
 def free(session: Session, consumer_id: str) -> None:

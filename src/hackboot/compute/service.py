@@ -484,8 +484,12 @@ def instance_action(p: Principal, ref: str, action: str, *, hard: bool = False, 
                     quotas.claim(s, inst.project_id, res, new_v - old_v)
                 elif old_v > new_v:
                     quotas.release(s, inst.project_id, res, old_v - new_v)
+            resize_from = {"flavor_id": inst.flavor_id, "vcpus": inst.vcpus, "memory_mb": inst.memory_mb,
+                           "disk_gb": inst.disk_gb, "gpu_model": inst.gpu_model, "gpu_count": inst.gpu_count,
+                           "gpu_pci_addresses": list(inst.gpu_pci_addresses or [])}
             inst.gpu_pci_addresses = scheduler.claim_resize(s, inst.id, inst.project_id, inst.host_id,
                                                             _resources(new))
+            inst.resize_from = resize_from
             inst.previous_status = inst.status
             inst.flavor_id, inst.vcpus, inst.memory_mb, inst.disk_gb = new.id, new.vcpus, new.memory_mb, new.disk_gb
             inst.gpu_model, inst.gpu_count = new.gpu_model, new.gpu_count if new.gpu_model else 0
@@ -684,9 +688,12 @@ def finish_task(instance_id: str, action_seq: int, *, status: str, power_state: 
         if inst is None or inst.action_seq != action_seq or inst.status == DELETED:
             return False
         prev = inst.status
+        if inst.task_state == lifecycle.RESIZE and status == ERROR and inst.resize_from:
+            reason = _revert_resize(s, inst) + reason
         inst.status, inst.power_state, inst.status_reason = status, power_state, reason[:500]
         inst.task_state = None
         inst.previous_status = None
+        inst.resize_from = None
         if desired_power is not None:
             inst.desired_power = desired_power
         if ssh_port is not False:
@@ -702,6 +709,38 @@ def finish_task(instance_id: str, action_seq: int, *, status: str, power_state: 
             emit(s, event or f"instance.{status.lower()}", resource_type="instance", resource_id=inst.id,
                  project_id=inst.project_id, data={"status": status, "previous": prev, "reason": reason[:500]})
         return True
+
+
+def _revert_resize(s: Session, inst: Instance) -> str:
+    """A resize failed on the agent: go back to the sizes before it (quota, allocation with the same GPU
+    devices, instance sizes) when they still fit; else the new ones stay. Returns the reason's prefix.
+
+    The disk keeps its new size: the agent may have grown it before failing, and disks never shrink.
+    """
+    old = dict(inst.resize_from or {})
+    new_flavor = inst.flavor_id
+    old_gpus = old["gpu_count"] if old["gpu_model"] else 0
+    wanted = scheduler.Request("", "", old["vcpus"], old["memory_mb"], inst.disk_gb, old["gpu_model"],
+                               old_gpus).resources()
+    devices = {scheduler.gpu_class(old["gpu_model"]): list(old["gpu_pci_addresses"])} if old_gpus else {}
+    try:
+        with s.begin_nested():
+            for res, now_v, old_v in (("vcpus", inst.vcpus, old["vcpus"]), ("ram_mb", inst.memory_mb, old["memory_mb"]),
+                                      ("gpus", inst.gpu_count, old_gpus)):
+                if now_v > old_v:
+                    quotas.release(s, inst.project_id, res, now_v - old_v)
+                elif old_v > now_v:
+                    quotas.claim(s, inst.project_id, res, old_v - now_v)
+            why = scheduler.restore_allocation(s, inst.id, inst.project_id, inst.host_id or "", wanted, devices)
+            if why is not None:
+                raise errors.NoCapacity(why)
+    except (errors.NoCapacity, errors.QuotaExceeded) as exc:
+        return (f"Resize to {new_flavor} failed; {old['flavor_id']} could not be restored ({exc.detail}), "
+                f"the instance keeps {new_flavor}: ")
+    inst.flavor_id, inst.vcpus, inst.memory_mb = old["flavor_id"], old["vcpus"], old["memory_mb"]
+    inst.gpu_model, inst.gpu_count, inst.gpu_pci_addresses = old["gpu_model"], old_gpus, list(old["gpu_pci_addresses"])
+    disk = f" (the disk keeps {inst.disk_gb} GB)" if inst.disk_gb != old["disk_gb"] else ""
+    return f"Resize to {new_flavor} failed, back on {old['flavor_id']}{disk}: "
 
 
 def record_timing(instance_id: str, action_seq: int, **marks: float) -> None:

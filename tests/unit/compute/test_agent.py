@@ -158,6 +158,67 @@ def test_resize_grows_the_disk_and_rechecks_capacity(world: dict[str, object], a
     step(agent, iid)
 
 
+def allocated(iid: str) -> dict[str, int]:
+    with session_scope(write=False) as s:
+        return {a.resource_class: a.amount for a in s.scalars(select(Allocation).where(Allocation.consumer_id == iid))}
+
+
+def quota_used(world: dict[str, object], resource: str) -> int:
+    with session_scope(write=False) as s:
+        return next(q.used for q in quotas.usage(s, world["p"].project_id) if q.resource == resource)  # type: ignore[attr-defined]
+
+
+def test_failed_resize_goes_back_to_the_old_flavor(world: dict[str, object], agent: Agent) -> None:
+    iid = create(world)
+    step(agent, iid)
+    vcpus_before, ram_before = quota_used(world, "vcpus"), quota_used(world, "ram_mb")
+    service.instance_action(world["p"], iid, "resize", flavor="VPS-STARTER")  # type: ignore[arg-type]
+    assert allocated(iid) == {"VCPU": 2, "MEMORY_MB": 4096, "DISK_GB": 80}
+    agent.driver.host.fail_next_spawn = "could not allocate guest RAM"
+    step(agent, iid)  # the disk grew, then the guest did not start
+    inst = get(iid)
+    assert (inst.status, inst.task_state, inst.resize_from) == ("ERROR", None, None)
+    assert inst.status_reason.startswith("Resize to VPS-STARTER failed, back on VPS-NANO (the disk keeps 80 GB): ")
+    assert "could not allocate guest RAM" in inst.status_reason
+    assert (inst.flavor_id, inst.vcpus, inst.memory_mb, inst.disk_gb) == ("VPS-NANO", 1, 1024, 80)
+    # the new flavor's vCPUs and RAM are released on the host and in the quota; the grown disk stays counted
+    assert allocated(iid) == {"VCPU": 1, "MEMORY_MB": 1024, "DISK_GB": 80}
+    assert (quota_used(world, "vcpus"), quota_used(world, "ram_mb")) == (vcpus_before, ram_before)
+    assert agent.host_id is not None
+    with session_scope(write=False) as s:
+        assert service.scheduler.host_usage(s, agent.host_id)["VCPU"]["used"] == 1
+    service.instance_action(world["p"], iid, "start")  # type: ignore[arg-type]
+    step(agent, iid)
+    assert get(iid).status == "ACTIVE"
+    service.delete_instance(world["p"], iid)  # type: ignore[arg-type]
+    step(agent, iid)
+
+
+def test_failed_resize_keeps_the_new_flavor_when_the_old_one_no_longer_fits(world: dict[str, object],
+                                                                            agent: Agent) -> None:
+    from hackboot.catalog import service as catalog
+
+    suffix = uuid.uuid4().hex[:4].upper()
+    for vcpus in (1, 2, 3):
+        catalog.create_flavor(None, id=f"UT-{suffix}-{vcpus}C", family="vps", vcpus=vcpus, memory_mb=1024,
+                              disk_gb=10)
+    iid = create(world, flavor=f"UT-{suffix}-2C")
+    step(agent, iid)
+    service.instance_action(world["p"], iid, "resize", flavor=f"UT-{suffix}-1C")  # type: ignore[arg-type]
+    other = create(world, flavor=f"UT-{suffix}-3C")  # takes the vCPU the resize gave back: the host has 4
+    step(agent, other)
+    agent.driver.host.fail_next_spawn = "could not allocate guest RAM"
+    step(agent, iid)
+    inst = get(iid)
+    assert inst.status == "ERROR" and inst.flavor_id == f"UT-{suffix}-1C" and inst.vcpus == 1
+    assert inst.status_reason.startswith(f"Resize to UT-{suffix}-1C failed; UT-{suffix}-2C could not be restored (")
+    assert "VCPU" in inst.status_reason
+    assert allocated(iid)["VCPU"] == 1 and allocated(other)["VCPU"] == 3
+    for i in (iid, other):
+        service.delete_instance(world["p"], i)  # type: ignore[arg-type]
+        step(agent, i)
+
+
 def test_crash_and_poweroff_are_observed_through_events(world: dict[str, object], agent: Agent) -> None:
     agent._boot()  # subscribe, adopt, start the loops
     iid = create(world)
