@@ -361,7 +361,8 @@ def _host_out(view: service.HostView) -> HostOut:
     return HostOut.model_validate(view.as_dict())
 
 
-@router.post("/hosts", response_model=HostOut, status_code=201, tags=["hosts"])
+@router.post("/hosts", response_model=HostOut, status_code=201, tags=["hosts"],
+             responses={200: {"model": HostOut, "description": "Re-registered: a host of that name existed"}})
 def register_host(body: HostIn, p: Superuser, response: Response) -> HostOut:
     """Register a hypervisor host, or re-register it by name (201 created, 200 re-registered)."""
     view, created = service.register_host(

@@ -6,6 +6,7 @@ import hmac
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
@@ -16,8 +17,9 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
-from hackboot.core.auth import authenticate_token, authenticated
+from hackboot.core.auth import PROJECT_HEADER, authenticate_token, authenticated
 from hackboot.core.config import get_settings
 from hackboot.core.db import session_scope
 from hackboot.core.errors import ApiError, Forbidden, Unauthenticated
@@ -80,6 +82,10 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
         resp = _problem(request, exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail))
         if exc.headers:
             resp.headers.update(exc.headers)
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route whose path matched; a path served by
+            # several routes (GET list + POST create) supports the union of their methods.
+            resp.headers["Allow"] = ", ".join(_allowed_methods(method_routes, request))
         return resp
 
     @app.exception_handler(Exception)
@@ -106,7 +112,8 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
                                 status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
+             openapi_extra={"security": [{"bearer": []}]})
     async def metrics(request: Request) -> PlainTextResponse:
         """Prometheus metrics: request counts and latency histograms per route.
 
@@ -123,9 +130,24 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
 
     for router in routers:
         app.include_router(router)
+    # The routes that answer on a path, for `Allow` (the app's own, and each router's with its prefix).
+    method_routes = [r for r in app.router.routes if isinstance(r, Route)] + [
+        r for router in routers for r in router.routes if isinstance(r, Route)]
     _document_problems(app)
     app.add_middleware(ApiMiddleware, max_body_bytes=get_settings().max_body_bytes, routes=route_policy(routers))
     return app
+
+
+_METHOD_ORDER = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def _allowed_methods(routes: list[Route], request: Request) -> list[str]:
+    """Every method some route serves on this request's path (RFC 9110 `Allow`)."""
+    methods: set[str] = set()
+    for route in routes:
+        if route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
 
 
 def _authenticates(dependant: Dependant) -> bool:
@@ -164,6 +186,34 @@ _PROBLEM_STATUSES = {"400": "Bad request", "401": "Not authenticated", "403": "N
                      "507": "Storage full: delete resources to free space, or retry later"}
 
 
+_PROJECT_REQUIRED = (f"; `project_required` when the token is not scoped to a project (superuser login tokens) "
+                     f"and no {PROJECT_HEADER} header names one")
+
+
+def _headers_not_nullable(op: dict[str, Any]) -> None:
+    """An optional header is absent or a string, never JSON null: drop pydantic's `anyOf [.., null]`."""
+    for param in op.get("parameters", []):
+        schema = param.get("schema", {})
+        if param.get("in") != "header" or "anyOf" not in schema:
+            continue
+        options = [o for o in schema["anyOf"] if o.get("type") != "null"]
+        if len(options) == 1:
+            rest = {k: v for k, v in schema.items() if k != "anyOf"}
+            param["schema"] = options[0] | rest
+
+
+def _closed_pattern_maps(node: object) -> None:
+    """A dict with constrained keys refuses other keys: say so (`patternProperties` alone allows them)."""
+    if isinstance(node, dict):
+        if "patternProperties" in node and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for value in node.values():
+            _closed_pattern_maps(value)
+    elif isinstance(node, list):
+        for value in node:
+            _closed_pattern_maps(value)
+
+
 def _document_problems(app: FastAPI) -> None:
     """Declare the problem+json answers every operation can give, so clients and fuzzers know them."""
     original = app.openapi
@@ -173,11 +223,15 @@ def _document_problems(app: FastAPI) -> None:
             return app.openapi_schema
         schema = original()
         schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+        _closed_pattern_maps(schema)
         ref = {"content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
         for path_item in schema.get("paths", {}).values():
             for op in path_item.values():
+                _headers_not_nullable(op)
                 responses = op.setdefault("responses", {})
                 for status, description in _PROBLEM_STATUSES.items():
+                    if status == "400" and any(p.get("name") == PROJECT_HEADER for p in op.get("parameters", [])):
+                        description += _PROJECT_REQUIRED
                     if status == "422" and status in responses:
                         responses[status] = {"description": description} | ref
                     responses.setdefault(status, {"description": description} | ref)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import HTTPBearer
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -154,7 +155,7 @@ def authenticate_token(token: str, requested_project: str | None = None) -> Prin
 
 
 def _authenticate(token: str, requested_project: str | None) -> tuple[Principal, dt.datetime | None]:
-    from hackboot.identity.models import ApiToken, Membership, User
+    from hackboot.identity.models import ApiToken, Membership, Project, User
 
     now = utcnow()
     with session_scope(write=False) as s:
@@ -176,6 +177,9 @@ def _authenticate(token: str, requested_project: str | None) -> tuple[Principal,
         if project_id is None and requested_project:
             if not user.is_superuser:
                 raise errors.Forbidden("Only superusers may choose a project per request")
+            if s.get(Project, requested_project) is None:
+                # Not an empty project: rows created "in" it would belong to no project at all.
+                raise errors.NotFound(f"Project {requested_project} not found (header {PROJECT_HEADER})")
             project_id = requested_project
         elif project_id is not None and not user.is_superuser:
             # A demoted or removed member loses the rights their older tokens carried.
@@ -196,10 +200,20 @@ def _authenticate(token: str, requested_project: str | None) -> tuple[Principal,
     return principal, expires_at
 
 
-async def authenticated(request: Request) -> Principal:
+# Declares the bearer scheme in the OpenAPI document (securitySchemes + each operation's `security`);
+# the token itself is read by `_bearer`, which words its own problem+json errors.
+_bearer_scheme = HTTPBearer(auto_error=False, scheme_name="bearer", description=(
+    "An API token: `Authorization: Bearer <token>` (POST /v1/auth/login or POST /v1/tokens)"))
+ProjectHeader = Annotated[str | None, Header(
+    alias=PROJECT_HEADER,
+    description=("The project this request acts in: required when the token is not scoped to a project "
+                 "(superuser login tokens), otherwise a 400 `project_required`; ignored for project tokens"))]
+
+
+async def authenticated(request: Request, _scheme: Annotated[object, Security(_bearer_scheme)],
+                        project: ProjectHeader = None) -> Principal:
     # async, so a cache hit costs no thread hop; a miss queries the database in a worker thread.
     token = _bearer(request)
-    project = request.headers.get(PROJECT_HEADER)
     principal = _cached((hash_token(token), project))
     if principal is None:
         principal = await anyio.to_thread.run_sync(authenticate_token, token, project)
