@@ -88,6 +88,9 @@ class Instance(Base):
     # observed state
     status: Mapped[str] = mapped_column(String(16), default=BUILDING, index=True)
     status_reason: Mapped[str] = mapped_column(String(500), default="")
+    # set while the instance's host is down (status_reason then says so); cleared when the host is back
+    # or when the agent reports a newer reason
+    host_down_since: Mapped[dt.datetime | None] = mapped_column(nullable=True, index=True)
     power_state: Mapped[str] = mapped_column(String(16), default="missing")
     accel: Mapped[str | None] = mapped_column(String(8), nullable=True)
     ssh_host: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -54,7 +54,6 @@ from hackboot.events.service import emit
 
 log = logging.getLogger("hackboot.compute")
 
-HOST_DOWN_PREFIX = "Host "
 GROUP_POLICIES = ("affinity", "anti-affinity")
 
 # --- change notification: agents on this machine wake up at once instead of waiting for their poll ----
@@ -691,6 +690,7 @@ def finish_task(instance_id: str, action_seq: int, *, status: str, power_state: 
         if inst.task_state == lifecycle.RESIZE and status == ERROR and inst.resize_from:
             reason = _revert_resize(s, inst) + reason
         inst.status, inst.power_state, inst.status_reason = status, power_state, reason[:500]
+        inst.host_down_since = None
         inst.task_state = None
         inst.previous_status = None
         inst.resize_from = None
@@ -764,6 +764,7 @@ def observed(instance_id: str, action_seq: int, *, power_state: str, status: str
             inst.status = status
         if reason is not None:
             inst.status_reason = reason[:500]
+            inst.host_down_since = None
         if desired_power is not None:
             inst.desired_power = desired_power
         if ssh_port is not False:
@@ -798,36 +799,42 @@ def finish_snapshot_task(instance_id: str, action_seq: int, *, status: str, powe
 # ==================================================================================================
 
 def reflect_host_health() -> None:
-    """Instances on a host that is down say so in status_reason; the reason clears when it is back.
+    """Instances on a host that is down say so in status_reason and carry `host_down_since`; both clear
+    when the host is back (unless the agent reported a newer reason meanwhile, which clears the flag).
 
     A read finds what to change; the write transaction (SQLite's write lock) is taken only then.
     """
-    pattern = f"{HOST_DOWN_PREFIX}% is down (%"
     with session_scope(write=False) as s:
         down = {h.id: (h.name, h.last_heartbeat_at) for h in s.scalars(select(Host).where(Host.status == "down"))}
-        to_mark = list(s.execute(select(Instance.id, Instance.host_id, Instance.status_reason).where(
+        to_mark = list(s.execute(select(Instance.id, Instance.host_id, Instance.status_reason,
+                                        Instance.host_down_since).where(
             Instance.host_id.in_(list(down)), Instance.status != DELETED))) if down else []
         to_clear = [i for i, h in s.execute(select(Instance.id, Instance.host_id).where(
-            Instance.status_reason.like(pattern), Instance.status != DELETED)) if h not in down]
-    changes: dict[str, str] = {}
-    for iid, host_id, reason in to_mark:
+            Instance.host_down_since.is_not(None), Instance.status != DELETED)) if h not in down]
+    changes: dict[str, str | None] = {}
+    for iid, host_id, reason, since in to_mark:
         name, last = down[host_id]
-        since = last.isoformat(timespec="seconds") if last else "never"
-        wanted = f"{HOST_DOWN_PREFIX}{name} is down (no heartbeat since {since}); the instance's real state is unknown"
-        if reason != wanted:
+        last_s = last.isoformat(timespec="seconds") if last else "never"
+        wanted = f"Host {name} is down (no heartbeat since {last_s}); the instance's real state is unknown"
+        if reason != wanted or since is None:
             changes[iid] = wanted
     for iid in to_clear:
-        changes[iid] = ""
+        changes[iid] = None
     if not changes:
         return
+    now = utcnow()
     with session_scope() as s:
         for iid, reason in changes.items():
             inst = _locked(s, iid)
             if inst is None or inst.status == DELETED:
                 continue
-            if reason == "" and not inst.status_reason.startswith(HOST_DOWN_PREFIX):
-                continue  # the agent wrote a newer reason meanwhile
-            inst.status_reason = reason
+            if reason is None:
+                if inst.host_down_since is None:
+                    continue  # the agent wrote a newer reason meanwhile
+                inst.status_reason, inst.host_down_since = "", None
+            else:
+                inst.status_reason = reason
+                inst.host_down_since = inst.host_down_since or now
 
 
 def loops() -> list[Loop]:

@@ -219,6 +219,45 @@ def test_failed_resize_keeps_the_new_flavor_when_the_old_one_no_longer_fits(worl
         step(agent, i)
 
 
+def test_a_down_host_flags_its_instances_in_a_column_not_by_their_reason_text(world: dict[str, object],
+                                                                             agent: Agent) -> None:
+    from hackboot.catalog import service as catalog
+    from hackboot.catalog.models import Host
+
+    quiet, reporting, lookalike = create(world), create(world), create(world)
+    for iid in (quiet, reporting, lookalike):
+        step(agent, iid)
+    with session_scope() as s:
+        host = s.get(Host, agent.host_id)
+        assert host is not None
+        host.status, name = "down", host.name
+    service.reflect_host_health()
+    for iid in (quiet, reporting, lookalike):
+        inst = get(iid)
+        assert inst.host_down_since is not None
+        assert inst.status_reason.startswith(f"Host {name} is down (no heartbeat since ")
+    since = get(quiet).host_down_since
+    service.reflect_host_health()  # idempotent: the flag keeps its time
+    assert get(quiet).host_down_since == since
+    # the agent reports on one instance before the host is seen up again: its reason stands
+    service.finish_task(reporting, get(reporting).action_seq, status="ERROR", power_state="crashed",
+                        reason="QEMU exited: signal 9")
+    assert get(reporting).host_down_since is None
+    catalog.heartbeat(None, str(agent.host_id))
+    service.reflect_host_health()
+    assert (get(quiet).status_reason, get(quiet).host_down_since) == ("", None)
+    assert (get(reporting).status_reason, get(reporting).host_down_since) == ("QEMU exited: signal 9", None)
+    assert get(lookalike).host_down_since is None and get(lookalike).status_reason == ""
+    # once the host is back, an agent's reason that reads like the host-down one is not the control plane's
+    service.finish_task(lookalike, get(lookalike).action_seq, status="ERROR", power_state="crashed",
+                        reason=f"Host {name} is down (told by the guest)")
+    service.reflect_host_health()
+    assert get(lookalike).status_reason == f"Host {name} is down (told by the guest)"
+    for iid in (quiet, reporting, lookalike):
+        service.delete_instance(world["p"], iid)  # type: ignore[arg-type]
+        step(agent, iid)
+
+
 def test_crash_and_poweroff_are_observed_through_events(world: dict[str, object], agent: Agent) -> None:
     agent._boot()  # subscribe, adopt, start the loops
     iid = create(world)
