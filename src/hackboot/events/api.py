@@ -21,7 +21,7 @@ from pydantic import AfterValidator, Field, StringConstraints
 from hackboot.core import errors
 from hackboot.core.auth import PROJECT_HEADER, Admin, Viewer, authenticate_token
 from hackboot.core.pagination import Page, Pagination
-from hackboot.core.schemas import Body, Out, ResourceId
+from hackboot.core.schemas import Body, Out, ResourceId, Timestamp
 from hackboot.events import service, stream
 from hackboot.events.config import setting
 from hackboot.events.webhooks import validate_url
@@ -85,8 +85,8 @@ TypeQ = Annotated[list[str] | None, Query(description="Event type or glob, e.g. 
                                                        "comma-separate for several)")]
 ResourceTypeQ = Annotated[str | None, Query(max_length=32, pattern=_TEXT)]
 ResourceIdQ = Annotated[str | None, Query(max_length=64, pattern=_TEXT)]
-SinceQ = Annotated[dt.datetime | None, Query(description="Only events at or after this time (ISO 8601)")]
-UntilQ = Annotated[dt.datetime | None, Query(description="Only events before this time (ISO 8601)")]
+SinceQ = Annotated[Timestamp | None, Query(description="Only events at or after this time (ISO 8601)")]
+UntilQ = Annotated[Timestamp | None, Query(description="Only events before this time (ISO 8601)")]
 AllProjectsQ = Annotated[bool, Query(description="Superusers: every project, and platform events "
                                                  "(project_id null)")]
 

@@ -124,7 +124,8 @@ class QuotaOut(Out):
 
 
 class QuotaIn(Body):
-    limit: int = Field(ge=0, le=2**62)
+    # 2**53 - 1: the largest integer every JSON parser reads exactly (RFC 7493).
+    limit: int = Field(ge=0, le=2**53 - 1)
 
 
 def _issued(issued: service.IssuedToken) -> IssuedTokenOut:

@@ -9,13 +9,14 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import Field, StringConstraints
+from pydantic.json_schema import SkipJsonSchema
 from starlette.requests import ClientDisconnect
 
 from hackboot.core import errors
 from hackboot.core.auth import Member, Viewer
 from hackboot.core.db import session_scope
 from hackboot.core.pagination import Page, Pagination, paginate
-from hackboot.core.schemas import Body, Name, Out
+from hackboot.core.schemas import Body, Name, Out, omitted
 from hackboot.images import service
 from hackboot.images.models import Image
 
@@ -50,13 +51,15 @@ class ImageIn(Body):
 
 
 class ImageUpdate(Body):
-    name: Name | None = None
-    visibility: Visibility | None = None
-    protected: bool | None = None
-    os: Label | None = None
-    os_version: Label | None = None
-    min_disk_gb: int | None = Field(None, ge=0, le=65536)
-    min_ram_mb: int | None = Field(None, ge=0, le=16 * 1024 * 1024)
+    """Fields left out are unchanged; none may be null."""
+
+    name: Name | SkipJsonSchema[None] = omitted()
+    visibility: Visibility | SkipJsonSchema[None] = omitted()
+    protected: bool | SkipJsonSchema[None] = omitted()
+    os: Label | SkipJsonSchema[None] = omitted()
+    os_version: Label | SkipJsonSchema[None] = omitted()
+    min_disk_gb: Annotated[int, Field(ge=0, le=65536)] | SkipJsonSchema[None] = omitted()
+    min_ram_mb: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] | SkipJsonSchema[None] = omitted()
 
 
 class ImageOut(Out):
