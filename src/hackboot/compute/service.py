@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import func, select
@@ -119,7 +120,7 @@ def parse_public_key(text: str) -> tuple[str, str, str]:
                                       errors=[{"loc": ["body", "public_key"], "msg": "not one OpenSSH key line"}])
     try:
         serialization.load_ssh_public_key(line.encode())
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise errors.ValidationFailed(
             f"public_key is not a valid OpenSSH public key: {exc}",
             errors=[{"loc": ["body", "public_key"], "msg": "invalid OpenSSH public key"}]) from None
