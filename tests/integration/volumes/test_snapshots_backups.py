@@ -47,10 +47,11 @@ def test_snapshots_clones_revert_and_consolidation(vc: Client, vol_cloud: Cloud,
     v = vc.volumes.wait(vc.volumes.create(unique("snapme"), 2, encrypted=True)["id"])  # type: ignore[attr-defined]
     dev = attach(vc, guest, vkey, v["id"])
     write(guest, vkey, dev, "first")
-    t0 = time.monotonic()
-    s1 = vc.volume_snapshots.create(v["id"], "s1")  # type: ignore[attr-defined]  # online: guest running
+    # Online (guest running). Its constant cost is measured by bench/volumes.py, not timed here:
+    # a wall-clock bound in a test only measures how loaded the machine is.
+    s1 = vc.volume_snapshots.create(v["id"], "s1")  # type: ignore[attr-defined]
     s1 = vc.volume_snapshots.wait(v["id"], s1["id"])  # type: ignore[attr-defined]
-    assert s1["status"] == "available" and time.monotonic() - t0 < 5
+    assert s1["status"] == "available", s1
     write(guest, vkey, dev, "second")
     s2 = vc.volume_snapshots.wait(v["id"], vc.volume_snapshots.create(v["id"], "s2")["id"])  # type: ignore[attr-defined]
     write(guest, vkey, dev, "third")
