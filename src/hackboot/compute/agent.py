@@ -1,9 +1,11 @@
 """The host agent: registers this machine as a hypervisor host and reconciles its instances.
 
 How it talks to the control plane: **directly to the database, through `compute.service`**.
-The database holds the desired state (written by the API) and the agent polls it (every
-``poll_interval`` seconds, and at once when the API runs in the same process and signals a
-change); it writes back what it observes. So a second agent – another process, another state
+The database holds the desired state (written by the API) and the agent's reconciler
+(:class:`InstanceReconciler` on :mod:`hackboot.core.reconcile`'s shared loop) polls it (every
+``poll_interval`` seconds, and at once when the API signals a change: in process, through a
+datagram on this machine, through PostgreSQL NOTIFY elsewhere); it writes back what it observes.
+So a second agent – another process, another state
 dir, another name – joins as a second host just by pointing at the same database
 (``hackboot agent --database-url … --state-dir … --name … --zone …``). There is no agent API to
 secure or keep in sync; the price is that agents need database credentials, which is what
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -40,7 +43,8 @@ import socket
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,8 @@ from hackboot.compute import lifecycle, offline, service
 from hackboot.compute.models import ACTIVE, BUILDING, ERROR, SHUTOFF
 from hackboot.compute.qemu import backing_chain
 from hackboot.compute.service import Work
+from hackboot.core import reconcile
+from hackboot.core.reconcile import Reconciler
 
 log = logging.getLogger("hackboot.agent")
 GiB = 1024**3
@@ -82,6 +88,9 @@ class AgentSettings(BaseSettings):
     check_interval: float = 5.0
     shutdown_timeout: float = 30.0
     workers: int = 4
+    extensions: str = Field("hackboot.volumes.agent", description=(
+        "Comma-separated modules whose `attach(agent)` registers hooks with this agent (other services' "
+        "host-side reconcilers)"))
 
 
 def parse_gpus(text: str) -> dict[str, list[str]]:
@@ -123,6 +132,41 @@ def _offline(fn: Any, what: str, *args: Any) -> None:
         raise BuildError(f"{what}: {exc}") from None
 
 
+class RetryLater(Exception):
+    """Work that failed in a way worth retrying (a delete): the reconciler backs off and tries again."""
+
+
+@dataclass
+class SpawnHook:
+    """Called around every ``driver.spawn``: ``prepare(spec) -> spec`` before, ``after(driver, spec)`` after."""
+
+    prepare: Callable[[Any], Any] | None = None
+    after: Callable[[Any, Any], None] | None = None
+
+
+class InstanceReconciler(Reconciler):
+    """The instances of one host: pending ones (a task, or not built) → :meth:`Agent.reconcile`."""
+
+    kind = "instance"
+    id_prefix = "i-"
+
+    def __init__(self, agent: Agent) -> None:
+        cfg = agent.cfg
+        super().__init__(stop=agent.stopping, workers=cfg.workers, poll_interval=cfg.poll_interval,
+                         resync_interval=cfg.check_interval, base_backoff=5.0, max_backoff=60.0,
+                         name=f"agent {agent.name}")
+        self.agent = agent
+
+    def list_ids(self) -> Iterable[str]:
+        return service.pending(self.agent.host_id) if self.agent.host_id else []
+
+    def reconcile(self, object_id: str) -> None:
+        self.agent.reconcile(object_id)
+
+    def resync(self) -> None:
+        self.agent.check_all()
+
+
 class Agent:
     def __init__(self, cfg: AgentSettings, driver: Any = None, stop_event: threading.Event | None = None) -> None:
         from hackboot.core.config import get_settings
@@ -140,14 +184,36 @@ class Agent:
         self.accel = "tcg"
         self.accel_reason = ""
         self._stop = stop_event or threading.Event()
-        self._wake = threading.Event()
-        self._busy: set[str] = set()
-        self._busy_lock = threading.Lock()
-        self._failures: dict[str, tuple[int, float]] = {}  # id -> (action_seq, retry-after) for delete retries
-        self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="hb-agent")
         self._threads: list[threading.Thread] = []
         self._subscription: Any = None
+        self._spawn_hooks: list[SpawnHook] = []
+        self._start_hooks: list[Callable[[Agent], object]] = []
+        self.reconciler = InstanceReconciler(self)
         self.ready = threading.Event()
+        self._load_extensions()
+
+    # ------------------------------------------------------------------------------ hooks (for other services)
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set when the agent stops: other services' reconcilers on this host stop with it."""
+        return self._stop
+
+    def register_spawn_hook(self, prepare: Callable[[Any], Any] | None = None,
+                            after: Callable[[Any, Any], None] | None = None) -> None:
+        """Run `prepare(spec) -> spec` before every guest spawn and `after(driver, spec)` right after it."""
+        self._spawn_hooks.append(SpawnHook(prepare, after))
+
+    def register_start_hook(self, hook: Callable[[Agent], object]) -> None:
+        """Run `hook(agent)` once the host is registered and its guests adopted (start a reconciler here)."""
+        self._start_hooks.append(hook)
+
+    def _load_extensions(self) -> None:
+        for module in filter(None, (m.strip() for m in self.cfg.extensions.split(","))):
+            try:
+                importlib.import_module(module).attach(self)
+            except Exception:
+                log.exception("agent %s: cannot load the extension %s", self.name, module)
 
     # ------------------------------------------------------------------------------ setup
 
@@ -216,8 +282,9 @@ class Agent:
         self._threads.append(t)
 
     def _boot(self) -> None:
-        service.on_change(self._on_change)  # before registering: no change is missed once the host exists
-        self._listen_wakeups()
+        # before registering: no change is missed once the host exists
+        reconcile.bridge(self.reconciler.kind, service.on_change, sockets=False)  # the service sends datagrams
+        reconcile.notifier.listen_socket(self.name, self._stop)
         self.probe()
         delay = 1.0
         while not self._stop.is_set():
@@ -230,15 +297,18 @@ class Agent:
                 delay = min(delay * 2, 30.0)
         if self._stop.is_set():
             return
+        self.reconciler.scope = self.host_id
         self._subscription = self.driver.subscribe(self._on_event)
         self.adopt_all()
-        from hackboot.volumes import agent as volume_hooks  # volumes: the volume reconciler of this host
-
-        volume_hooks.start(self)
-        for name, target in (("reconcile", self._reconcile_loop), ("heartbeat", self._heartbeat_loop)):
-            t = threading.Thread(target=target, name=f"hb-agent-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        for hook in self._start_hooks:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("agent %s: a start hook failed", self.name)
+        self.reconciler.start()
+        t = threading.Thread(target=self._heartbeat_loop, name="hb-agent-heartbeat", daemon=True)
+        t.start()
+        self._threads.append(t)
         self.ready.set()
 
     def run_forever(self) -> None:
@@ -251,8 +321,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.reconciler.stop(wait=True)
         if self._subscription is not None:
             self._subscription.close()
         if self._driver is not None:
@@ -260,111 +329,33 @@ class Agent:
 
     # ------------------------------------------------------------------------------ loops
 
-    def _listen_wakeups(self) -> None:
-        """A datagram socket in <state_dir>/wake/ that API processes on this machine poke on changes."""
-        wake = service.wake_dir()
-        try:
-            wake.mkdir(parents=True, exist_ok=True)
-            path = wake / (hashlib.sha256(self.name.encode()).hexdigest()[:16] + ".sock")
-            path.unlink(missing_ok=True)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(str(path))
-        except OSError as exc:
-            log.warning("agent %s: no wake-up socket (%s); polling every %.1fs", self.name, exc,
-                        self.cfg.poll_interval)
-            return
-
-        def listen() -> None:
-            sock.settimeout(1.0)
-            while not self._stop.is_set():
-                try:
-                    data = sock.recv(128).decode(errors="replace")
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                self._on_change(None if data == "*" else data)
-            sock.close()
-            path.unlink(missing_ok=True)
-
-        t = threading.Thread(target=listen, name="hb-agent-wake", daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def _on_change(self, host_id: str | None) -> None:
-        if host_id is None or host_id == self.host_id:
-            self._wake.set()
-
-    def _reconcile_loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()  # before reading: a change signalled from now on triggers another pass
-            try:
-                self.reconcile_once()
-            except Exception:  # the loop survives any single failure
-                log.exception("agent %s: reconcile failed", self.name)
-            self._wake.wait(self.cfg.poll_interval)
-
     def _heartbeat_loop(self) -> None:
-        last_check = 0.0
-        while not self._stop.wait(min(self.cfg.heartbeat_interval, self.cfg.check_interval)):
+        while not self._stop.wait(self.cfg.heartbeat_interval):
             try:
                 assert self.host_id is not None
                 service.heartbeat(self.host_id)
             except Exception:
                 log.exception("agent %s: heartbeat failed", self.name)
-            if time.monotonic() - last_check >= self.cfg.check_interval:
-                last_check = time.monotonic()
-                try:
-                    self.check_all()
-                except Exception:
-                    log.exception("agent %s: periodic check failed", self.name)
 
     def _on_event(self, event: Any) -> None:
         kind = str(getattr(event.kind, "value", event.kind))
         if kind in ("EXITED", "SHUTDOWN", "GUEST_PANICKED", "DISCONNECTED"):
             log.info("agent %s: %s %s %s", self.name, event.instance_id, kind, event.data)
-            self._submit(event.instance_id, self._sync_one, event.instance_id)
+            self.reconciler.submit(event.instance_id, self._sync_one, event.instance_id)
 
     # ------------------------------------------------------------------------------ dispatch
 
-    def _submit(self, instance_id: str, fn: Any, *args: Any) -> bool:
-        with self._busy_lock:
-            if instance_id in self._busy or self._stop.is_set():
-                return False
-            self._busy.add(instance_id)
-
-        def run() -> None:
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("agent %s: work on %s failed", self.name, instance_id)
-            finally:
-                with self._busy_lock:
-                    self._busy.discard(instance_id)
-                self._wake.set()
-
-        try:
-            self._pool.submit(run)
-        except RuntimeError:  # pool shut down
-            with self._busy_lock:
-                self._busy.discard(instance_id)
-            return False
-        return True
-
-    def reconcile_once(self) -> None:
+    def reconcile(self, instance_id: str) -> None:
+        """One pending instance (called by the reconciler, never twice at once for one instance)."""
         assert self.host_id is not None
-        ids = service.pending(self.host_id)
-        with self._busy_lock:
-            ids = [i for i in ids if i not in self._busy]
-        if not ids:
-            return
-        for w in service.assigned(self.host_id, ids=ids):
+        for w in service.assigned(self.host_id, ids=[instance_id]):
             if w.task_state is None and w.status != BUILDING:
                 continue
-            retry = self._failures.get(w.id)
-            if retry and retry[0] == w.action_seq and time.monotonic() < retry[1]:
-                continue
-            self._submit(w.id, self.handle, w)
+            self._handle(w)
+
+    def reconcile_once(self) -> None:
+        """One pass of the reconciler over every pending instance (tests, tools)."""
+        self.reconciler.run_once()
 
     def check_all(self) -> None:
         """Backstop: observed vs desired for every idle instance, and orphans."""
@@ -373,7 +364,7 @@ class Agent:
         assigned_ids = {w.id for w in works}
         for w in works:
             if w.task_state is None:
-                self._submit(w.id, self.sync, w)
+                self.reconciler.submit(w.id, self.sync, w)
         self.cleanup_orphans(assigned_ids)
 
     def adopt_all(self) -> None:
@@ -398,15 +389,19 @@ class Agent:
         for iid in candidates:
             status, host_id = known.get(iid, ("MISSING", None))
             if status == "DELETED" or status == "MISSING" or host_id != self.host_id:
-                with self._busy_lock:
-                    if iid in self._busy:
-                        continue
+                if self.reconciler.is_busy(iid):
+                    continue
                 log.info("agent %s: removing orphan guest %s (%s)", self.name, iid, status)
                 self._destroy_local(iid)
 
     # ------------------------------------------------------------------------------ handlers
 
     def handle(self, w: Work) -> None:
+        """Do the task of `w` (a failed delete is left for the reconciler to retry)."""
+        with contextlib.suppress(RetryLater):
+            self._handle(w)
+
+    def _handle(self, w: Work) -> None:
         task = w.task_state
         try:
             if task == lifecycle.DELETING:
@@ -426,9 +421,8 @@ class Agent:
         except Exception as exc:
             reason = str(exc) if isinstance(exc, BuildError) else f"{type(exc).__name__}: {exc}"
             log.warning("agent %s: %s of %s failed: %s", self.name, task, w.id, reason)
-            if task == lifecycle.DELETING:
-                self._failures[w.id] = (w.action_seq, time.monotonic() + 5.0)
-                return
+            if task == lifecycle.DELETING:  # retried with backoff; the instance stays DELETING
+                raise RetryLater(reason) from None
             power = self._state(w.id)
             service.finish_task(w.id, w.action_seq, status=ERROR, power_state=power, reason=reason,
                                 ssh_port=self._port_if_running(w, power))
@@ -525,11 +519,14 @@ class Agent:
         for _attempt in range(3):
             port = find_free_port()
             try:
-                from hackboot.volumes import agent as volume_hooks  # volumes: hot-plug ports + attached volumes
-
-                spec = volume_hooks.prepare_spec(self.guest_spec(w, port))
+                spec = self.guest_spec(w, port)
+                for hook in self._spawn_hooks:  # e.g. volumes: hot-plug ports, attached volumes
+                    if hook.prepare is not None:
+                        spec = hook.prepare(spec)
                 self.driver.spawn(spec)
-                volume_hooks.after_spawn(self.driver, spec)
+                for hook in self._spawn_hooks:
+                    if hook.after is not None:
+                        hook.after(self.driver, spec)
                 return port
             except GuestAlreadyRunning:
                 self.driver.adopt(w.id)
@@ -712,7 +709,6 @@ class Agent:
         if self.disk_dir(w.id).exists():
             raise BuildError(f"Could not remove {self.disk_dir(w.id)}")
         service.finish_delete(w.id, w.action_seq)
-        self._failures.pop(w.id, None)
 
     # observed state (no task) ---------------------------------------------------------------------------
 

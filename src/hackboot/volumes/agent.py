@@ -1,19 +1,21 @@
 """The volume reconciler of a host agent, and the hooks compute's agent calls when it spawns a guest.
 
-The compute agent (``compute/agent.py``) calls three functions of this module, nothing else:
+The compute agent loads this module as one of its extensions (``AgentSettings.extensions``)
+and calls :func:`attach`, which registers with it, through its public hooks:
 
-* :func:`start` once it has registered its host: starts the volume reconciler (threads) that
-  shares the agent's driver (QEMU serves one QMP client per guest: the agent's);
-* :func:`prepare_spec` on every GuestSpec before ``driver.spawn``: adds the pcie-root-ports
-  volumes are hot-plugged into (q35's root bus is not hot-pluggable) and, when the instance has
-  volumes attached, asks for a paused start;
-* :func:`after_spawn` right after ``driver.spawn``: plugs the attached volumes over QMP (their
-  keys as QMP secrets: never on the command line, which QEMU's run dir records) while the vCPUs
-  are still stopped, so the guest finds them at boot like any disk, then resumes the guest.
+* a start hook, :func:`start`, run once the host is registered: starts the volume reconciler
+  that shares the agent's driver (QEMU serves one QMP client per guest: the agent's);
+* a spawn hook: :func:`prepare_spec` on every GuestSpec before ``driver.spawn`` adds the
+  pcie-root-ports volumes are hot-plugged into (q35's root bus is not hot-pluggable) and, when the
+  instance has volumes attached, asks for a paused start; :func:`after_spawn` right after
+  ``driver.spawn`` plugs the attached volumes over QMP (their keys as QMP secrets: never on the
+  command line, which QEMU's run dir records) while the vCPUs are still stopped, so the guest
+  finds them at boot like any disk, then resumes the guest.
 
-The reconciler reads the volumes placed on its host that have a task (``task_state``), works on
-each in a thread (one task per volume at a time), and finishes it with a compare-and-swap on
-``action_seq``. Every step is idempotent, so an agent killed mid-attach or mid-snapshot simply
+The reconciler (:class:`VolumeAgent`, on :mod:`hackboot.core.reconcile`'s shared loop) reads the
+volumes placed on its host that have a task (``task_state``), works on each in a thread (one task
+per volume at a time), and finishes it with a compare-and-swap on ``action_seq``.
+Every step is idempotent, so an agent killed mid-attach or mid-snapshot simply
 redoes the task after its restart and finds the half-done work (a QMP node already added, an
 overlay file already created, a snapshot switch already done) instead of repeating it.
 A periodic check re-plugs attached volumes missing from a running guest and releases the
@@ -29,10 +31,12 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hackboot.core import reconcile
+from hackboot.core.reconcile import Reconciler
 from hackboot.volumes import lifecycle, service, storage, tiers
 from hackboot.volumes.config import volume_settings
 from hackboot.volumes.service import AttachmentWork, VolumeWork
@@ -104,6 +108,12 @@ def after_spawn(driver: Any, spec: Any) -> None:
             driver.resume(iid)
 
 
+def attach(compute_agent: Any) -> None:
+    """Register this module's hooks with a compute agent (it calls this when loading its extensions)."""
+    compute_agent.register_spawn_hook(prepare_spec, after_spawn)
+    compute_agent.register_start_hook(start)
+
+
 def start(compute_agent: Any) -> VolumeAgent:
     """Start the volume reconciler of this host (called by the compute agent once registered)."""
     global _local
@@ -119,18 +129,21 @@ def local_volume_agent() -> VolumeAgent | None:
 
 # ---------------------------------------------------------------------------------------------- reconciler
 
-class VolumeAgent:
+class VolumeAgent(Reconciler):
+    """The volumes of one host with a task → :meth:`handle`; :meth:`check` as the periodic resync."""
+
+    kind = "volume"
+
     def __init__(self, compute_agent: Any) -> None:
-        self.compute = compute_agent
         self.cfg = volume_settings()
+        super().__init__(stop=compute_agent.stopping, workers=self.cfg.workers,
+                         poll_interval=self.cfg.poll_interval_s, resync_interval=self.cfg.check_interval_s,
+                         name="volumes")
+        self.compute = compute_agent
         self.pool = Pool(Path(compute_agent.state_dir) / "volumes")
         self.run_dir = Path(compute_agent.state_dir) / "qsd"
-        self._stop: threading.Event = compute_agent._stop
-        self._wake = threading.Event()
-        self._busy: set[str] = set()
-        self._busy_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=self.cfg.workers, thread_name_prefix="hb-volumes")
         self.host_name = compute_agent.name
+        self._listed: dict[str, VolumeWork] = {}
 
     @property
     def host_id(self) -> str:
@@ -141,52 +154,24 @@ class VolumeAgent:
         return self.compute.driver
 
     def start(self) -> None:
-        service.on_change(self._on_change)
-        for name, target in (("volumes", self._loop), ("volumes-check", self._check_loop)):
-            threading.Thread(target=target, name=f"hb-agent-{name}", daemon=True).start()
+        self.scope = self.host_id
+        reconcile.bridge(self.kind, service.on_change)
+        super().start()
 
-    def _on_change(self, host_id: str | None) -> None:
-        if host_id is None or host_id == self.host_id:
-            self._wake.set()
+    def list_ids(self) -> Iterable[str]:
+        works = service.host_volumes(self.host_id, busy_only=True)
+        self._listed = {w.id: w for w in works}
+        return [w.id for w in works]
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                for w in service.host_volumes(self.host_id, busy_only=True):
-                    self._submit(w)
-            except Exception:
-                log.exception("volumes: reconcile failed")
-            self._wake.wait(self.cfg.poll_interval_s)
-            self._wake.clear()
+    def reconcile(self, object_id: str) -> None:
+        w = self._listed.pop(object_id, None)
+        if w is None:
+            w = next((v for v in service.host_volumes(self.host_id, busy_only=True) if v.id == object_id), None)
+        if w is not None:
+            self.handle(w)
 
-    def _check_loop(self) -> None:
-        while not self._stop.wait(self.cfg.check_interval_s):
-            try:
-                self.check()
-            except Exception:
-                log.exception("volumes: periodic check failed")
-
-    def _submit(self, w: VolumeWork) -> None:
-        with self._busy_lock:
-            if w.id in self._busy or self._stop.is_set():
-                return
-            self._busy.add(w.id)
-
-        def run() -> None:
-            try:
-                self.handle(w)
-            except Exception:
-                log.exception("volumes: work on %s failed", w.id)
-            finally:
-                with self._busy_lock:
-                    self._busy.discard(w.id)
-                self._wake.set()
-
-        try:
-            self._pool.submit(run)
-        except RuntimeError:
-            with self._busy_lock:
-                self._busy.discard(w.id)
+    def resync(self) -> None:
+        self.check()
 
     # --- guests ---------------------------------------------------------------------------------
 
