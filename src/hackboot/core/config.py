@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     # Kept allocated in state_dir and released when the disk fills, so deletes can still commit.
     disk_reserve_bytes: int = 16 * 1024**2
     token_default_ttl_hours: int = 24 * 30
+    # Projects an organisation may hold (organisation admins create them; superusers are exempt).
+    org_max_projects: int = 100
+    # Password checks are throttled per username and per source address; only failures count.
+    # After the free failures, each further attempt waits base * 2**n seconds (capped); a counter
+    # untouched for the window starts again from zero.
+    login_user_free_failures: int = 5
+    login_source_free_failures: int = 100
+    login_backoff_base_s: float = 1.0
+    login_backoff_max_s: float = 900.0
+    login_failure_window_s: float = 3600.0
     login_token_ttl_hours: int = 12
     run_local_agent: bool = True
     run_workers: bool = True

@@ -20,7 +20,6 @@ from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.events.service import emit
 from hackboot.identity import throttle
-from hackboot.identity.config import setting
 from hackboot.identity.models import ORG_ROLES, ApiToken, Membership, Organisation, Project, User
 
 TOKEN_PREFIX = "hbk_"
@@ -245,7 +244,7 @@ def create_project(p: Principal, name: str, description: str, org_id: str | None
         if s.scalar(select(Organisation).where(Organisation.id == org).with_for_update()) is None:
             raise errors.NotFound(f"Organisation {org} not found")
         if not p.is_superuser:
-            limit = int(setting("org_max_projects"))
+            limit = get_settings().org_max_projects
             count = s.scalar(select(func.count()).select_from(Project).where(Project.org_id == org)) or 0
             if count >= limit:
                 raise errors.QuotaExceeded(

@@ -19,8 +19,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from hackboot.core import errors
+from hackboot.core.config import get_settings
 from hackboot.core.db import is_postgres, session_scope, utcnow
-from hackboot.identity.config import setting
 from hackboot.identity.models import LoginThrottle
 
 
@@ -31,8 +31,8 @@ class TooManyAttempts(errors.ApiError):
 
 
 def _keys(username: str, source: str) -> list[tuple[str, int]]:
-    return [(f"user:{username}", int(setting("login_user_free_failures"))),
-            (f"source:{source}", int(setting("login_source_free_failures")))]
+    return [(f"user:{username}", get_settings().login_user_free_failures),
+            (f"source:{source}", get_settings().login_source_free_failures)]
 
 
 def _locked_row(s: Session, key: str, now: dt.datetime) -> LoginThrottle:
@@ -49,13 +49,13 @@ def _count(s: Session, key: str, free: int, now: dt.datetime) -> float | None:
     row = _locked_row(s, key, now)
     if row.locked_until is not None and row.locked_until > now:
         return (row.locked_until - now).total_seconds()
-    if now - row.updated_at > dt.timedelta(seconds=float(setting("login_failure_window_s"))):
+    if now - row.updated_at > dt.timedelta(seconds=get_settings().login_failure_window_s):
         row.failures = 0
     row.failures += 1
     row.updated_at = now
     if row.failures >= free:
-        delay = min(float(setting("login_backoff_base_s")) * 2 ** min(row.failures - free, 30),
-                    float(setting("login_backoff_max_s")))
+        delay = min(get_settings().login_backoff_base_s * 2 ** min(row.failures - free, 30),
+                    get_settings().login_backoff_max_s)
         row.locked_until = now + dt.timedelta(seconds=delay)
     return None
 
@@ -65,7 +65,7 @@ def reserve(username: str, source: str) -> None:
     now = utcnow()
     with session_scope() as s:
         if random.random() < 0.01:  # keep the table small: forget idle, unlocked counters
-            window = dt.timedelta(seconds=float(setting("login_failure_window_s")))
+            window = dt.timedelta(seconds=get_settings().login_failure_window_s)
             s.execute(delete(LoginThrottle).where(
                 LoginThrottle.updated_at < now - window,
                 or_(LoginThrottle.locked_until.is_(None), LoginThrottle.locked_until < now)))
