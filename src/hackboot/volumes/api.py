@@ -25,15 +25,23 @@ _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+MAX_DURATION_S = 2**31 - 1
+
+
 def parse_duration(value: str | int, field_name: str) -> int:
-    """'6h', '7d', '30m', '90s' or seconds."""
+    """'6h', '7d', '30m', '90s' or seconds (at most MAX_DURATION_S: the column is a 32-bit integer)."""
     if isinstance(value, int):
-        return value
-    m = _DURATION.match(value)
-    if not m:
-        raise errors.ValidationFailed(f"{field_name}: use a duration like 30m, 6h, 7d",
-                                      errors=[{"loc": ["body", field_name], "msg": "invalid duration"}])
-    return int(m.group(1)) * _UNITS[m.group(2)]
+        seconds = value
+    else:
+        m = _DURATION.match(value)
+        if not m:
+            raise errors.ValidationFailed(f"{field_name}: use a duration like 30m, 6h, 7d",
+                                          errors=[{"loc": ["body", field_name], "msg": "invalid duration"}])
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION_S:
+        raise errors.ValidationFailed(f"{field_name}: at most {MAX_DURATION_S} seconds",
+                                      errors=[{"loc": ["body", field_name], "msg": "duration too long"}])
+    return seconds
 
 
 # --- tiers ------------------------------------------------------------------------------------------
