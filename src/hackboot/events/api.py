@@ -20,10 +20,10 @@ from pydantic import AfterValidator, Field, StringConstraints
 
 from hackboot.core import errors
 from hackboot.core.auth import PROJECT_HEADER, Admin, Viewer, authenticate_token
+from hackboot.core.config import get_settings
 from hackboot.core.pagination import Page, Pagination
 from hackboot.core.schemas import Body, Out, ResourceId, Timestamp
 from hackboot.events import service, stream
-from hackboot.events.config import setting
 from hackboot.events.webhooks import validate_url
 
 router = APIRouter(prefix="/v1", tags=["events"])
@@ -42,7 +42,7 @@ Order = Literal["asc", "desc"]
 
 
 def _check_url(url: str) -> str:
-    return validate_url(url, allow_private=bool(setting("webhook_allow_private_targets")))
+    return validate_url(url, allow_private=get_settings().webhook_allow_private_targets)
 
 
 WebhookUrl = Annotated[str, StringConstraints(min_length=1), AfterValidator(_check_url)]
@@ -133,8 +133,8 @@ async def stream_events(request: Request, p: Viewer, type: TypeQ = None, resourc
     start = await anyio.to_thread.run_sync(service.stream_start, f, resume)
     token = request.headers.get("authorization", "").partition(" ")[2].strip()
     project_header = request.headers.get(PROJECT_HEADER)
-    poll_s = float(setting("events_stream_poll_s"))
-    heartbeat_s = float(setting("events_stream_heartbeat_s"))
+    poll_s = get_settings().events_stream_poll_s
+    heartbeat_s = get_settings().events_stream_heartbeat_s
 
     async def body() -> AsyncIterator[str]:
         cursor = start

@@ -20,13 +20,13 @@ from sqlalchemy.orm import Session
 
 from hackboot.core import errors, quotas
 from hackboot.core.auth import Principal
+from hackboot.core.config import get_settings
 from hackboot.core.crypto import seal
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.core.pagination import PageParams, encode_cursor
 from hackboot.core.workers import Loop
 from hackboot.events import stream
-from hackboot.events.config import setting
 from hackboot.events.models import AuditRecord, Event, Webhook, WebhookAttempt, WebhookDelivery
 
 SECRET_PREFIX = "whsec_"
@@ -397,7 +397,7 @@ def prune(now: dt.datetime | None = None) -> dict[str, int]:
     Works from the oldest rows by primary key (time-ordered), in small transactions, so it reads
     only what it deletes plus one batch and never holds the SQLite write lock for long.
     """
-    days = int(setting("events_retention_days"))
+    days = get_settings().events_retention_days
     if days <= 0:
         return {}
     cutoff = (now or utcnow()) - dt.timedelta(days=days)
@@ -425,5 +425,5 @@ def loops() -> list[Loop]:
     from hackboot.events.webhooks import Sender
 
     sender = Sender()
-    return [Loop("webhook-sender", sender.step, float(setting("webhook_poll_interval_s"))),
+    return [Loop("webhook-sender", sender.step, get_settings().webhook_poll_interval_s),
             Loop("events-retention", prune, RETENTION_INTERVAL_S)]

@@ -69,7 +69,6 @@ from hackboot.core.crypto import unseal
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.events import signing
-from hackboot.events.config import setting
 from hackboot.events.models import Event, Webhook, WebhookAttempt, WebhookDelivery
 
 log = logging.getLogger("hackboot.events.webhooks")
@@ -497,10 +496,10 @@ def record(claim: Claim, outcome: Outcome, now: dt.datetime | None = None) -> No
     elif outcome.permanent or claim.attempt >= max_attempts:
         values |= {"status": "failed"}
     else:
-        delay = backoff_delay(claim.attempt, base=float(setting("webhook_backoff_base_s")),
-                              cap=float(setting("webhook_backoff_max_s")))
+        delay = backoff_delay(claim.attempt, base=get_settings().webhook_backoff_base_s,
+                              cap=get_settings().webhook_backoff_max_s)
         if outcome.retry_after is not None:
-            delay = max(delay, min(outcome.retry_after, float(setting("webhook_backoff_max_s"))))
+            delay = max(delay, min(outcome.retry_after, get_settings().webhook_backoff_max_s))
         values |= {"next_attempt_at": now + dt.timedelta(seconds=delay)}
     with session_scope() as s:
         result = s.execute(
@@ -592,11 +591,11 @@ class Sender:
             return 0.0
         health = self._health.setdefault(claim.webhook_id, _Health())
         health.failures += 1
-        cap = min(HOLD_MAX_S, float(setting("webhook_backoff_max_s")))
+        cap = min(HOLD_MAX_S, get_settings().webhook_backoff_max_s)
         hold = 0.0
         if health.failures >= HOLD_AFTER_FAILURES:
             hold = backoff_delay(health.failures - HOLD_AFTER_FAILURES + 1,
-                                 base=float(setting("webhook_backoff_base_s")), cap=cap)
+                                 base=get_settings().webhook_backoff_base_s, cap=cap)
         if outcome.retry_after is not None:  # 429/503 Retry-After speaks for the whole receiver
             hold = max(hold, min(outcome.retry_after, cap))
         health.held_until = max(health.held_until, time.monotonic() + hold)
@@ -610,7 +609,7 @@ class Sender:
         return asyncio.run(self._run())
 
     async def _run(self) -> int:
-        tick = min(max(float(setting("webhook_poll_interval_s")), 0.05), 1.0)
+        tick = min(max(get_settings().webhook_poll_interval_s, 0.05), 1.0)
         total = 0
         tasks: set[asyncio.Task[None]] = set()
         async with self._new_client() as client:
@@ -664,7 +663,7 @@ class Sender:
 
     async def _attempt(self, client: httpx.AsyncClient, claim: Claim) -> Outcome:
         timeout_s = get_settings().webhook_timeout_s
-        allow_private = bool(setting("webhook_allow_private_targets"))
+        allow_private = get_settings().webhook_allow_private_targets
         started = utcnow()
         t0 = time.monotonic()
 

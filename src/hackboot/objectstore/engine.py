@@ -17,7 +17,6 @@ import datetime as dt
 import itertools
 import json
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -25,7 +24,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, TypeVar
 
 import anyio
@@ -64,7 +62,6 @@ from hackboot.objectstore.storage import BlobBackend, LocalBackend
 log = logging.getLogger("hackboot.objectstore")
 T = TypeVar("T")
 INLINE_MAX = 64 * 1024  # objects up to this size live in their metadata row (one durable write)
-MIN_PART_SIZE = int(os.environ.get("HACKBOOT_S3_MIN_PART_SIZE", str(5 * 1024 * 1024)))  # all parts but the last
 SECRET_CONTEXT = b"s3-credential"
 
 
@@ -954,7 +951,7 @@ def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wan
                        *, if_match: str | None = None,
                        if_none_match: str | None = None) -> tuple[WriteResult, NewObject]:
     """Turn an upload into an object made of the listed parts (no data is copied): every part must exist with
-    the ETag given, all but the last be at least MIN_PART_SIZE, and carry the upload's checksum algorithm if it
+    the ETag given, all but the last be at least `s3_min_part_size`, and carry the upload's checksum algorithm if it
     has one. The ETag is S3's MD5 of the parts' MD5s plus "-<count>"; the checksum is composite. Parts not
     listed are released. The parts' rows and the upload go with the object's commit (tx_put_object)."""
     up = tx_get_upload(s, bucket_id, upload_id, key)
@@ -963,6 +960,7 @@ def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wan
     digests: list[bytes] = []
     segments: list[list[Any]] = []
     total = 0
+    min_part_size = get_settings().s3_min_part_size  # all parts but the last
     for ref in wanted:  # every part is looked up before any other rule is checked (S3's order of errors)
         p = parts.get(ref.number)
         if p is None or p.etag.strip('"') != ref.etag.strip('"'):
@@ -973,9 +971,9 @@ def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wan
     for i, ref in enumerate(wanted):
         n = ref.number
         p = parts[n]
-        if i < len(wanted) - 1 and p.size < MIN_PART_SIZE:
+        if i < len(wanted) - 1 and p.size < min_part_size:
             raise S3Error("EntityTooSmall", "Your proposed upload is smaller than the minimum allowed object "
-                                            "size.", ProposedSize=str(p.size), MinSizeAllowed=str(MIN_PART_SIZE),
+                                            "size.", ProposedSize=str(p.size), MinSizeAllowed=str(min_part_size),
                           PartNumber=str(n), ETag=p.etag)
         if up.checksum_algorithm:
             have = (p.checksum or {}).get(up.checksum_algorithm)
@@ -1009,7 +1007,6 @@ def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wan
 
 # --- misc -----------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
 def day_seconds() -> float:
-    """Length of a lifecycle "day" (HACKBOOT_S3_LIFECYCLE_DAY_S; tests make it a second)."""
-    return float(os.environ.get("HACKBOOT_S3_LIFECYCLE_DAY_S", "86400"))
+    """Length of a lifecycle "day" (setting `s3_lifecycle_day_s`; tests make it a second)."""
+    return get_settings().s3_lifecycle_day_s

@@ -9,10 +9,8 @@ import it, and it imports none of them.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import itertools
-import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from urllib.parse import unquote
 
 from starlette.types import Receive, Scope
 
+from hackboot.core.config import get_settings
 from hackboot.objectstore import engine, sigv4
 from hackboot.objectstore.engine import BucketInfo
 from hackboot.objectstore.policy import (
@@ -252,10 +251,8 @@ class Req:
                 return
 
 
-@functools.lru_cache(maxsize=1)
 def _domains() -> tuple[str, ...]:
-    return tuple(d.strip().lower() for d in os.environ.get("HACKBOOT_S3_DOMAINS", "s3.localhost,localhost")
-                 .split(",") if d.strip())
+    return tuple(d.strip().lower() for d in get_settings().s3_domains.split(",") if d.strip())
 
 
 # --- shared helpers ------------------------------------------------------------------------------

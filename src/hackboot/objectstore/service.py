@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from hackboot.core import diskspace, errors
 from hackboot.core.auth import Principal, forget_cached_tokens
+from hackboot.core.config import get_settings
 from hackboot.core.crypto import seal
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
@@ -153,8 +153,8 @@ def temp_cleanup_step() -> None:
 
 
 def multipart_cleanup_step() -> int:
-    """Abort uploads older than HACKBOOT_S3_UPLOAD_TTL_DAYS (7 lifecycle days by default)."""
-    ttl_days = float(os.environ.get("HACKBOOT_S3_UPLOAD_TTL_DAYS", "7"))
+    """Abort uploads older than setting `s3_upload_ttl_days` (7 lifecycle days by default)."""
+    ttl_days = get_settings().s3_upload_ttl_days
     import datetime as dt
 
     cutoff = utcnow() - dt.timedelta(seconds=ttl_days * engine.day_seconds())
