@@ -26,7 +26,7 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from hackboot.compute.qemu import QEMU_BINARY, SANDBOX_OPTS, backing_chain, file_nodes
-from hackboot.core.privsep import limited_argv, unprivileged_account
+from hackboot.core.privsep import die_with_parent, limited_argv, unprivileged_account
 
 GiB = 1024**3
 
@@ -109,7 +109,7 @@ class BlockHelper:
             self.proc = subprocess.Popen(
                 limited_argv(argv, address_space=self.address_space, cpu_seconds=self.cpu_seconds),
                 stdin=subprocess.DEVNULL, stdout=self.err, stderr=self.err, close_fds=True,
-                pass_fds=(theirs.fileno(),), cwd="/", **switch)
+                pass_fds=(theirs.fileno(),), cwd="/", preexec_fn=die_with_parent, **switch)
         except BaseException:
             ours.close()
             self._cleanup()

@@ -82,3 +82,16 @@ def run_unprivileged(argv: list[str], *, address_space: int = 2 * 1024**3, cpu_s
     switch = {} if acct.is_current else {"user": acct.uid, "group": acct.gid, "extra_groups": []}
     return subprocess.run(limited_argv(argv, address_space=address_space, cpu_seconds=cpu_seconds),
                           capture_output=True, text=True, timeout=timeout, check=False, **switch)  # type: ignore[arg-type]
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for helper processes: SIGKILL them when the thread that started them dies.
+
+    A block helper killed with its agent would otherwise live on as an orphan (holding images open).
+    Set after subprocess has switched user (a credential change clears the setting), so it sticks.
+    """
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

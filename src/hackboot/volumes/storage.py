@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hackboot.core.privsep import die_with_parent
+
 log = logging.getLogger("hackboot.volumes.storage")
 
 GiB = 1024**3
@@ -555,14 +557,6 @@ class Graph:
 
 # ------------------------------------------------------------------------------------------ storage daemon
 
-def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class StorageDaemon:
     """A private ``qemu-storage-daemon`` with a QMP monitor, for graph work on detached volumes."""
 
@@ -582,7 +576,7 @@ class StorageDaemon:
         self.proc = subprocess.Popen(  # dies with the agent (PR_SET_PDEATHSIG): no orphan holds image locks
             ["qemu-storage-daemon", "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
              "--monitor", "chardev=m"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "stderr.log", "wb"), preexec_fn=_die_with_parent)
+            stderr=open(self.dir / "stderr.log", "wb"), preexec_fn=die_with_parent)
         deadline = time.monotonic() + 10
         while not sock.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
