@@ -93,3 +93,18 @@ def test_bootstrap_admin_is_owner_and_superusers_are_exempt(org_cloud: Cloud) ->
     for _ in range(ORG_MAX_PROJECTS + 1 - len(admin.projects.list())):
         admin.projects.create(unique("op"))
     assert len(admin.projects.list()) > ORG_MAX_PROJECTS
+
+
+def test_org_role_change_rejects_bad_input_and_hides_strangers(org_cloud: Cloud) -> None:
+    admin = org_cloud.admin_client_unscoped()
+    tenant = make_tenant(org_cloud, "admin")
+    admin.users.update(tenant.user_id, org_role="admin")
+    err = _error(lambda: tenant.client.users.update(tenant.user_id, org_role="emperor"))
+    assert err.status == 422
+    assert tenant.client.users.get(tenant.user_id)["org_role"] == "admin"  # nothing changed
+    # Demoted back to member, the tenant cannot promote anyone (the role is checked first: 403).
+    outsider = admin.users.create(unique("out"))
+    admin.users.update(tenant.user_id, org_role="member")
+    err = _error(lambda: tenant.client.users.update(outsider["id"], org_role="admin"))
+    assert err.status == 403 and err.code == "org_admin_required"
+    assert admin.users.get(outsider["id"])["org_role"] == "member"
