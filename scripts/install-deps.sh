@@ -12,6 +12,9 @@ APT_PACKAGES=(
   postgresql                          # multi-host state (tests run against it too)
   openssh-client iproute2 procps curl
   wrk                                 # load generator of the API benchmark
+  nftables conntrack                  # VPC security groups, NAT, flow logs (inside hb- namespaces only)
+  dnsmasq-base                        # VPC DHCP + DNS (the binary alone, no system service)
+  iperf3                              # network benchmark (bench/network.py); never started as a daemon
 )
 
 missing=()
@@ -23,6 +26,8 @@ if ((${#missing[@]})); then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
+  # iperf3 asks whether to start a system daemon: answer no before it asks.
+  echo "iperf3 iperf3/start_daemon boolean false" | $SUDO debconf-set-selections 2>/dev/null || true
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
