@@ -2,8 +2,13 @@
 
 Written once, run against every driver (as Nova does for its virt drivers):
 subclass :class:`DriverContract` in a ``test_*.py`` module and the ``harness``
-fixture parametrises each test over FakeDriver and QemuDriver (the latter marked
+fixture parametrises each test over FakeDriver, a FakeDriver that declares no
+optional capability (so every refusal path runs), and QemuDriver (marked
 ``qemu`` and skipped when QEMU, a kernel or busybox is missing).
+
+Capabilities are checked both ways: a test of an optional feature runs against
+the drivers that declare it and checks that it works, and against those that
+do not and checks that they refuse it with :class:`Unsupported`.
 
 A :class:`DriverHarness` hides what differs between drivers: how to build a
 bootable spec, how to simulate an agent restart and how to kill the hypervisor
@@ -25,6 +30,7 @@ from __future__ import annotations
 import abc
 import atexit
 import functools
+import json
 import os
 import shutil
 import signal
@@ -41,6 +47,7 @@ import pytest
 from hackboot.compute.accel import build_busybox_initramfs, find_busybox, find_probe_kernel
 from hackboot.compute.driver import (
     INSTANCE_ID_RE,
+    Capability,
     ComputeDriver,
     DriverError,
     EventKind,
@@ -49,6 +56,7 @@ from hackboot.compute.driver import (
     GuestNotFound,
     GuestSpec,
     GuestState,
+    Unsupported,
 )
 from hackboot.compute.fake_driver import FakeDriver, FakeHost
 
@@ -187,6 +195,16 @@ class DriverHarness(abc.ABC):
     def pid(self, instance_id: str) -> int | None:
         """The live hypervisor pid, or None."""
 
+    def gpu_addresses(self) -> list[str] | None:
+        """PCI addresses a spawn may pass through here, or None when the host has none to give."""
+        return None
+
+    def wait_booted(self, instance_id: str) -> None:  # noqa: B027 - nothing to wait for by default
+        """Wait until the guest OS is up (it handles hot-plug events from then on)."""
+
+    def has(self, capability: Capability) -> bool:
+        return capability in self.driver.capabilities
+
     def new_id(self) -> str:
         iid = str(uuid.uuid4())
         self.created.add(iid)
@@ -206,10 +224,15 @@ class DriverHarness(abc.ABC):
 class FakeHarness(DriverHarness):
     name = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, capabilities: frozenset[Capability] | None = None) -> None:
         super().__init__()
         self.host = FakeHost()
-        self.driver = FakeDriver(self.host)
+        self.capabilities = capabilities
+        self.driver = FakeDriver(self.host, capabilities)
+        self.scratch = Path(tempfile.mkdtemp(prefix="hbf-", dir="/tmp"))
+
+    def gpu_addresses(self) -> list[str] | None:
+        return ["0000:3b:00.0"]  # simulated: nothing touches the host
 
     def spec(self, instance_id: str | None = None, **overrides) -> GuestSpec:
         iid = instance_id or self.new_id()
@@ -226,7 +249,7 @@ class FakeHarness(DriverHarness):
 
     def restart_driver(self) -> ComputeDriver:
         self.driver.close()
-        self.driver = FakeDriver(self.host)
+        self.driver = FakeDriver(self.host, self.capabilities)
         return self.driver
 
     def kill_hypervisor(self, instance_id: str) -> None:
@@ -236,6 +259,10 @@ class FakeHarness(DriverHarness):
     def pid(self, instance_id: str) -> int | None:
         assert isinstance(self.driver, FakeDriver)
         return self.driver.pid(instance_id)
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class QemuHarness(DriverHarness):
@@ -249,6 +276,7 @@ class QemuHarness(DriverHarness):
         self.assets = qemu_test_assets()
         # short path: the QMP socket path must fit in sun_path
         self.state_dir = Path(tempfile.mkdtemp(prefix="hbq-", dir="/tmp"))
+        self.scratch = self.state_dir
         self.driver = QemuDriver(self.state_dir)
 
     def spec(self, instance_id: str | None = None, **overrides) -> GuestSpec:
@@ -283,6 +311,9 @@ class QemuHarness(DriverHarness):
     def pid(self, instance_id: str) -> int | None:
         return self.driver.pid(instance_id)  # type: ignore[attr-defined]
 
+    def wait_booted(self, instance_id: str) -> None:
+        wait_console(self.driver, instance_id, READY, timeout=120)
+
     def close(self) -> None:
         super().close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -296,13 +327,23 @@ class DriverContract:
 
     EVENT_TIMEOUT = 20.0
 
-    @pytest.fixture(params=["fake", pytest.param("qemu", marks=pytest.mark.qemu)])
+    @pytest.fixture(params=["fake", "fake-limited", pytest.param("qemu", marks=pytest.mark.qemu)])
     def harness(self, request):
-        h: DriverHarness = FakeHarness() if request.param == "fake" else QemuHarness()
+        if request.param == "fake":
+            h: DriverHarness = FakeHarness()
+        elif request.param == "fake-limited":
+            h = FakeHarness(capabilities=frozenset())
+        else:
+            h = QemuHarness()
         try:
             yield h
         finally:
             h.close()
+
+    @staticmethod
+    def needs(harness: DriverHarness, capability: Capability) -> None:
+        if not harness.has(capability):
+            pytest.skip(f"{harness.name} does not declare {capability.value}")
 
     # ----------------------------------------------------------------- spawn
 
@@ -355,6 +396,7 @@ class DriverContract:
         assert iid not in d.list_instances()
 
     def test_start_paused_then_resume(self, harness: DriverHarness):
+        self.needs(harness, Capability.PAUSED_START)
         d = harness.driver
         spec = harness.spec(start_paused=True)
         d.spawn(spec)
@@ -406,6 +448,7 @@ class DriverContract:
         assert d.state(iid) is GuestState.RUNNING
 
     def test_hard_reboot_of_paused_guest_runs_it(self, harness: DriverHarness):
+        self.needs(harness, Capability.PAUSED_START)
         d = harness.driver
         spec = harness.spec(start_paused=True)
         d.spawn(spec)
@@ -435,6 +478,7 @@ class DriverContract:
         assert d.console_log(iid, 1 << 20).count(b"hackboot: starting") == 2
 
     def test_paused_guest_shutdown_is_immediate(self, harness: DriverHarness):
+        self.needs(harness, Capability.PAUSED_START)
         d = harness.driver
         spec = harness.spec(start_paused=True)
         d.spawn(spec)
@@ -546,3 +590,77 @@ class DriverContract:
         assert ev.kind is EventKind.STOP and ev.instance_id == iid
         assert state is GuestState.PAUSED
         assert thread != threading.current_thread().name
+
+    # ----------------------------------------------------------------- capabilities
+
+    def test_capabilities_are_declared(self, harness: DriverHarness):
+        caps = harness.driver.capabilities
+        assert isinstance(caps, frozenset) and all(isinstance(c, Capability) for c in caps)
+        if Capability.HOTPLUG_DISK in caps:
+            assert Capability.BLOCK_GRAPH in caps  # disks are hot-plugged through the monitor
+        assert harness.restart_driver().capabilities == caps  # a property of the driver, not of a moment
+
+    def test_paused_start_is_refused_without_the_capability(self, harness: DriverHarness):
+        if harness.has(Capability.PAUSED_START):
+            pytest.skip("declared: test_start_paused_then_resume covers it")
+        spec = harness.spec(start_paused=True)
+        with pytest.raises(Unsupported, match=Capability.PAUSED_START.value):
+            harness.driver.spawn(spec)
+        assert harness.driver.state(spec.instance_id) is GuestState.MISSING  # nothing was started
+
+    def test_gpu_passthrough(self, harness: DriverHarness):
+        d = harness.driver
+        if not harness.has(Capability.GPU_PASSTHROUGH):
+            spec = harness.spec(gpu_pci_addresses=["0000:3b:00.0"])
+            with pytest.raises(Unsupported, match=Capability.GPU_PASSTHROUGH.value):
+                d.spawn(spec)
+            assert d.state(spec.instance_id) is GuestState.MISSING
+            return
+        addresses = harness.gpu_addresses()
+        if not addresses:
+            pytest.skip("no GPU bound to vfio-pci on this host")
+        spec = harness.spec(gpu_pci_addresses=addresses)
+        d.spawn(spec)
+        assert d.state(spec.instance_id) is GuestState.RUNNING
+
+    def test_monitor_access(self, harness: DriverHarness):
+        d = harness.driver
+        spec = harness.spec()
+        iid = spec.instance_id
+        d.spawn(spec)
+        if not harness.has(Capability.BLOCK_GRAPH):
+            with pytest.raises(Unsupported, match=Capability.BLOCK_GRAPH.value):
+                d.qmp(iid, "query-block")
+            with pytest.raises(Unsupported, match=Capability.BLOCK_GRAPH.value):
+                d.monitor(iid)
+            return
+        execute = d.monitor(iid)
+        assert execute("query-status", None)["status"] == "running"
+        blocks = {b["device"] or b["qdev"]: b for b in d.qmp(iid, "query-block")}
+        root = [b for b in blocks.values() if (b.get("inserted") or {}).get("node-name") == "disk0"]
+        assert root and root[0]["inserted"]["image"]["virtual-size"] == 64 * 1024**2, blocks
+        with pytest.raises(DriverError) as err:
+            d.qmp(iid, "no-such-command")
+        assert not isinstance(err.value, Unsupported)
+        with pytest.raises(GuestNotFound):
+            d.qmp(str(uuid.uuid4()), "query-status")
+
+    def test_live_disk_snapshot(self, harness: DriverHarness):
+        d = harness.driver
+        spec = harness.spec()
+        iid = spec.instance_id
+        d.spawn(spec)
+        dest = harness.scratch / f"copy-{uuid.uuid4().hex[:8]}.qcow2"
+        if not harness.has(Capability.LIVE_SNAPSHOT):
+            with pytest.raises(Unsupported, match=Capability.LIVE_SNAPSHOT.value):
+                d.snapshot_disk(iid, dest)
+            return
+        d.snapshot_disk(iid, dest, timeout=300)
+        info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(dest)], check=True,
+                              capture_output=True, text=True).stdout
+        meta = json.loads(info)
+        assert meta["format"] == "qcow2" and meta["virtual-size"] == 64 * 1024**2
+        assert "backing-filename" not in meta  # standalone
+        assert d.state(iid) is GuestState.RUNNING  # the guest kept running
+        nodes = {n["node-name"] for n in d.qmp(iid, "query-named-block-nodes", {"flat": True})}
+        assert not any(n.startswith("snap-") for n in nodes)  # its temporary nodes are gone

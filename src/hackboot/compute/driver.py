@@ -26,6 +26,16 @@ either to callbacks (:meth:`ComputeDriver.subscribe`, run on a dedicated
 dispatcher thread, so a callback may call back into the driver) or to blocking
 iterators (:meth:`ComputeDriver.events`).
 
+Capabilities
+------------
+Not every hypervisor can do everything.  A driver declares what it can do in
+:attr:`ComputeDriver.capabilities` (a frozen set of :class:`Capability`), and
+callers test ``Capability.X in driver.capabilities`` instead of probing for
+methods.  Every optional method of the contract exists on every driver; one
+whose capability is not declared raises :class:`Unsupported` (a
+:class:`DriverError`) with a message naming the capability.  The contract suite
+checks both halves: what is declared works, what is not is refused clearly.
+
 Instance identity and persistence
 ---------------------------------
 Guests are keyed by ``instance_id`` (``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``, normally
@@ -68,6 +78,15 @@ class DriverError(Exception):
     """Base class of every error raised by a driver."""
 
 
+class Unsupported(DriverError):
+    """The driver does not have the capability the operation or spec needs (see :class:`Capability`)."""
+
+    def __init__(self, driver: str, capability: Capability, what: str = "") -> None:
+        detail = f" ({what})" if what else ""
+        super().__init__(f"{driver} does not support {capability.value}{detail}")
+        self.capability = capability
+
+
 class GuestNotFound(DriverError):
     """The instance is unknown to the driver (no run dir / never spawned or destroyed)."""
 
@@ -92,6 +111,33 @@ class SpawnError(DriverError):
 
 
 # --------------------------------------------------------------------------- value types
+
+
+class Capability(enum.StrEnum):
+    """What a driver can do beyond the core lifecycle (spawn, adopt, state, pause, shutdown, ...).
+
+    ``PAUSED_START``     ``GuestSpec.start_paused``: spawn leaves the vCPUs stopped.
+    ``GPU_PASSTHROUGH``  ``GuestSpec.gpu_pci_addresses``: host PCI functions given to the guest.
+    ``BLOCK_GRAPH``      monitor access (:meth:`ComputeDriver.qmp` / :meth:`ComputeDriver.monitor`):
+                         QMP commands on the guest's hypervisor, block nodes and block jobs included.
+                         ``blockdev-add`` file nodes name host paths; the driver opens them.
+    ``HOTPLUG_DISK``     disks can be added to a live guest through the monitor (``blockdev-add`` then
+                         ``device_add`` on one of the spec's hot-plug ports, :func:`hotplug_port_id`).
+                         Implies ``BLOCK_GRAPH``.
+    ``HOTPLUG_NIC``      :meth:`ComputeDriver.attach_nic` / :meth:`ComputeDriver.detach_nic`.
+    ``LIVE_SNAPSHOT``    :meth:`ComputeDriver.snapshot_disk`: copy a running guest's root disk.
+    """
+
+    PAUSED_START = "paused-start"
+    GPU_PASSTHROUGH = "gpu-passthrough"
+    BLOCK_GRAPH = "block-graph"
+    HOTPLUG_DISK = "hotplug-disk"
+    HOTPLUG_NIC = "hotplug-nic"
+    LIVE_SNAPSHOT = "live-snapshot"
+
+
+# A guest's monitor as a plain function: ``execute(command, arguments) -> the command's return value``.
+Execute = Callable[[str, dict[str, Any] | None], Any]
 
 
 class GuestState(enum.StrEnum):
@@ -515,8 +561,28 @@ class ComputeDriver(abc.ABC):
         any --destroy--> MISSING
     """
 
+    #: What this driver can do beyond the core lifecycle; see :class:`Capability`.
+    capabilities: frozenset[Capability] = frozenset()
+
     def __init__(self) -> None:
         self._hub = EventHub()
+
+    def require(self, capability: Capability, what: str = "") -> None:
+        """Raise :class:`Unsupported` unless ``capability`` is declared."""
+        if capability not in self.capabilities:
+            raise Unsupported(type(self).__name__, capability, what)
+
+    def check_spec(self, spec: GuestSpec) -> None:
+        """Validate ``spec`` (``ValueError``) and refuse what it asks beyond the declared capabilities.
+
+        Every :meth:`spawn` starts with this, so an unsupported request fails before anything
+        is started.
+        """
+        spec.validate()
+        if spec.start_paused:
+            self.require(Capability.PAUSED_START, "start_paused")
+        if spec.gpu_pci_addresses:
+            self.require(Capability.GPU_PASSTHROUGH, "gpu_pci_addresses")
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -620,6 +686,44 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def list_instances(self) -> list[str]:
         """Ids of all instances the driver has state for (any state but MISSING)."""
+
+    # ----------------------------------------------------------------- optional (capabilities)
+
+    def qmp(self, instance_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command on the guest's hypervisor and return its ``return`` value.
+
+        Needs :attr:`Capability.BLOCK_GRAPH`.  Files named by ``blockdev-add`` file nodes are
+        opened by the driver (the hypervisor has no access to host paths).
+        :raises Unsupported: no monitor access.
+        :raises GuestNotFound: unknown instance.  :raises GuestNotRunning: no live hypervisor.
+        :raises DriverError: the command failed (the hypervisor's message is in the text).
+        """
+        self.require(Capability.BLOCK_GRAPH, f"QMP {command}")
+        raise NotImplementedError  # pragma: no cover - a driver declaring BLOCK_GRAPH overrides this
+
+    def monitor(self, instance_id: str) -> Execute:
+        """The guest's monitor as a function ``execute(command, arguments)`` (see :meth:`qmp`).
+
+        Checks the capability at once, so a caller learns before doing anything else.
+        """
+        self.require(Capability.BLOCK_GRAPH, "monitor access")
+        check_instance_id(instance_id)
+
+        def execute(command: str, arguments: dict[str, Any] | None = None) -> Any:
+            return self.qmp(instance_id, command, arguments)
+
+        return execute
+
+    def snapshot_disk(self, instance_id: str, dest: Path, timeout: float = 3600.0) -> None:
+        """Copy the root disk of a live guest, as the guest sees it, into a new standalone qcow2 ``dest``.
+
+        Crash-consistent (like pulling the plug): the guest keeps running.  ``dest`` is created
+        (or truncated) by the driver; on failure it may be left behind for the caller to remove.
+        Needs :attr:`Capability.LIVE_SNAPSHOT`.
+        :raises Unsupported:  :raises GuestNotRunning:  :raises DriverError: the copy failed.
+        """
+        self.require(Capability.LIVE_SNAPSHOT)
+        raise NotImplementedError  # pragma: no cover - a driver declaring LIVE_SNAPSHOT overrides this
 
     def close(self) -> None:
         """Release driver resources (monitor connections, threads).

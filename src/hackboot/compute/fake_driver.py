@@ -8,6 +8,10 @@ several ``FakeDriver`` objects built on the same host see the same guests, so an
 agent restart is simulated by closing one driver and creating another one on the
 same host, then calling ``adopt()``.
 
+It declares the capabilities it can simulate (:data:`FAKE_CAPABILITIES`); a test
+can ask for fewer (``FakeDriver(capabilities=...)``) to play a less able
+hypervisor, so callers' fallbacks and the contract's refusals are exercised too.
+
 Test hooks (not part of the contract): :meth:`FakeDriver.simulate_crash`
 (``kill -9`` of the hypervisor), :meth:`FakeDriver.simulate_guest_poweroff`
 (the guest OS powers itself off), :meth:`FakeDriver.write_console`,
@@ -19,10 +23,12 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hackboot.compute.driver import (
     INSTANCE_ID_RE,
+    Capability,
     ComputeDriver,
     EventKind,
     GuestAlreadyRunning,
@@ -34,6 +40,9 @@ from hackboot.compute.driver import (
     SpawnError,
     check_instance_id,
 )
+
+# What the simulation covers: no monitor (so no block graph, disk hot-plug or live disk copy).
+FAKE_CAPABILITIES = frozenset({Capability.PAUSED_START, Capability.GPU_PASSTHROUGH})
 
 
 @dataclass
@@ -65,8 +74,12 @@ class FakeHost:
 
 
 class FakeDriver(ComputeDriver):
-    def __init__(self, host: FakeHost | None = None) -> None:
+    def __init__(self, host: FakeHost | None = None, capabilities: Iterable[Capability] | None = None) -> None:
         super().__init__()
+        caps = FAKE_CAPABILITIES if capabilities is None else frozenset(capabilities)
+        if not caps <= FAKE_CAPABILITIES:
+            raise ValueError(f"FakeDriver cannot simulate {sorted(caps - FAKE_CAPABILITIES)}")
+        self.capabilities = caps
         self.host = host or FakeHost()
         self._watched: set[str] = set()  # guests whose events this driver delivers
         self._closed = False
@@ -118,7 +131,7 @@ class FakeDriver(ComputeDriver):
     # ----------------------------------------------------------------- contract
 
     def spawn(self, spec: GuestSpec) -> GuestHandle:
-        spec.validate()
+        self.check_spec(spec)
         iid = spec.instance_id
         with self.host.lock:
             g = self.host.guests.get(iid)

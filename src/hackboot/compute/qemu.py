@@ -89,6 +89,7 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Ru
 
 from hackboot.compute.driver import (
     INSTANCE_ID_RE,
+    Capability,
     ComputeDriver,
     DriverError,
     EventKind,
@@ -479,6 +480,7 @@ def probe_direct_io(disk: Path, max_depth: int = 16) -> bool:
 
 
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
+_fallocate: Any
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _fallocate = _libc.fallocate
@@ -1001,6 +1003,13 @@ class QemuDriver(ComputeDriver):
     :param sandbox: run QEMU under its seccomp ``-sandbox``.
     """
 
+    # GPU_PASSTHROUGH: the driver builds VFIO devices; whether this host has GPUs bound to
+    # vfio-pci is the placement's business (the host's declared inventory), not the driver's.
+    capabilities = frozenset({
+        Capability.PAUSED_START, Capability.GPU_PASSTHROUGH, Capability.BLOCK_GRAPH,
+        Capability.HOTPLUG_DISK, Capability.LIVE_SNAPSHOT,
+    })
+
     def __init__(
         self,
         state_dir: Path,
@@ -1162,7 +1171,7 @@ class QemuDriver(ComputeDriver):
     # ----------------------------------------------------------------- contract
 
     def spawn(self, spec: GuestSpec) -> GuestHandle:
-        spec.validate()
+        self.check_spec(spec)
         spec = _absolute_paths(spec)  # QEMU is started in / (it must not pin our cwd)
         iid = spec.instance_id
         paths = self.paths(iid)
@@ -1181,9 +1190,9 @@ class QemuDriver(ComputeDriver):
                 raise
             account = unprivileged_account()
             paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for f in (paths.pidfile, paths.qmp_socket, paths.shutoff_json, paths.stderr_log,
-                      paths.kernel_copy, paths.initrd_copy):
-                f.unlink(missing_ok=True)
+            for stale_file in (paths.pidfile, paths.qmp_socket, paths.shutoff_json, paths.stderr_log,
+                               paths.kernel_copy, paths.initrd_copy):
+                stale_file.unlink(missing_ok=True)
             for nic in spec.nics:
                 nic.prepare(iid)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -1409,7 +1418,7 @@ class QemuDriver(ComputeDriver):
     # ----------------------------------------------------------------- extras
 
     def qmp(self, instance_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run a raw QMP command (operator/debug escape hatch; volumes hot-plug through it).
+        """See :meth:`ComputeDriver.qmp` (volumes hot-plug through it; operators debug with it).
 
         QEMU cannot open files itself: the ``{"driver": "file", "filename": ...}`` nodes of a
         ``blockdev-add`` are opened here and passed to it as fd sets (read-only when the node
@@ -1423,6 +1432,40 @@ class QemuDriver(ComputeDriver):
             with contextlib.suppress(DriverError):
                 self._call(mon.prune_fdsets())
         return result
+
+    def snapshot_disk(self, instance_id: str, dest: Path, timeout: float = 3600.0) -> None:
+        """See :meth:`ComputeDriver.snapshot_disk`: a ``blockdev-backup`` (sync=full) of ``disk0``.
+
+        The copy runs in the guest's own QEMU (the overlay and its backing image as the guest sees
+        them).  QEMU cannot create files (it runs unprivileged, with no access to the disk's
+        directory): ``dest`` is created here and handed to it as an fd by :meth:`qmp`'s
+        ``blockdev-add``.  The temporary nodes are removed whatever happens.
+        """
+        from hackboot.compute.offline import BlockJobError, virtual_size, wait_job
+
+        execute = self.monitor(instance_id)
+        job = "snap-" + os.urandom(4).hex()
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        added: list[str] = []
+        try:
+            size = virtual_size(execute, "disk0")
+            execute("blockdev-add", {"driver": "file", "node-name": f"{job}-f", "filename": str(dest)})
+            added.insert(0, f"{job}-f")
+            execute("blockdev-create", {"job-id": f"{job}-c",
+                                        "options": {"driver": "qcow2", "file": f"{job}-f", "size": size}})
+            wait_job(execute, f"{job}-c", 120)
+            execute("blockdev-add", {"driver": "qcow2", "node-name": f"{job}-t", "file": f"{job}-f"})
+            added.insert(0, f"{job}-t")
+            execute("blockdev-backup", {"job-id": job, "device": "disk0", "target": f"{job}-t", "sync": "full",
+                                        "auto-dismiss": False})
+            wait_job(execute, job, timeout)
+        except BlockJobError as exc:
+            raise DriverError(f"{instance_id}: live disk copy failed: {exc}") from None
+        finally:
+            for node in added:
+                with contextlib.suppress(DriverError):
+                    execute("blockdev-del", {"node-name": node})
 
     def pid(self, instance_id: str) -> int | None:
         """PID of the live QEMU of ``instance_id`` (None if not running)."""
