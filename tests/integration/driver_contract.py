@@ -21,6 +21,8 @@ builds the test guest (host kernel + busybox initramfs generated here).  Its
 * ``hb.poweroff``   power off right after boot
 * ``hb.spam=N``     print N lines of 100 bytes to the console, then ``HB-SPAM-DONE``
 * ``hb.noacpi``     don't start acpid (guest ignores the ACPI power button)
+* ``hb.netwatch``   load virtio-net and print ``HB-NET <interfaces>`` whenever the
+                    set of /sys/class/net changes (a hot-plugged NIC shows there)
 
 and prints ``HB-GUEST-READY`` once acpid listens for the power button.
 """
@@ -57,8 +59,10 @@ from hackboot.compute.driver import (
     GuestSpec,
     GuestState,
     Unsupported,
+    hotplug_port_id,
 )
 from hackboot.compute.fake_driver import FakeDriver, FakeHost
+from hackboot.compute.nic import NicBackend, UserNetNic, find_free_port
 
 READY = b"HB-GUEST-READY"
 
@@ -87,6 +91,23 @@ case " $cmdline " in
     sleep 0.05
     i=$((i+1))
   done
+  ;;
+esac
+case " $cmdline " in
+*" hb.netwatch "*)
+  for m in failover net_failover virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_net
+  do
+    insmod /lib/modules/$m.ko 2>/dev/null
+  done
+  (
+    prev=
+    while :; do
+      cur=$(ls /sys/class/net | tr '\n' ' ')
+      [ "$cur" != "$prev" ] && echo "HB-NET $cur"
+      prev=$cur
+      sleep 0.2
+    done
+  ) &
   ;;
 esac
 echo HB-GUEST-READY
@@ -138,11 +159,14 @@ def qemu_test_assets() -> QemuTestAssets:
     work = Path(tempfile.mkdtemp(prefix="hbt-assets-", dir="/tmp"))
     atexit.register(shutil.rmtree, work, True)
     release = kernel.name.removeprefix("vmlinuz-")
-    mods = Path("/lib/modules") / release / "kernel" / "drivers"
+    mods = Path("/lib/modules") / release / "kernel"
     extra = {}
-    for name, rel in (("evdev.ko", "input/evdev.ko"), ("button.ko", "acpi/button.ko")):
+    virtio = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci")
+    for rel in ("drivers/input/evdev.ko", "drivers/acpi/button.ko", "net/core/failover.ko",
+                "drivers/net/net_failover.ko", "drivers/net/virtio_net.ko",
+                *(f"drivers/virtio/{m}.ko" for m in virtio)):
         if (mods / rel).exists():  # built-in on some kernels: then insmod just fails
-            extra[f"lib/modules/{name}"] = mods / rel
+            extra[f"lib/modules/{Path(rel).name}"] = mods / rel
     initrd = build_busybox_initramfs(work / "guest-initramfs.cpio", TEST_GUEST_INIT, extra_files=extra)
     return QemuTestAssets(kernel=kernel, initrd=initrd, work_dir=work)
 
@@ -664,3 +688,77 @@ class DriverContract:
         assert d.state(iid) is GuestState.RUNNING  # the guest kept running
         nodes = {n["node-name"] for n in d.qmp(iid, "query-named-block-nodes", {"flat": True})}
         assert not any(n.startswith("snap-") for n in nodes)  # its temporary nodes are gone
+
+    def test_hotplug_disk(self, harness: DriverHarness):
+        if not harness.has(Capability.HOTPLUG_DISK):
+            pytest.skip(f"{harness.name} does not declare {Capability.HOTPLUG_DISK.value}")
+        d = harness.driver
+        spec = harness.spec(hotplug_ports=1)
+        iid = spec.instance_id
+        d.spawn(spec)
+        extra = harness.scratch / f"extra-{uuid.uuid4().hex[:8]}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), "16M"], check=True)
+        # a host path: the driver opens it for the hypervisor
+        d.qmp(iid, "blockdev-add", {"driver": "qcow2", "node-name": "hbtest",
+                                    "file": {"driver": "file", "filename": str(extra)}})
+        d.qmp(iid, "device_add", {"driver": "virtio-blk-pci", "drive": "hbtest", "id": "hbtestdisk",
+                                  "bus": hotplug_port_id(0)})
+        blocks = {b["qdev"]: b for b in d.qmp(iid, "query-block")}
+        plugged = blocks["/machine/peripheral/hbtestdisk/virtio-backend"]["inserted"]
+        assert plugged["node-name"] == "hbtest" and plugged["image"]["virtual-size"] == 16 * 1024**2
+        with pytest.raises(DriverError):  # the port is taken now
+            d.qmp(iid, "device_add", {"driver": "virtio-blk-pci", "drive": "hbtest", "id": "hbtestdisk2",
+                                      "bus": hotplug_port_id(0)})
+
+    @staticmethod
+    def _nic() -> NicBackend:
+        return UserNetNic(ssh_host_port=find_free_port())
+
+    def test_nic_hotplug(self, harness: DriverHarness):
+        d = harness.driver
+        if not harness.has(Capability.HOTPLUG_NIC):
+            spec = harness.spec(hotplug_ports=1)
+            d.spawn(spec)
+            for call in (lambda: d.attach_nic(spec.instance_id, self._nic()),
+                         lambda: d.detach_nic(spec.instance_id, "hbnic0"), lambda: d.nics(spec.instance_id)):
+                with pytest.raises(Unsupported, match=Capability.HOTPLUG_NIC.value):
+                    call()
+            return
+        boot_nic = self._nic()
+        spec = harness.spec(hotplug_ports=2, nics=[boot_nic])
+        iid = spec.instance_id
+        d.spawn(spec)
+        harness.wait_booted(iid)  # the guest OS takes part in unplugs
+        assert d.nics(iid) == {"nic0": boot_nic}
+        first, second = self._nic(), self._nic()
+        a = d.attach_nic(iid, first)
+        b = d.attach_nic(iid, second)
+        assert a != b and d.nics(iid) == {"nic0": boot_nic, a: first, b: second}
+        with pytest.raises(DriverError) as err:  # both ports are taken
+            d.attach_nic(iid, self._nic())
+        assert not isinstance(err.value, Unsupported) and "port" in str(err.value)
+        with pytest.raises(DriverError):  # the spec's NICs are part of the machine
+            d.detach_nic(iid, "nic0")
+        d.detach_nic(iid, a, timeout=60)
+        assert d.nics(iid) == {"nic0": boot_nic, b: second}
+        d.detach_nic(iid, a)  # idempotent
+        again = d.attach_nic(iid, first)  # the freed port takes a NIC again
+        assert set(d.nics(iid)) == {"nic0", b, again}
+        d.shutdown(iid, timeout=0)
+        with pytest.raises(DriverError):
+            d.attach_nic(iid, self._nic())
+        d.spawn(spec)  # a new process starts with the spec's NICs only
+        assert d.nics(iid) == {"nic0": boot_nic}
+
+    def test_hotplug_nic_needs_a_pluggable_backend(self, harness: DriverHarness):
+        self.needs(harness, Capability.HOTPLUG_NIC)
+
+        class Fixed(UserNetNic):
+            def netdev_options(self) -> dict:
+                return NicBackend.netdev_options(self)
+
+        spec = harness.spec(hotplug_ports=1)
+        harness.driver.spawn(spec)
+        with pytest.raises(Unsupported, match="cannot be hot-plugged"):
+            harness.driver.attach_nic(spec.instance_id, Fixed(ssh_host_port=find_free_port()))
+        assert harness.driver.nics(spec.instance_id) == {}

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 Accel = Literal["kvm", "tcg"]
 
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# PCIe root ports of a q35 guest's root bus that devices can be hot-plugged into (its root bus
+# itself is not hot-pluggable). The slots of pcie.0 bound the number.
+MAX_HOTPLUG_PORTS = 24
 PCI_ADDRESS_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 
@@ -138,6 +141,15 @@ class Capability(enum.StrEnum):
 
 # A guest's monitor as a plain function: ``execute(command, arguments) -> the command's return value``.
 Execute = Callable[[str, dict[str, Any] | None], Any]
+
+
+def hotplug_port_id(index: int) -> str:
+    """The device id of the ``index``-th hot-plug port of a guest (``GuestSpec.hotplug_ports``).
+
+    A ``device_add`` with ``"bus": hotplug_port_id(i)`` plugs a device into it. (The prefix is
+    historical: volumes were the first to be hot-plugged, and running guests keep their names.)
+    """
+    return f"hbvp{index}"
 
 
 class GuestState(enum.StrEnum):
@@ -231,6 +243,12 @@ class GuestSpec:
       accel         ``kvm`` or ``tcg`` -- use :func:`hackboot.compute.accel.probe_accelerator`.
       machine       ``q35`` (default) or ``pc``.
       start_paused  leave the vCPUs stopped after spawn (state ``PAUSED``).
+      hotplug_ports number of empty PCIe root ports (``q35`` only) that devices can be
+                    hot-plugged into later: disks through the monitor, NICs with
+                    :meth:`ComputeDriver.attach_nic`.  Named :func:`hotplug_port_id`.
+                    Callers add the ports they need (``spec.hotplug_ports += n``);
+                    fixed users (volumes) take them from index 0 up, NICs from the top
+                    down, so both share them until the guest is full.
       tcg_tb_size_mb
                     TCG translation-cache size; QEMU's default (1 GiB) is far too
                     big for small guests (128 MiB by default, None = QEMU default).
@@ -255,6 +273,7 @@ class GuestSpec:
     accel: Accel = "tcg"
     machine: Literal["q35", "pc"] = "q35"
     start_paused: bool = False
+    hotplug_ports: int = 0
     tcg_tb_size_mb: int | None = 128
     extra_args: list[str] = field(default_factory=list)
 
@@ -287,6 +306,11 @@ class GuestSpec:
             raise ValueError("duplicate GPU PCI address")
         if self.tcg_tb_size_mb is not None and self.tcg_tb_size_mb < 1:
             raise ValueError("tcg_tb_size_mb must be positive")
+        if (isinstance(self.hotplug_ports, bool) or not isinstance(self.hotplug_ports, int)
+                or not 0 <= self.hotplug_ports <= MAX_HOTPLUG_PORTS):
+            raise ValueError(f"hotplug_ports must be within 0..{MAX_HOTPLUG_PORTS}, got {self.hotplug_ports!r}")
+        if self.hotplug_ports and self.machine != "q35":
+            raise ValueError("hotplug_ports needs machine q35 (PCIe root ports)")
 
     @property
     def smbios_uuid(self) -> str:
@@ -316,6 +340,7 @@ class GuestSpec:
             "accel": self.accel,
             "machine": self.machine,
             "start_paused": self.start_paused,
+            "hotplug_ports": self.hotplug_ports,
             "tcg_tb_size_mb": self.tcg_tb_size_mb,
             "extra_args": list(self.extra_args),
         }
@@ -344,6 +369,7 @@ class GuestSpec:
             accel=d.get("accel", "tcg"),
             machine=d.get("machine", "q35"),
             start_paused=d.get("start_paused", False),
+            hotplug_ports=d.get("hotplug_ports", 0),  # specs written before the field had none
             tcg_tb_size_mb=d.get("tcg_tb_size_mb", 128),
             extra_args=list(d.get("extra_args", [])),
         )
@@ -713,6 +739,42 @@ class ComputeDriver(abc.ABC):
             return self.qmp(instance_id, command, arguments)
 
         return execute
+
+    def attach_nic(self, instance_id: str, nic: NicBackend) -> str:
+        """Hot-plug ``nic`` into a live guest, on a free hot-plug port; return the NIC's id.
+
+        The id names the NIC in :meth:`nics` and :meth:`detach_nic` (the spec's own NICs are
+        ``nic0``, ``nic1``, ...).  The highest free port is taken (see ``GuestSpec.hotplug_ports``).
+        ``nic.prepare`` runs before the device is added; ``nic.release`` when it is unplugged or
+        the instance destroyed.  A hot-plugged NIC lives as long as the hypervisor process: a
+        later spawn starts with ``spec.nics`` only (the caller plugs the others again).
+        Needs :attr:`Capability.HOTPLUG_NIC`.
+        :raises Unsupported: no NIC hot-plug, or a backend that cannot be hot-plugged.
+        :raises GuestNotFound:  :raises GuestNotRunning:
+        :raises DriverError: no free hot-plug port, or the hypervisor refused the NIC.
+        """
+        self.require(Capability.HOTPLUG_NIC)
+        raise NotImplementedError  # pragma: no cover - a driver declaring HOTPLUG_NIC overrides this
+
+    def detach_nic(self, instance_id: str, nic_id: str, timeout: float = 30.0) -> None:
+        """Unplug a hot-plugged NIC and wait until the guest has let it go, then release its backend.
+
+        Idempotent: a NIC that is not (or no longer) plugged returns at once.  The spec's own NICs
+        are part of the machine and cannot be unplugged.  Needs :attr:`Capability.HOTPLUG_NIC`.
+        :raises Unsupported:  :raises GuestNotRunning:
+        :raises DriverError: a spec NIC, or the guest did not release the device within ``timeout``
+            seconds (its OS must handle PCI hot-unplug; the request stays pending, retry later).
+        """
+        self.require(Capability.HOTPLUG_NIC)
+        raise NotImplementedError  # pragma: no cover
+
+    def nics(self, instance_id: str) -> dict[str, NicBackend]:
+        """The NICs of a live guest by id, as the hypervisor has them now (spec and hot-plugged ones).
+
+        Needs :attr:`Capability.HOTPLUG_NIC`.  :raises GuestNotFound:  :raises GuestNotRunning:
+        """
+        self.require(Capability.HOTPLUG_NIC)
+        raise NotImplementedError  # pragma: no cover
 
     def snapshot_disk(self, instance_id: str, dest: Path, timeout: float = 3600.0) -> None:
         """Copy the root disk of a live guest, as the guest sees it, into a new standalone qcow2 ``dest``.

@@ -30,6 +30,7 @@ from hackboot.compute.driver import (
     INSTANCE_ID_RE,
     Capability,
     ComputeDriver,
+    DriverError,
     EventKind,
     GuestAlreadyRunning,
     GuestHandle,
@@ -38,11 +39,13 @@ from hackboot.compute.driver import (
     GuestSpec,
     GuestState,
     SpawnError,
+    Unsupported,
     check_instance_id,
 )
+from hackboot.compute.nic import NicBackend
 
 # What the simulation covers: no monitor (so no block graph, disk hot-plug or live disk copy).
-FAKE_CAPABILITIES = frozenset({Capability.PAUSED_START, Capability.GPU_PASSTHROUGH})
+FAKE_CAPABILITIES = frozenset({Capability.PAUSED_START, Capability.GPU_PASSTHROUGH, Capability.HOTPLUG_NIC})
 
 
 @dataclass
@@ -56,6 +59,7 @@ class FakeGuest:
     acpi_responsive: bool = True
     console: bytearray = field(default_factory=bytearray)
     boots: int = 0
+    hot_nics: dict[str, tuple[int, NicBackend]] = field(default_factory=dict)  # id -> (port, backend)
 
 
 class FakeHost:
@@ -144,6 +148,7 @@ class FakeDriver(ComputeDriver):
             g = FakeGuest(spec=spec)
             if old is not None:  # power-on of a SHUTOFF/CRASHED guest keeps its console
                 g.console, g.acpi_responsive = old.console, old.acpi_responsive
+                self._release_hot_nics(old)  # they were plugged into the process that is gone
             self.host.guests[iid] = g
             for nic in spec.nics:
                 nic.prepare(iid)
@@ -244,6 +249,7 @@ class FakeDriver(ComputeDriver):
                 self._exit(g, clean=True, reason="destroyed")
             for nic in g.spec.nics:
                 nic.release(instance_id)
+            self._release_hot_nics(g)
             del self.host.guests[instance_id]
 
     def console_log(self, instance_id: str, tail_bytes: int = 64 * 1024) -> bytes:
@@ -254,6 +260,46 @@ class FakeDriver(ComputeDriver):
     def list_instances(self) -> list[str]:
         with self.host.lock:
             return sorted(self.host.guests)
+
+    def _release_hot_nics(self, g: FakeGuest) -> None:
+        for _port, nic in g.hot_nics.values():
+            nic.release(g.spec.instance_id)
+        g.hot_nics.clear()
+
+    def attach_nic(self, instance_id: str, nic: NicBackend) -> str:
+        self.require(Capability.HOTPLUG_NIC)
+        try:
+            nic.netdev_options(), nic.device_options()
+        except NotImplementedError as exc:
+            raise Unsupported(type(self).__name__, Capability.HOTPLUG_NIC, str(exc)) from None
+        with self.host.lock:
+            g = self._live(instance_id)
+            taken = {port for port, _ in g.hot_nics.values()}
+            free = [i for i in reversed(range(g.spec.hotplug_ports)) if i not in taken]
+            if not free:
+                raise DriverError(f"{instance_id}: no free hot-plug port for a NIC "
+                                  f"(the guest has {g.spec.hotplug_ports})")
+            nic.prepare(instance_id)
+            nic_id = f"hbnic{free[0]}"
+            g.hot_nics[nic_id] = (free[0], nic)
+            return nic_id
+
+    def detach_nic(self, instance_id: str, nic_id: str, timeout: float = 30.0) -> None:
+        self.require(Capability.HOTPLUG_NIC)
+        with self.host.lock:
+            g = self._live(instance_id)
+            if nic_id in {f"nic{i}" for i in range(len(g.spec.nics))}:
+                raise DriverError(f"{instance_id}: {nic_id} is one of the guest's own NICs; it cannot be unplugged")
+            found = g.hot_nics.pop(nic_id, None)
+            if found is not None:
+                found[1].release(instance_id)
+
+    def nics(self, instance_id: str) -> dict[str, NicBackend]:
+        self.require(Capability.HOTPLUG_NIC)
+        with self.host.lock:
+            g = self._live(instance_id)
+            out: dict[str, NicBackend] = {f"nic{i}": n for i, n in enumerate(g.spec.nics)}
+            return out | {nic_id: nic for nic_id, (_, nic) in sorted(g.hot_nics.items())}
 
     def close(self) -> None:
         self._closed = True

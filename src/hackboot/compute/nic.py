@@ -1,8 +1,11 @@
 """NIC backends: how a guest network interface is plugged into the host.
 
-A backend contributes QEMU arguments for its interface (``args(index)``) and may
-need host-side plumbing before the guest starts and after it is destroyed
-(``prepare``/``release`` -- e.g. creating and deleting a tap device).  Backends
+A backend contributes QEMU arguments for its interface (``args(index)``), the same
+interface in QMP form for hot-plugging it into a running guest (``netdev_options()``,
+``device_options()``; see ``ComputeDriver.attach_nic``) and may need host-side
+plumbing before the guest starts (or the NIC is hot-plugged) and after it is
+destroyed (or unplugged): ``prepare``/``release`` -- e.g. creating and deleting
+a tap device.  Backends
 are serialisable (``to_dict``/``nic_from_dict``) because the driver stores the
 spec in the instance run dir so that a restarted agent can still release them.
 
@@ -40,6 +43,22 @@ class NicBackend(abc.ABC):
     @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable description, including ``{"kind": self.kind}``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_dict(cls, d: dict[str, Any]) -> NicBackend:
+        """The backend :meth:`to_dict` described."""
+
+    def netdev_options(self) -> dict[str, Any]:
+        """QMP ``netdev_add`` arguments (all but ``id``) for hot-plugging this NIC.
+
+        A backend that cannot be hot-plugged keeps this default, which says so.
+        """
+        raise NotImplementedError(f"{self.kind} NICs cannot be hot-plugged")
+
+    def device_options(self) -> dict[str, Any]:
+        """QMP ``device_add`` arguments (all but ``id``, ``netdev`` and ``bus``) for hot-plugging this NIC."""
+        raise NotImplementedError(f"{self.kind} NICs cannot be hot-plugged")
 
 
 @dataclass(frozen=True)
@@ -79,14 +98,22 @@ class UserNetNic(NicBackend):
         if not re.match(r"^[A-Za-z0-9_-]+$", self.model):
             raise ValueError(f"invalid NIC model {self.model!r}")
 
+    def _hostfwds(self) -> list[str]:
+        return [f"tcp:{LOOPBACK}:{host}-:{guest}" for host, guest in [(self.ssh_host_port, 22), *self.extra_forwards]]
+
     def args(self, index: int) -> list[str]:
-        forwards = [(self.ssh_host_port, 22), *self.extra_forwards]
         netdev = [f"user,id=net{index}", f"restrict={'on' if self.restrict else 'off'}"]
-        netdev += [f"hostfwd=tcp:{LOOPBACK}:{host}-:{guest}" for host, guest in forwards]
+        netdev += [f"hostfwd={fwd}" for fwd in self._hostfwds()]
         device = f"{self.model},netdev=net{index},id=nic{index}"
         if self.mac:
             device += f",mac={self.mac}"
         return ["-netdev", ",".join(netdev), "-device", device]
+
+    def netdev_options(self) -> dict[str, Any]:
+        return {"type": "user", "restrict": self.restrict, "hostfwd": [{"str": f} for f in self._hostfwds()]}
+
+    def device_options(self) -> dict[str, Any]:
+        return {"driver": self.model, **({"mac": self.mac} if self.mac else {})}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,7 +150,7 @@ def nic_from_dict(d: dict[str, Any]) -> NicBackend:
         cls = _REGISTRY[d["kind"]]
     except KeyError:
         raise ValueError(f"unknown NIC backend {d.get('kind')!r}") from None
-    return cls.from_dict(d)  # type: ignore[attr-defined]
+    return cls.from_dict(d)
 
 
 def find_free_port(host: str = LOOPBACK) -> int:

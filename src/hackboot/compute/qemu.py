@@ -17,6 +17,7 @@ re-parented to init); a new driver finds them again with
         kernel, initrd private copies for direct kernel boot (owned by the guest account)
         cmdline.json   the exact argv; adopt() requires /proc/PID/cmdline to match
         spec.json      the GuestSpec (to release NIC backends after a restart)
+        hotplug-nics.json  the NICs hot-plugged into the running process (id -> port, backend)
         qemu-stderr.log  QEMU's stdout and stderr
         shutoff.json   present when the last exit was deliberate (SHUTOFF vs CRASHED)
 
@@ -100,8 +101,11 @@ from hackboot.compute.driver import (
     GuestSpec,
     GuestState,
     SpawnError,
+    Unsupported,
     check_instance_id,
+    hotplug_port_id,
 )
+from hackboot.compute.nic import NicBackend, nic_from_dict
 from hackboot.core.privsep import Account, give_to, unprivileged_account
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,7 @@ SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontr
 FDSET_OPAQUE = "hackboot:"  # opaque (then the path) of the fd sets given to QEMU: shows which file it is
 FDSET_OPAQUE_HOTPLUG = "hackboot:hotplug:"  # fd sets added over QMP, removed once no node uses them
 QCOW2_EXT_BACKING_FORMAT = 0xE2792ACA
+HOTPLUG_PORT_CHASSIS_BASE = 200  # chassis numbers of hot-plug ports (GPU ports use 1, 2, ...)
 
 QMP_STATUS_TO_STATE: dict[str, GuestState] = {
     "running": GuestState.RUNNING,
@@ -181,6 +186,10 @@ class RunPaths:
         return self.run_dir / "spec.json"
 
     @property
+    def hotplug_nics_json(self) -> Path:
+        return self.run_dir / "hotplug-nics.json"
+
+    @property
     def stderr_log(self) -> Path:
         return self.run_dir / "qemu-stderr.log"
 
@@ -218,6 +227,15 @@ class FdRequest:
     key: str
     path: Path
     flags: int
+
+
+def hotplug_port_args(count: int) -> list[str]:
+    """``-device`` arguments for ``count`` empty PCIe root ports on q35's (not hot-pluggable) root bus."""
+    args: list[str] = []
+    for i in range(count):
+        args += ["-device", f"pcie-root-port,id={hotplug_port_id(i)},chassis={HOTPLUG_PORT_CHASSIS_BASE + i},"
+                            "bus=pcie.0"]
+    return args
 
 
 def disk_layers(spec: GuestSpec, chain: list[tuple[Path, str]] | None = None) -> list[DiskLayer]:
@@ -373,6 +391,7 @@ def build_argv(
         else:
             argv += ["-device", f"vfio-pci,host={addr},id=gpu{index}"]
 
+    argv += hotplug_port_args(spec.hotplug_ports)
     argv += list(spec.extra_args)
     return argv
 
@@ -1007,7 +1026,7 @@ class QemuDriver(ComputeDriver):
     # vfio-pci is the placement's business (the host's declared inventory), not the driver's.
     capabilities = frozenset({
         Capability.PAUSED_START, Capability.GPU_PASSTHROUGH, Capability.BLOCK_GRAPH,
-        Capability.HOTPLUG_DISK, Capability.LIVE_SNAPSHOT,
+        Capability.HOTPLUG_DISK, Capability.HOTPLUG_NIC, Capability.LIVE_SNAPSHOT,
     })
 
     def __init__(
@@ -1193,6 +1212,7 @@ class QemuDriver(ComputeDriver):
             for stale_file in (paths.pidfile, paths.qmp_socket, paths.shutoff_json, paths.stderr_log,
                                paths.kernel_copy, paths.initrd_copy):
                 stale_file.unlink(missing_ok=True)
+            self._release_hotplug_nics(paths)  # plugged into the previous process, gone with it
             for nic in spec.nics:
                 nic.prepare(iid)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -1390,6 +1410,7 @@ class QemuDriver(ComputeDriver):
                     nic.release(instance_id)
                 except Exception:
                     log.exception("%s: releasing NIC %r failed", instance_id, nic)
+            self._release_hotplug_nics(paths)
             for _ in range(3):
                 shutil.rmtree(paths.run_dir, ignore_errors=True)
                 if not paths.run_dir.exists():
@@ -1432,6 +1453,136 @@ class QemuDriver(ComputeDriver):
             with contextlib.suppress(DriverError):
                 self._call(mon.prune_fdsets())
         return result
+
+    # ----------------------------------------------------------------- NIC hot-plug
+
+    def _load_hotplug_nics(self, paths: RunPaths) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(paths.hotplug_nics_json.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _save_hotplug_nics(self, paths: RunPaths, records: dict[str, dict[str, Any]]) -> None:
+        if records:
+            _atomic_write(paths.hotplug_nics_json, json.dumps(records, indent=1))
+        else:
+            paths.hotplug_nics_json.unlink(missing_ok=True)
+
+    def _release_hotplug_nics(self, paths: RunPaths) -> None:
+        """Release the backends of NICs hot-plugged into a process that is gone, and forget them."""
+        for nic_id, record in self._load_hotplug_nics(paths).items():
+            try:
+                nic_from_dict(record["nic"]).release(paths.run_dir.name)
+            except Exception:
+                log.exception("%s: releasing hot-plugged NIC %s failed", paths.run_dir.name, nic_id)
+        paths.hotplug_nics_json.unlink(missing_ok=True)
+
+    def _peripherals(self, mon: _Monitor) -> set[str]:
+        return {p["name"] for p in self._call(mon.execute("qom-list", {"path": "/machine/peripheral"}))}
+
+    def _port_free(self, mon: _Monitor, index: int) -> bool:
+        """Whether nothing is plugged into hot-plug port ``index`` (a volume, a NIC, anything)."""
+        port = hotplug_port_id(index)
+        try:
+            props = self._call(mon.execute("qom-list", {"path": f"/machine/peripheral/{port}/{port}"}))
+        except DriverError:
+            return False  # no such port
+        return not any(str(p.get("name", "")).startswith("child[") for p in props)
+
+    def attach_nic(self, instance_id: str, nic: NicBackend) -> str:
+        """See :meth:`ComputeDriver.attach_nic`: ``netdev_add`` + ``device_add`` on the highest free port.
+
+        The NIC is recorded in the run dir before it is added, so a driver that dies half-way
+        still releases its backend (at the next spawn or at destroy).
+        """
+        self.require(Capability.HOTPLUG_NIC)
+        try:
+            netdev, device = nic.netdev_options(), nic.device_options()
+        except NotImplementedError as exc:
+            raise Unsupported(type(self).__name__, Capability.HOTPLUG_NIC, str(exc)) from None
+        paths = self.paths(instance_id)
+        with self._lock(instance_id):
+            mon = self._require_monitor(instance_id)
+            spec = self._load_spec(paths)
+            count = spec.hotplug_ports if spec else 0
+            free = [i for i in reversed(range(count)) if self._port_free(mon, i)]
+            if not free:
+                raise DriverError(f"{instance_id}: no free hot-plug port for a NIC (the guest has {count})")
+            port = free[0]
+            nic_id, netdev_id = f"hbnic{port}", f"hbnet{port}"
+            records = self._load_hotplug_nics(paths)
+            records[nic_id] = {"port": port, "netdev": netdev_id, "nic": nic.to_dict()}
+            self._save_hotplug_nics(paths, records)
+            try:
+                nic.prepare(instance_id)
+                with contextlib.suppress(DriverError):  # left by an unplug that died before removing it
+                    self._call(mon.execute("netdev_del", {"id": netdev_id}))
+                self._call(mon.execute("netdev_add", {**netdev, "id": netdev_id}))
+                try:
+                    self._call(mon.execute("device_add", {**device, "id": nic_id, "netdev": netdev_id,
+                                                          "bus": hotplug_port_id(port)}))
+                except BaseException:
+                    with contextlib.suppress(DriverError):
+                        self._call(mon.execute("netdev_del", {"id": netdev_id}))
+                    raise
+            except BaseException:
+                records.pop(nic_id, None)
+                self._save_hotplug_nics(paths, records)
+                with contextlib.suppress(Exception):
+                    nic.release(instance_id)
+                raise
+            log.info("%s: NIC %s hot-plugged into port %s", instance_id, nic_id, hotplug_port_id(port))
+            return nic_id
+
+    def detach_nic(self, instance_id: str, nic_id: str, timeout: float = 30.0) -> None:
+        """See :meth:`ComputeDriver.detach_nic`: ``device_del``, wait for the guest, ``netdev_del``."""
+        self.require(Capability.HOTPLUG_NIC)
+        paths = self.paths(instance_id)
+        with self._lock(instance_id):
+            mon = self._require_monitor(instance_id)
+            record = self._load_hotplug_nics(paths).get(nic_id)
+            if record is None:
+                spec = self._load_spec(paths)
+                if spec is not None and nic_id in {f"nic{i}" for i in range(len(spec.nics))}:
+                    raise DriverError(f"{instance_id}: {nic_id} is one of the guest's own NICs; it cannot be unplugged")
+                return
+            if nic_id in self._peripherals(mon):
+                with contextlib.suppress(DriverError):  # an unplug already pending: keep waiting for it
+                    self._call(mon.execute("device_del", {"id": nic_id}))
+        # The guest OS ejects the device (ACPI hot-plug): wait without holding the instance's lock.
+        deadline = time.monotonic() + timeout
+        while nic_id in self._peripherals(mon):
+            if time.monotonic() > deadline:
+                raise DriverError(f"{instance_id}: the guest did not release NIC {nic_id} within {timeout:.0f}s "
+                                  "(does its OS handle PCI hot-unplug?); the unplug stays requested")
+            time.sleep(0.1)
+        with self._lock(instance_id):
+            with contextlib.suppress(DriverError):
+                self._call(mon.execute("netdev_del", {"id": record["netdev"]}))
+            records = self._load_hotplug_nics(paths)
+            records.pop(nic_id, None)
+            self._save_hotplug_nics(paths, records)
+            try:
+                nic_from_dict(record["nic"]).release(instance_id)
+            except Exception:
+                log.exception("%s: releasing NIC %s failed", instance_id, nic_id)
+        log.info("%s: NIC %s unplugged", instance_id, nic_id)
+
+    def nics(self, instance_id: str) -> dict[str, NicBackend]:
+        """See :meth:`ComputeDriver.nics`: the spec's NICs and the recorded ones QEMU still has."""
+        self.require(Capability.HOTPLUG_NIC)
+        paths = self.paths(instance_id)
+        mon = self._require_monitor(instance_id)
+        spec = self._load_spec(paths)
+        out: dict[str, NicBackend] = {f"nic{i}": n for i, n in enumerate(spec.nics if spec else [])}
+        present = self._peripherals(mon)
+        for nic_id, record in sorted(self._load_hotplug_nics(paths).items()):
+            if nic_id in present:
+                out[nic_id] = nic_from_dict(record["nic"])
+        return out
+
+    # ----------------------------------------------------------------- disks
 
     def snapshot_disk(self, instance_id: str, dest: Path, timeout: float = 3600.0) -> None:
         """See :meth:`ComputeDriver.snapshot_disk`: a ``blockdev-backup`` (sync=full) of ``disk0``.
