@@ -25,7 +25,7 @@ from hackboot.core.workers import Loop, Workers
 log = logging.getLogger("hackboot.server")
 
 # Each service exposes `router` in api.py; optional ones are skipped until they exist.
-SERVICES = ["identity", "events", "catalog", "compute", "images", "volumes", "objectstore"]
+SERVICES = ["identity", "events", "catalog", "compute", "images", "volumes", "network", "objectstore"]
 
 
 def _optional(module: str) -> Any:

@@ -27,6 +27,14 @@ DEFAULT_QUOTAS: dict[str, int] = {
     "object_bytes": 1024**4,
     "objects": 10_000_000,
     "webhooks": 20,
+    # VPC networking (AWS's defaults where it has one)
+    "vpcs": 5,
+    "subnets": 50,
+    "network_interfaces": 200,
+    "security_groups": 50,
+    "security_group_rules": 100,  # per security group: `used` shows the project's fullest group
+    "floating_ips": 5,
+    "flow_logs": 20,
 }
 
 

@@ -12,7 +12,7 @@ def attach(client: Client) -> None:
     from hackboot.sdk import identity
 
     identity.attach(client)
-    for module in ("catalog", "events", "compute", "images", "volumes", "s3"):
+    for module in ("catalog", "events", "compute", "images", "volumes", "network", "s3"):
         try:
             mod = __import__(f"hackboot.sdk.{module}", fromlist=["attach"])
         except ModuleNotFoundError:
