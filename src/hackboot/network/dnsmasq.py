@@ -5,7 +5,7 @@ of :mod:`hackboot.core.privsep` at once (``--user``): it parses packets from ten
 root. It daemonizes and outlives the agent; the pid file lets a new driver re-discover it (checked
 against ``/proc/<pid>/cmdline``, so a recycled pid is never mistaken for it).
 
-Files (in the VPC's state directory, owned by the account, mode 0600):
+Files (in the VPC's run directory, which the account can reach; owned by it, mode 0600):
   ``dnsmasq.conf``  interfaces, one static ``dhcp-range`` per subnet with its router/DNS/MTU options,
                     the VPC's domain; changing it restarts dnsmasq (subnets change rarely);
   ``dhcp-hosts``    ``<mac>,<ip>,<hostname>,infinite`` per local port;

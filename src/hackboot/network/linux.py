@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 UNDERLAY_IF = "ul0"
 UPLINK_IF = "wan0"
 SVC_IF = "lo"  # holds the subnets' DNS addresses (/32); the router answers ARP for them
+RUN_ROOT = Path("/run/hackboot/network")
 TRANSIT_HOST_IP = "169.254.0.1"
 TRANSIT_ROUTER_IP = "169.254.0.2"
 VXLAN_PORT = 4789
@@ -125,10 +126,12 @@ class LinuxNetworkDriver(NetworkDriver):
     name = "linux"
     capabilities = frozenset(Capability)
 
-    def __init__(self, state_dir: Path, *, supervise_interval: float | None = 2.0) -> None:
-        """`state_dir`: this host's data-plane files (dnsmasq configs, what each VPC published to the
-        host namespace). With `supervise_interval`, a thread restarts dead dnsmasq processes."""
+    def __init__(self, state_dir: Path, *, run_root: Path = RUN_ROOT, supervise_interval: float | None = 2.0) -> None:
+        """`state_dir`: this host's data-plane files (what each VPC published to the host namespace, the
+        rulesets last loaded); `run_root`: dnsmasq's files. With `supervise_interval`, a thread restarts
+        dead dnsmasq processes."""
         self.state_dir = Path(state_dir)
+        self.run_root = Path(run_root)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o711)
         self._host: HostUnderlay | None = None
@@ -160,6 +163,16 @@ class LinuxNetworkDriver(NetworkDriver):
 
     def _vpc_dir(self, vpc_id: str) -> Path:
         return self.state_dir / "vpcs" / vpc_tag(vpc_id)
+
+    def _dhcp_dir(self, tag: str) -> Path:
+        """dnsmasq's files for the VPC of `tag`: under the run root, which the unprivileged account can
+        traverse (the agent's state directory is closed to it; dnsmasq re-reads its host files after
+        dropping root)."""
+        return self.run_root / host_tag(self._require_host().host) / tag
+
+    def _dhcp(self, vpc_id: str) -> dnsmasq.Dnsmasq:
+        tag = vpc_tag(vpc_id)
+        return dnsmasq.Dnsmasq(f"{self.host_ns}-{tag}", self._dhcp_dir(tag))
 
     @contextlib.contextmanager
     def _vpc_lock(self, vpc_id: str) -> Iterator[None]:
@@ -447,9 +460,11 @@ class LinuxNetworkDriver(NetworkDriver):
             group = grp.getgrgid(account.gid).gr_name
         except KeyError:
             group = str(account.gid)
-        files = dnsmasq.render(vpc, ports, remote_ports, run_dir=vdir / "dhcp", user=account.name, group=group,
+        d = self._dhcp(vpc.id)
+        _traversable(self.run_root, d.run_dir.parent)
+        files = dnsmasq.render(vpc, ports, remote_ports, run_dir=d.run_dir, user=account.name, group=group,
                                mtu=self._require_host().overlay_mtu, port_glob="p*")
-        dnsmasq.Dnsmasq(ns, vdir / "dhcp").apply(files)
+        d.apply(files)
 
     def _forget_connections(self, ns: str, public_ips: Sequence[str]) -> None:
         """Delete the router's conntrack entries of public addresses no longer attached (cut at once)."""
@@ -494,7 +509,7 @@ class LinuxNetworkDriver(NetworkDriver):
                 reader.stop()
                 self._pending += reader.drain()
             if netns.exists(ns):
-                dnsmasq.Dnsmasq(ns, vdir / "dhcp").stop()
+                self._dhcp(vpc_id).stop()
                 netns.delete(ns)
             # Deleting the namespace destroyed the transit veth; its host routes went with it.
             transit = "t" + vpc_tag(vpc_id)
@@ -505,6 +520,7 @@ class LinuxNetworkDriver(NetworkDriver):
                     (vdir / "published.json").unlink()
                 self._apply_host_table()
             _rmtree(vdir)
+            _rmtree(self._dhcp(vpc_id).run_dir)
 
     # --- observation -----------------------------------------------------------------------------
 
@@ -529,7 +545,7 @@ class LinuxNetworkDriver(NetworkDriver):
             links = netns.ip_json(name, "link", "show")
             port_ids = sorted(lk.get("ifalias", "").split(" ")[0] for lk in links
                               if _PORT_IF_RE.match(lk["ifname"]) and lk.get("ifalias"))
-            running = dnsmasq.Dnsmasq(name, self._vpc_dir(vpc_id) / "dhcp").running()
+            running = self._dhcp(vpc_id).running()
             vpcs.append(ObservedVpc(vpc_id, name, tuple(port_ids), running))
         return Observed(host_ready, tuple(vpcs), tuple(orphans))
 
@@ -557,6 +573,7 @@ class LinuxNetworkDriver(NetworkDriver):
         netns.delete(self.host_ns)
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "host.nft").unlink()
+        _rmtree(self.run_root / host_tag(self._require_host().host))
 
     # --- taps ------------------------------------------------------------------------------------
 
@@ -609,7 +626,7 @@ class LinuxNetworkDriver(NetworkDriver):
         fixed = []
         for tag, vpc_id in self._known().items():
             ns = f"{self.host_ns}-{tag}"
-            d = dnsmasq.Dnsmasq(ns, self.state_dir / "vpcs" / tag / "dhcp")
+            d = self._dhcp(vpc_id)
             if not netns.exists(ns) or not d.conf_path.exists():
                 continue
             with self._vpc_lock(vpc_id):
@@ -663,6 +680,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _traversable(root: Path, path: Path) -> None:
+    """Create `path` (under `root`) with every directory from `root` down mode 0711: the unprivileged
+    account may pass through, not list."""
+    path.mkdir(parents=True, exist_ok=True)
+    for p in [path, *path.parents]:
+        os.chmod(p, 0o711)
+        if p == root:
+            break
 
 
 def _rmtree(path: Path) -> None:
