@@ -36,6 +36,7 @@ from hackboot.compute.driver import EventKind, GuestSpec, GuestState, SpawnError
 from hackboot.compute.fake_driver import FakeDriver, FakeHost
 from hackboot.compute.nic import UserNetNic, find_free_port
 from hackboot.compute.qemu import QemuDriver, RunPaths, probe_direct_io, proc_argv
+from hackboot.core.config import reset_settings_cache
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -483,8 +484,10 @@ def test_boot_probe_marker_under_tcg(tmp_path):
 
 
 @pytest.mark.qemu
-def test_probe_accelerator_is_cached(tmp_path, monkeypatch):
+def test_probe_accelerator_is_cached(tmp_path, monkeypatch, request):
     monkeypatch.delenv("HACKBOOT_ACCEL", raising=False)
+    reset_settings_cache()  # the accel setting is read through the cached Settings
+    request.addfinalizer(reset_settings_cache)
     t0 = time.monotonic()
     info = probe_accelerator(tmp_path, timeout=4)
     took = time.monotonic() - t0

@@ -25,6 +25,7 @@ from hackboot.compute.qemu import (
     state_from_qmp_status,
     trim_console_log,
 )
+from hackboot.core.config import reset_settings_cache
 
 IID = "6f1f0a52-6a4e-4c1e-9d0e-3f1b8f0c2a11"
 PATHS = RunPaths(Path("/var/lib/hackboot/instances") / IID)
@@ -508,6 +509,14 @@ def test_newc_archive_layout():
     assert off == len(data)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """The accel setting is read through the cached Settings: each test sees the environment it sets."""
+    reset_settings_cache()
+    yield
+    reset_settings_cache()  # after monkeypatch's undo (this fixture was set up first)
+
+
 def test_accel_forced_by_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HACKBOOT_ACCEL", "tcg")
     monkeypatch.setattr(accel_mod, "boot_probe", lambda *a, **k: pytest.fail("must not probe"))
@@ -517,7 +526,8 @@ def test_accel_forced_by_env(tmp_path, monkeypatch):
     assert probe_accelerator(tmp_path, force="kvm").accel == "kvm"
     assert not (tmp_path / "accel.json").exists()
     monkeypatch.setenv("HACKBOOT_ACCEL", "xen")
-    with pytest.raises(ValueError):
+    reset_settings_cache()
+    with pytest.raises(ValueError, match="accelerator must be kvm, tcg, auto or empty"):
         probe_accelerator(tmp_path)
 
 

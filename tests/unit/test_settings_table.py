@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
+from hackboot.compute.agent import AgentSettings
 from hackboot.core.config import Settings, markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,13 +22,7 @@ NOT_YET_MOVED = {
     "cli/config.py",  # client: HACKBOOT_CLI_CONFIG
     "cli/compute.py",  # `hackboot agent --database-url` sets HACKBOOT_DATABASE_URL for Settings
     "cli/identity.py",  # client: HACKBOOT_PASSWORD
-    "compute/accel.py",  # HACKBOOT_ACCEL
-    "compute/agent.py",  # AgentSettings (HACKBOOT_AGENT_*)
-    "volumes/config.py",  # VolumeSettings (HACKBOOT_VOLUME_*)
-    "volumes/tiers.py",  # HACKBOOT_VOLUME_TEST_TIERS
-    "volumes/agent.py",  # HACKBOOT_VOLUME_CRASH_AT
-    "images/service.py",  # names HACKBOOT_BUILTIN_IMAGES_DIR (read through Settings)
-    "images/builder/debian.py",  # HACKBOOT_DEBIAN_MIRROR (image build tool)
+    "volumes/config.py",  # VolumeSettings (HACKBOOT_VOLUME_*), unread, deleted next
 }
 
 # On a line naming HACKBOOT_*: an environment read, a settings class of its own with that prefix, or a
@@ -57,3 +55,42 @@ def test_only_core_config_reads_hackboot_environment() -> None:
             if "HACKBOOT_" in code and ENV_READ.search(code):
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert not offenders, "read HACKBOOT_* through hackboot.core.config.get_settings():\n" + "\n".join(offenders)
+
+
+def test_agent_options_default_to_the_agent_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every agent option is an `agent_*` setting (HACKBOOT_AGENT_*); explicit values (flags) win."""
+    monkeypatch.setenv("HACKBOOT_AGENT_HEARTBEAT_INTERVAL", "2.5")
+    monkeypatch.setenv("HACKBOOT_AGENT_EXTENSIONS", "")
+    settings = Settings()
+    monkeypatch.setattr("hackboot.compute.agent.get_settings", lambda: settings)
+    options = AgentSettings(workers=7)
+    for name in AgentSettings.model_fields:
+        expected = 7 if name == "workers" else getattr(settings, f"agent_{name}")
+        assert getattr(options, name) == expected, name
+    assert (options.heartbeat_interval, options.extensions) == (2.5, "")
+
+
+@pytest.mark.parametrize(("env", "value", "error"), [
+    ("HACKBOOT_ACCEL", "xen", "accelerator must be kvm, tcg, auto or empty"),
+    ("HACKBOOT_AGENT_ACCEL", "hvf", "accelerator must be kvm, tcg, auto or empty"),
+    ("HACKBOOT_AGENT_DRIVER", "libvirt", "Input should be 'qemu' or 'fake'"),
+    ("HACKBOOT_AGENT_WORKERS", "0", "greater than 0"),
+    ("HACKBOOT_AGENT_RESERVED_MEMORY_MB", "-1", "greater than or equal to 0"),
+    ("HACKBOOT_VOLUME_POLL_INTERVAL_S", "0", "greater than 0"),
+    ("HACKBOOT_VOLUME_MIN_SIZE_GB", "20000", r"volume_min_size_gb \(20000\) exceeds volume_max_size_gb \(16384\)"),
+    ("HACKBOOT_VOLUME_TEST_TIERS", "maybe", "valid boolean"),
+])
+def test_bad_values_are_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
+                                                error: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError, match=error):
+        Settings()
+
+
+def test_accel_values_are_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HACKBOOT_ACCEL", " KVM ")
+    assert Settings().accel == "kvm"
+    with pytest.raises(ValidationError, match="accelerator must be"):
+        AgentSettings(accel="xen")  # a `hackboot agent --accel` flag is checked like the setting
+    with pytest.raises(ValidationError, match="greater than 0"):
+        AgentSettings(cpu_allocation_ratio=0)

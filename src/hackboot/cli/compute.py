@@ -327,8 +327,8 @@ def agent(
     zone: str = typer.Option(None, "--zone", help="Zone of the host (default: the cloud's default zone)"),
     database_url: str = typer.Option(None, "--database-url", envvar="HACKBOOT_DATABASE_URL",
                                      help="The control plane's database (the agent reads desired state there)"),
-    driver: str = typer.Option("qemu", "--driver", help="qemu or fake"),
-    accel: str = typer.Option(None, "--accel", help="kvm, tcg or auto (default: probe)"),
+    driver: str = typer.Option(None, "--driver", help="qemu or fake (default: qemu)"),
+    accel: str = typer.Option(None, "--accel", help="kvm, tcg or auto (default: the accel setting, else probe)"),
     vcpus: int = typer.Option(None, "--vcpus", help="Declare vCPUs instead of measuring"),
     memory_mb: int = typer.Option(None, "--memory-mb", help="Declare memory instead of measuring"),
     disk_gb: int = typer.Option(None, "--disk-gb", help="Declare disk (thin provisioning) instead of free space"),
@@ -336,26 +336,38 @@ def agent(
     ram_ratio: float = typer.Option(None, "--ram-allocation-ratio"),
     disk_ratio: float = typer.Option(None, "--disk-allocation-ratio"),
     gpus: str = typer.Option(None, "--gpus", help="'MODEL=PCI,PCI;MODEL2=PCI' for passthrough"),
-    log_level: str = typer.Option("info", "--log-level"),
+    log_level: str = typer.Option(None, "--log-level", help="Default: the log_level setting"),
 ) -> None:
-    """Run a host agent: register this machine as a hypervisor host and run its instances."""
+    """Run a host agent: register this machine as a hypervisor host and run its instances.
+
+    Options not given as flags come from the `agent_*` settings (HACKBOOT_AGENT_*, the TOML file)."""
     import logging
+
+    from pydantic import ValidationError
 
     if database_url:
         os.environ["HACKBOOT_DATABASE_URL"] = database_url
     from hackboot.compute.agent import Agent, AgentSettings
-    from hackboot.core.config import reset_settings_cache
+    from hackboot.core.config import get_settings, reset_settings_cache
 
     reset_settings_cache()
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {"state_dir": state_dir.absolute(), "name": name, "zone": zone, "driver": driver, "accel": accel,
-                 "vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "cpu_allocation_ratio": cpu_ratio,
-                 "ram_allocation_ratio": ram_ratio, "disk_allocation_ratio": disk_ratio, "gpus": gpus}
-    cfg = AgentSettings(**{k: v for k, v in overrides.items() if v is not None})
-    from hackboot.core.config import get_settings
+    flags = {"state_dir": state_dir.absolute(), "name": name, "zone": zone, "driver": driver, "accel": accel,
+             "vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "cpu_allocation_ratio": cpu_ratio,
+             "ram_allocation_ratio": ram_ratio, "disk_allocation_ratio": disk_ratio, "gpus": gpus}
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        fail(f"Invalid setting: {_validation_text(exc)}")
+    try:
+        cfg = AgentSettings.model_validate({k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        fail(f"Invalid agent option: {_validation_text(exc)}")
+    logging.basicConfig(level=(log_level or settings.log_level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hackboot.core.fsperms import secure_state_dir
 
-    secure_state_dir(cfg.state_dir, get_settings().unprivileged_user)  # tenant disks: not for local users
+    assert cfg.state_dir is not None  # --state-dir is required
+    secure_state_dir(cfg.state_dir, settings.unprivileged_user)  # tenant disks: not for local users
     import signal
     import threading
 
@@ -363,6 +375,12 @@ def agent(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     Agent(cfg, stop_event=stop).run_forever()
+
+
+def _validation_text(exc: Any) -> str:
+    """`field: message; …` of a pydantic ValidationError (settings or flags), without its URLs."""
+    return "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in exc.errors())
 
 
 def register(app: typer.Typer) -> None:

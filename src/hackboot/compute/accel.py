@@ -10,8 +10,8 @@ TCG, with the reason recorded.
 
 The result is cached in ``<state_dir>/accel.json`` together with a fingerprint
 of the host (kernel release, QEMU binary), so agent restarts don't re-probe; pass
-``reprobe=True`` to force it.  ``HACKBOOT_ACCEL=kvm|tcg|auto`` (or the ``force``
-argument) overrides the probe.
+``reprobe=True`` to force it.  The ``accel`` setting (``HACKBOOT_ACCEL=kvm|tcg|auto``) or the
+``force`` argument overrides the probe.
 
 The initramfs helpers (:func:`build_busybox_initramfs`, :func:`newc_archive`)
 are pure Python, so no ``cpio`` binary is needed; the test-suite uses them to
@@ -36,9 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from hackboot.core.config import ACCEL_MODES, get_settings
+
 log = logging.getLogger(__name__)
 
-ENV_VAR = "HACKBOOT_ACCEL"
 CACHE_FILE = "accel.json"
 PROBE_MARKER = "HACKBOOT-ACCEL-PROBE-OK"
 KVM_GET_API_VERSION = 0xAE00
@@ -331,8 +332,9 @@ def host_fingerprint(qemu_binary: str) -> str:
 
 
 def _resolve_force(force: str | None) -> str:
-    value = (force or os.environ.get(ENV_VAR) or "auto").strip().lower()
-    if value not in ("kvm", "tcg", "auto"):
+    # The setting is read at each call (a cached Settings; validated there, so a bad value is a clear error)
+    value = (force or get_settings().accel or "auto").strip().lower()
+    if value not in ACCEL_MODES:
         raise ValueError(f"accelerator must be kvm, tcg or auto, got {value!r}")
     return value
 
@@ -351,14 +353,14 @@ def probe_accelerator(
     :param state_dir: where ``accel.json`` (cache) and the probe initramfs live.
     :param timeout: seconds the KVM probe guest may stay silent before it is
         declared hung (a working KVM guest talks within well under a second).
-    :param force: ``"kvm"``, ``"tcg"`` or ``"auto"``; default: ``$HACKBOOT_ACCEL``,
-        else ``auto``.  Forced choices are neither probed nor cached.
+    :param force: ``"kvm"``, ``"tcg"`` or ``"auto"``; default: the ``accel`` setting
+        (``HACKBOOT_ACCEL``), else ``auto``.  Forced choices are neither probed nor cached.
     :param reprobe: ignore the cache.
     """
     mode = _resolve_force(force)
     now = time.time()
     if mode != "auto":
-        origin = "argument" if force else f"${ENV_VAR}"
+        origin = "argument" if force else "the accel setting (HACKBOOT_ACCEL)"
         return AccelInfo(mode, f"forced by {origin}", now, source="forced")  # type: ignore[arg-type]
 
     state_dir = Path(state_dir)

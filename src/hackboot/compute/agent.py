@@ -48,14 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from hackboot.compute import lifecycle, offline, service
 from hackboot.compute.models import ACTIVE, BUILDING, ERROR, SHUTOFF
 from hackboot.compute.qemu import backing_chain
 from hackboot.compute.service import Work
 from hackboot.core import reconcile
+from hackboot.core.config import AccelMode, AgentDriver, get_settings
 from hackboot.core.reconcile import Reconciler
 
 log = logging.getLogger("hackboot.agent")
@@ -63,34 +63,38 @@ GiB = 1024**3
 AGENT_VERSION = "1"
 
 
-class AgentSettings(BaseSettings):
-    """Agent options: `hackboot agent` flags, or `HACKBOOT_AGENT_*` for the local agent of `serve`."""
+def _setting(name: str) -> Any:
+    """Default of an agent option: the `agent_<name>` setting (HACKBOOT_AGENT_<NAME>), read when options are built."""
+    return Field(default_factory=lambda: getattr(get_settings(), f"agent_{name}"))
 
-    model_config = SettingsConfigDict(env_prefix="HACKBOOT_AGENT_", extra="ignore")
 
-    name: str = Field("", description="Host name (unique in the cloud); default: this machine's hostname")
-    zone: str = Field("", description="Zone of the host; default: the cloud's default zone")
-    state_dir: Path | None = Field(None, description="Disks, seeds and QEMU run dirs; default: <state_dir>/agent")
-    driver: str = "qemu"  # qemu | fake
-    accel: str = ""  # kvm | tcg | auto (default: $HACKBOOT_ACCEL or auto)
-    vcpus: int | None = None  # declared capacity instead of the measured one
-    memory_mb: int | None = None
-    disk_gb: int | None = Field(None, description="Declared disk capacity (thin provisioning); default: free space")
-    reserved_vcpus: int = 0
-    reserved_memory_mb: int = 1024
-    reserved_disk_gb: int = 2
-    cpu_allocation_ratio: float = 1.0
-    ram_allocation_ratio: float = 1.0
-    disk_allocation_ratio: float = 1.0
-    gpus: str = Field("", description="GPUs for passthrough: 'MODEL=0000:3b:00.0,0000:3c:00.0;MODEL2=…'")
-    poll_interval: float = 1.0
-    heartbeat_interval: float = 5.0
-    check_interval: float = 5.0
-    shutdown_timeout: float = 30.0
-    workers: int = 4
-    extensions: str = Field("hackboot.volumes.agent", description=(
-        "Comma-separated modules whose `attach(agent)` registers hooks with this agent (other services' "
-        "host-side reconcilers)"))
+class AgentSettings(BaseModel):
+    """One agent's options: the `agent_*` settings, overridden by explicit values (`hackboot agent` flags,
+    tests' agents). It reads no environment itself; the types check explicit values like the settings do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = _setting("name")  # default: this machine's hostname
+    zone: str = _setting("zone")  # default: the cloud's default zone
+    state_dir: Path | None = _setting("state_dir")  # default: <state_dir>/agent
+    driver: AgentDriver = _setting("driver")
+    accel: AccelMode = _setting("accel")  # default: the accel setting (else auto)
+    vcpus: PositiveInt | None = _setting("vcpus")  # declared capacity instead of the measured one
+    memory_mb: PositiveInt | None = _setting("memory_mb")
+    disk_gb: PositiveInt | None = _setting("disk_gb")
+    reserved_vcpus: NonNegativeInt = _setting("reserved_vcpus")
+    reserved_memory_mb: NonNegativeInt = _setting("reserved_memory_mb")
+    reserved_disk_gb: NonNegativeInt = _setting("reserved_disk_gb")
+    cpu_allocation_ratio: PositiveFloat = _setting("cpu_allocation_ratio")
+    ram_allocation_ratio: PositiveFloat = _setting("ram_allocation_ratio")
+    disk_allocation_ratio: PositiveFloat = _setting("disk_allocation_ratio")
+    gpus: str = _setting("gpus")
+    poll_interval: PositiveFloat = _setting("poll_interval")
+    heartbeat_interval: PositiveFloat = _setting("heartbeat_interval")
+    check_interval: PositiveFloat = _setting("check_interval")
+    shutdown_timeout: PositiveFloat = _setting("shutdown_timeout")
+    workers: PositiveInt = _setting("workers")
+    extensions: str = _setting("extensions")  # modules whose attach(agent) is called
 
 
 def parse_gpus(text: str) -> dict[str, list[str]]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +24,22 @@ from pydantic_settings import (
 
 def _toml_path() -> Path:
     return Path(os.environ.get("HACKBOOT_CONFIG", "hackboot.toml"))
+
+
+ACCEL_MODES = ("kvm", "tcg", "auto")
+
+
+def _accel_mode(value: str) -> str:
+    mode = value.strip().lower()
+    if mode and mode not in ACCEL_MODES:
+        raise ValueError(f"accelerator must be kvm, tcg, auto or empty, got {value!r}")
+    return mode
+
+
+# kvm | tcg | auto, any case; "" = not chosen at this level. Shared with the agent's options, whose
+# explicit values (`hackboot agent --accel`) are checked the same way.
+AccelMode = Annotated[str, AfterValidator(_accel_mode)]
+AgentDriver = Literal["qemu", "fake"]
 
 
 class Settings(BaseSettings):
@@ -90,9 +108,76 @@ class Settings(BaseSettings):
         "Where `make up` builds the built-in guest images; default: state_dir/images/builtin"))
     image_max_bytes: int = Field(default=64 * 1024**3, description="Largest image file accepted by an upload")
     image_max_virtual_bytes: int = Field(default=4 * 1024**4, description="Largest virtual disk size of an image")
+    debian_mirror: str = Field(default="", description=(
+        "Debian mirror URL the image builder's debootstrap uses; empty: the one in /etc/apt/sources.list(.d)"))
     region: str = Field(default="PAR1", description="Region of this cloud")
     zone: str = Field(default="PAR1-a", description="Default zone")
     log_level: str = Field(default="info", description="Log level of the server processes")
+    accel: AccelMode = Field(default="", description=(
+        "Accelerator of guests: kvm, tcg or auto (probe: KVM only if a test guest really boots); empty: auto"))
+    # The host agent (the local one `serve` runs; `hackboot agent` flags override these).
+    agent_name: str = Field(default="", description="Agent: host name (unique in the cloud); default: hostname")
+    agent_zone: str = Field(default="", description="Agent: zone of the host; default: the cloud's default zone")
+    agent_state_dir: Path | None = Field(default=None, description=(
+        "Agent: disks, seeds and QEMU run dirs; default: state_dir/agent"))
+    agent_driver: AgentDriver = Field(default="qemu", description=(
+        "Agent: guest driver, qemu or fake (an in-memory driver for tests)"))
+    agent_accel: AccelMode = Field(default="", description="Agent: kvm, tcg or auto; empty: the accel setting")
+    agent_vcpus: PositiveInt | None = Field(default=None, description="Agent: declared vCPUs; default: measured")
+    agent_memory_mb: PositiveInt | None = Field(default=None, description=(
+        "Agent: declared memory in MB; default: measured"))
+    agent_disk_gb: PositiveInt | None = Field(default=None, description=(
+        "Agent: declared disk capacity in GB (thin provisioning); default: free space"))
+    agent_reserved_vcpus: NonNegativeInt = Field(default=0, description="Agent: vCPUs kept for the host")
+    agent_reserved_memory_mb: NonNegativeInt = Field(default=1024, description="Agent: memory (MB) kept for the host")
+    agent_reserved_disk_gb: NonNegativeInt = Field(default=2, description="Agent: disk (GB) kept for the host")
+    agent_cpu_allocation_ratio: PositiveFloat = Field(default=1.0, description="Agent: vCPU overcommit ratio")
+    agent_ram_allocation_ratio: PositiveFloat = Field(default=1.0, description="Agent: memory overcommit ratio")
+    agent_disk_allocation_ratio: PositiveFloat = Field(default=1.0, description="Agent: disk overcommit ratio")
+    agent_gpus: str = Field(default="", description=(
+        "Agent: GPUs for passthrough, 'MODEL=0000:3b:00.0,0000:3c:00.0;MODEL2=…'"))
+    agent_poll_interval: PositiveFloat = Field(default=1.0, description=(
+        "Agent: seconds between looks for instance work (changes also wake it at once)"))
+    agent_heartbeat_interval: PositiveFloat = Field(default=5.0, description="Agent: seconds between heartbeats")
+    agent_check_interval: PositiveFloat = Field(default=5.0, description=(
+        "Agent: seconds between checks of idle guests against their desired state"))
+    agent_shutdown_timeout: PositiveFloat = Field(default=30.0, description=(
+        "Agent: seconds a guest gets to power off on its own before it is stopped"))
+    agent_workers: PositiveInt = Field(default=4, description="Agent: instances worked on at once")
+    agent_extensions: str = Field(default="hackboot.volumes.agent", description=(
+        "Agent: comma-separated modules whose `attach(agent)` registers hooks with it (other services' "
+        "host-side reconcilers)"))
+    # Block storage.
+    volume_min_size_gb: PositiveInt = Field(default=1, description="Smallest volume size in GB")
+    volume_max_size_gb: PositiveInt = Field(default=16 * 1024, description=(
+        "Largest volume size in GB (16 TiB, like the large public-cloud block volumes)"))
+    volume_detach_timeout_s: PositiveFloat = Field(default=30.0, description=(
+        "How long a detach waits for the guest to release the disk (a forced detach then cuts it off)"))
+    volume_backup_endpoint: str = Field(default="", description=(
+        "S3 endpoint URL of volume backups; empty: this cloud's own S3 service"))
+    volume_backup_region: str = Field(default="PAR1", description="Region of the volume backups' buckets")
+    volume_scheduler_interval_s: PositiveFloat = Field(default=10.0, description=(
+        "How often backup policies, retention and purges of deleted backups run"))
+    volume_poll_interval_s: PositiveFloat = Field(default=1.0, description=(
+        "Volume agent: seconds between looks for volume work (changes also wake it at once)"))
+    volume_check_interval_s: PositiveFloat = Field(default=5.0, description=(
+        "Volume agent: seconds between checks of idle volumes against their desired state"))
+    volume_workers: PositiveInt = Field(default=3, description="Volume agent: volumes worked on at once")
+    volume_max_chain_incrementals: PositiveInt = Field(default=28, description=(
+        "A full backup after this many incrementals: for backups outside a policy, and as the default "
+        "full_every of new backup policies"))
+    volume_test_tiers: bool = Field(default=False, description=(
+        "Test only: also offer the test-200iops storage tier (slow enough for an emulated guest to hit)"))
+    volume_crash_at: str = Field(default="", description=(
+        "Test only (crash tests): the process kills itself (SIGKILL) when the volume agent reaches this "
+        "fault point"))
+
+    @model_validator(mode="after")
+    def _volume_sizes_ordered(self) -> Settings:
+        if self.volume_min_size_gb > self.volume_max_size_gb:
+            raise ValueError(f"volume_min_size_gb ({self.volume_min_size_gb}) exceeds volume_max_size_gb "
+                             f"({self.volume_max_size_gb})")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -138,11 +223,17 @@ def _default_text(name: str) -> str:
     return repr(value) if isinstance(value, str) and not value else str(value)
 
 
-def _type_text(name: str) -> str:
-    annotation = Settings.model_fields[name].annotation
-    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
-    text = text or str(annotation).replace("pathlib.", "").replace("typing.", "")
-    return text.replace(" | None", " (optional)")
+def _type_text(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Annotated:  # a constrained type: its base type
+        return _type_text(get_args(annotation)[0])
+    if origin is Literal:
+        return " or ".join(str(value) for value in get_args(annotation))
+    if origin in (Union, UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        text = " or ".join(_type_text(arg) for arg in args)
+        return f"{text} (optional)" if len(args) < len(get_args(annotation)) else text
+    return str(getattr(annotation, "__name__", annotation))
 
 
 def markdown_table() -> str:
@@ -151,8 +242,8 @@ def markdown_table() -> str:
     lines = ["| Environment variable | TOML key | Type | Default | Description |", "|---|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `{prefix}{name.upper()}` | `{name}` | {_type_text(name)} | `{_default_text(name)}` "
-                     f"| {description} |")
+        lines.append(f"| `{prefix}{name.upper()}` | `{name}` | {_type_text(field.annotation)} "
+                     f"| `{_default_text(name)}` | {description} |")
     return "\n".join(lines) + "\n"
 
 

@@ -53,7 +53,6 @@ from hackboot.images.store import (
 
 log = logging.getLogger("hackboot.images")
 
-BUILTIN_DIR_ENV = "HACKBOOT_BUILTIN_IMAGES_DIR"
 FREE_SPACE_RESERVE = 256 * 1024 * 1024  # never fill the state disk to the last byte
 HEARTBEAT_S = 30.0  # an upload in progress touches updated_at this often
 STALE_UPLOAD_S = 600.0  # ...and is declared interrupted after this long without a sign of life

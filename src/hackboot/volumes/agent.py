@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from hackboot.core import reconcile
+from hackboot.core.config import get_settings
 from hackboot.core.reconcile import Reconciler
 from hackboot.volumes import lifecycle, service, storage, tiers
-from hackboot.volumes.config import volume_settings
 from hackboot.volumes.service import AttachmentWork, VolumeWork
 from hackboot.volumes.storage import Graph, Pool, StorageDaemon, StorageError, VolumeView
 
@@ -52,9 +52,10 @@ _local: VolumeAgent | None = None
 
 
 def fault(point: str) -> None:
-    """Fault injection for the crash tests: HACKBOOT_VOLUME_CRASH_AT=<point> kills this process there."""
-    if os.environ.get("HACKBOOT_VOLUME_CRASH_AT") == point:
-        log.warning("volumes: crashing at %s (HACKBOOT_VOLUME_CRASH_AT)", point)
+    """Fault injection for the crash tests: the volume_crash_at setting (HACKBOOT_VOLUME_CRASH_AT=<point>)
+    kills this process there."""
+    if get_settings().volume_crash_at == point:
+        log.warning("volumes: crashing at %s (volume_crash_at setting)", point)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -135,9 +136,10 @@ class VolumeAgent(Reconciler):
     kind = "volume"
 
     def __init__(self, compute_agent: Any) -> None:
-        self.cfg = volume_settings()
-        super().__init__(stop=compute_agent.stopping, workers=self.cfg.workers,
-                         poll_interval=self.cfg.poll_interval_s, resync_interval=self.cfg.check_interval_s,
+        self.cfg = get_settings()
+        super().__init__(stop=compute_agent.stopping, workers=self.cfg.volume_workers,
+                         poll_interval=self.cfg.volume_poll_interval_s,
+                         resync_interval=self.cfg.volume_check_interval_s,
                          name="volumes")
         self.compute = compute_agent
         self.pool = Pool(Path(compute_agent.state_dir) / "volumes")
@@ -320,7 +322,7 @@ class VolumeAgent(Reconciler):
         if g is not None:
             with lock(w.id):
                 files = self.pool.chain(w.active_file) if w.active_file else []
-                g.detach(w.id, files, self.cfg.detach_timeout_s, force=att.force)
+                g.detach(w.id, files, self.cfg.volume_detach_timeout_s, force=att.force)
         service.finish_attachment(att.id, "detached", "forced" if att.force else "")
         service.finish(w.id, w.action_seq, event="detached")
 

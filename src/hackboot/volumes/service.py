@@ -25,13 +25,13 @@ from sqlalchemy.orm import Session
 
 from hackboot.core import errors, quotas
 from hackboot.core.auth import Principal
+from hackboot.core.config import get_settings
 from hackboot.core.crypto import seal, unseal
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.core.workers import Loop
 from hackboot.events.service import emit
 from hackboot.volumes import lifecycle, storage, tiers
-from hackboot.volumes.config import volume_settings
 from hackboot.volumes.models import (
     AVAILABLE,
     CREATING,
@@ -118,9 +118,10 @@ def _check_tier(name: str) -> tiers.Tier:
 
 
 def _check_size(size_gb: int, field_name: str = "size_gb") -> None:
-    cfg = volume_settings()
-    if not cfg.min_size_gb <= size_gb <= cfg.max_size_gb:
-        raise _invalid(field_name, f"size must be between {cfg.min_size_gb} and {cfg.max_size_gb} GB, got {size_gb}")
+    cfg = get_settings()
+    if not cfg.volume_min_size_gb <= size_gb <= cfg.volume_max_size_gb:
+        raise _invalid(field_name, f"size must be between {cfg.volume_min_size_gb} and {cfg.volume_max_size_gb} GB, "
+                                   f"got {size_gb}")
 
 
 def _zone(s: Session, zone: str | None) -> str:
@@ -539,9 +540,9 @@ def _own_endpoint() -> str:
 
 
 def backup_endpoint() -> str:
-    cfg = volume_settings()
-    if cfg.backup_endpoint:
-        return cfg.backup_endpoint.rstrip("/")
+    endpoint = get_settings().volume_backup_endpoint
+    if endpoint:
+        return endpoint.rstrip("/")
     return _own_endpoint()
 
 
@@ -615,7 +616,7 @@ def ensure_backup_bucket(project_id: str, name: str, actor: str) -> None:
     try:
         with session_scope() as s:
             if _bucket_owner(s, name) is None:
-                engine.tx_create_bucket(s, name, project_id, volume_settings().backup_region, actor, False, None)
+                engine.tx_create_bucket(s, name, project_id, get_settings().volume_backup_region, actor, False, None)
     except S3Error as exc:
         if exc.code == "TooManyBuckets":
             raise errors.QuotaExceeded(f"Cannot create the backup bucket {name}: {exc.message}") from None
@@ -663,7 +664,7 @@ def create_backup(p: Principal, ref: str, *, bucket: str | None = None, kind: st
         parent: VolumeBackup | None = None
         if kind in ("auto", "incremental") and last is not None:
             point = s.get(VolumeSnapshot, last.snapshot_id) if last.snapshot_id else None
-            limit = policy.full_every if policy is not None else volume_settings().max_chain_incrementals
+            limit = policy.full_every if policy is not None else get_settings().volume_max_chain_incrementals
             if point is not None and point.status == "available" and (
                     kind == "incremental" or _chain_length(s, last) < limit):
                 parent = last
@@ -768,7 +769,7 @@ def create_policy(p: Principal, name: str, *, every_s: int, keep_local_s: int, k
             ids = [get_volume(s, p, ref).id for ref in volumes]
         pol = BackupPolicy(id=new_id("bpol"), project_id=p.project, name=name, every_s=every_s,
                            keep_local_s=keep_local_s, keep_remote_s=keep_remote_s, bucket=bucket,
-                           full_every=full_every or volume_settings().max_chain_incrementals, volume_ids=ids,
+                           full_every=full_every or get_settings().volume_max_chain_incrementals, volume_ids=ids,
                            created_by=p.user_id)
         s.add(pol)
         s.flush()
@@ -919,7 +920,7 @@ def scheduler_step() -> None:
 
 
 def loops() -> list[Loop]:
-    return [Loop("volume-backup-scheduler", scheduler_step, volume_settings().scheduler_interval_s)]
+    return [Loop("volume-backup-scheduler", scheduler_step, get_settings().volume_scheduler_interval_s)]
 
 
 # ==================================================================================================

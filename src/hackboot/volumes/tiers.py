@@ -15,9 +15,10 @@ changed live when the volume's tier changes (PATCH tier); ``query-block`` shows 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from hackboot.core.config import get_settings
 
 MiB = 1024 * 1024
 
@@ -65,7 +66,7 @@ TIERS: dict[str, Tier] = {t.name: t for t in (
 
 # A tier slow enough for a TCG guest to saturate: used by tests and benchmarks to show that the
 # caps are enforced where the real tiers' caps are above what an emulated guest can reach.
-# Only offered when HACKBOOT_VOLUME_TEST_TIERS=1 (never in production).
+# Only offered with the volume_test_tiers setting (HACKBOOT_VOLUME_TEST_TIERS=1; never in production).
 TEST_TIERS: dict[str, Tier] = {t.name: t for t in (
     Tier("test-200iops", "Test tier: 200 IOPS, no burst", 200, 200, 8 * MiB, 8 * MiB, 1,
          "test tier (HACKBOOT_VOLUME_TEST_TIERS=1)", test_only=True),
@@ -75,7 +76,7 @@ DEFAULT_TIER = "ssd-standard"
 
 
 def test_tiers_enabled() -> bool:
-    return os.environ.get("HACKBOOT_VOLUME_TEST_TIERS", "") in ("1", "true", "yes")
+    return get_settings().volume_test_tiers
 
 
 def all_tiers() -> dict[str, Tier]:

@@ -200,7 +200,7 @@ def test_seed_reads_the_folder_named_by_the_environment(project: str, tmp_path: 
                                                    "disk_format": "qcow2"}))
     from hackboot.core.config import reset_settings_cache
 
-    monkeypatch.setenv(service.BUILTIN_DIR_ENV, str(folder))
+    monkeypatch.setenv("HACKBOOT_BUILTIN_IMAGES_DIR", str(folder))
     reset_settings_cache()
     try:
         service.seed()

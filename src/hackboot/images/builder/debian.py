@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hackboot.core.config import get_settings
+
 from ._common import (
     GiB,
     ImageBuildError,
@@ -125,13 +127,13 @@ def _apt_sources() -> list[tuple[str, list[str], str | None]]:
 
 
 def find_mirror() -> Mirror:
-    """The Debian mirror this host uses (``HACKBOOT_DEBIAN_MIRROR`` overrides it).
+    """The Debian mirror this host uses (the ``debian_mirror`` setting, ``HACKBOOT_DEBIAN_MIRROR``, overrides it).
 
     Prefers a source that serves the bookworm suite itself, else any non-security Debian source.
     """
     sources = _apt_sources()
     security = next((uri for uri, suites, _ in sources if f"{SUITE}-security" in suites), None)
-    override = os.environ.get("HACKBOOT_DEBIAN_MIRROR")
+    override = get_settings().debian_mirror
     if override:
         return Mirror(override, security, None)
     for uri, suites, signed_by in sources:
@@ -141,7 +143,7 @@ def find_mirror() -> Mirror:
     for uri, suites, _ in sources:
         if not any(s.endswith("-security") for s in suites) and "security" not in uri:
             return Mirror(uri, security, None)
-    raise ImageBuildError("no Debian mirror in /etc/apt/sources.list(.d); set HACKBOOT_DEBIAN_MIRROR")
+    raise ImageBuildError("no Debian mirror in /etc/apt/sources.list(.d); set HACKBOOT_DEBIAN_MIRROR (debian_mirror)")
 
 
 # --- build steps -----------------------------------------------------------------------------
