@@ -1,4 +1,9 @@
-"""The FastAPI application shell: error rendering, health, metrics. Routers come from server.py."""
+"""The FastAPI application shell: error rendering, health, metrics, and the stack of ASGI layers.
+
+Routers come from server.py. The layers, outermost first (each a module of its own):
+request ids → metrics → error boundary → NUL refusal → early authentication → disk guard →
+body limits → idempotency keys → audit trail → the routes.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,26 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from hackboot.core.auth import PROJECT_HEADER, authenticate_token, authenticated
+from hackboot.core.audit import AuditTrail
+from hackboot.core.auth import PROJECT_HEADER, authenticate_token
+from hackboot.core.authgate import EarlyAuth
 from hackboot.core.config import get_settings
 from hackboot.core.db import session_scope
 from hackboot.core.errors import ApiError, Forbidden, Unauthenticated
-from hackboot.core.middleware import STREAMING_TYPES, ApiMiddleware, RoutePolicy
+from hackboot.core.idempotency import IdempotencyKeys
+from hackboot.core.limits import BodyLimit, RefuseNul
+from hackboot.core.metrics import Metrics
+from hackboot.core.problems import ProblemBoundary
+from hackboot.core.request_ids import RequestIds
+from hackboot.core.routes import route_policy
+from hackboot.core.storagefull import DiskGuard
 
 log = logging.getLogger("hackboot.api")
 PROBLEM = "application/problem+json"
@@ -134,8 +145,25 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
     method_routes = [r for r in app.router.routes if isinstance(r, Route)] + [
         r for router in routers for r in router.routes if isinstance(r, Route)]
     _document_problems(app)
-    app.add_middleware(ApiMiddleware, max_body_bytes=get_settings().max_body_bytes, routes=route_policy(routers))
+    _add_layers(app, routers)
     return app
+
+
+def _add_layers(app: FastAPI, routers: list[APIRouter]) -> None:
+    routes = route_policy(routers)
+    outermost_first: list[tuple[Any, dict[str, Any]]] = [
+        (RequestIds, {}),
+        (Metrics, {}),  # counts the problems the layers below answer
+        (ProblemBoundary, {}),  # renders what the layers below raise
+        (RefuseNul, {}),
+        (EarlyAuth, {"routes": routes}),  # no body is read for nobody
+        (DiskGuard, {"routes": routes}),
+        (BodyLimit, {"max_body_bytes": get_settings().max_body_bytes, "routes": routes}),
+        (IdempotencyKeys, {"routes": routes}),  # reads the (limited) body itself
+        (AuditTrail, {}),  # around the route only, not the idempotency bookkeeping
+    ]
+    for layer, options in reversed(outermost_first):  # Starlette wraps each new layer around the others
+        app.add_middleware(layer, **options)
 
 
 _METHOD_ORDER = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -148,25 +176,6 @@ def _allowed_methods(routes: list[Route], request: Request) -> list[str]:
         if route.methods and route.matches(request.scope)[0] != Match.NONE:
             methods |= route.methods
     return sorted(methods, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
-
-
-def _authenticates(dependant: Dependant) -> bool:
-    return dependant.call is authenticated or any(_authenticates(d) for d in dependant.dependencies)
-
-
-def route_policy(routers: Iterable[APIRouter]) -> RoutePolicy:
-    """Which /v1 routes take no token (login) and which stream their bodies (declared octet-stream)."""
-    policy = RoutePolicy()
-    for router in routers:
-        for route in router.routes:
-            if not isinstance(route, APIRoute):
-                continue
-            if not _authenticates(route.dependant):
-                policy.add("public", route.path, route.methods)
-            content = (route.openapi_extra or {}).get("requestBody", {}).get("content", {})
-            if any(ctype in STREAMING_TYPES for ctype in content):
-                policy.add("streaming", route.path, route.methods)
-    return policy
 
 
 PROBLEM_SCHEMA = {

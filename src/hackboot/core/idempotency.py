@@ -5,22 +5,33 @@ concurrent requests with one key cannot both create. Responses below 500 are sto
 and replayed for 24 h; a 5xx frees the key so the client may retry. A reservation
 left by a killed server stays `pending` and is answered 409 (the first attempt may
 or may not have taken effect: the client should look before retrying with a new key).
+
+Every POST honours the header except those that stream their body (an upload is never
+buffered to be hashed).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from typing import Any
 
+import anyio
 from sqlalchemy import Integer, String, Text, delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hackboot.core.asgi import header
 from hackboot.core.crypto import seal, unseal
 from hackboot.core.db import Base, session_scope, utcnow
+from hackboot.core.errors import BadRequest, Conflict, ValidationFailed
+from hackboot.core.routes import RoutePolicy
 
 TTL = dt.timedelta(hours=24)
 MAX_STORED_BODY = 1024 * 1024
+HEADER = "Idempotency-Key"
+MAX_KEY = 255
 
 
 class IdempotencyRecord(Base):
@@ -89,3 +100,91 @@ def purge_expired() -> int:
     with session_scope() as s:
         result = s.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < utcnow() - TTL))
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+# --- the ASGI layer ---------------------------------------------------------------------------------
+
+def valid_key(key: str) -> bool:
+    return len(key) <= MAX_KEY and key.isprintable()
+
+
+class IdempotencyKeys:
+    """Replays the stored answer of a POST's key, or runs the route once and stores its answer."""
+
+    def __init__(self, app: ASGIApp, routes: RoutePolicy) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = header(scope, b"idempotency-key") if scope["type"] == "http" and scope["method"] == "POST" else ""
+        if not key or self.routes.streams(scope["method"], scope["path"]):  # never buffer an upload to hash it
+            await self.app(scope, receive, send)
+            return
+        if not valid_key(key):
+            raise BadRequest(f"{HEADER} must be printable and at most {MAX_KEY} characters",
+                             code="invalid_idempotency_key")
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        query = scope.get("query_string", b"").decode("latin-1")
+        kh = key_hash(header(scope, b"authorization"), key, scope["method"], scope["path"] + "?" + query)
+        request_hash = hashlib.sha256(body).hexdigest()
+        existing = await anyio.to_thread.run_sync(reserve, kh, request_hash)
+        if existing is not None:
+            await self._replay(existing, request_hash, send)
+            return
+
+        delivered = False
+
+        async def replay_body() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        captured: dict[str, Any] = {"status": 500, "ctype": "", "location": "", "body": []}
+        messages: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            # Held back until the key is recorded as done: a retry racing the first answer
+            # must see the stored response, not "in progress".
+            if message["type"] == "http.response.start":
+                captured["status"] = message["status"]
+                for k, v in message.get("headers", []):
+                    if k == b"content-type":
+                        captured["ctype"] = v.decode("latin-1")
+                    elif k == b"location":
+                        captured["location"] = v.decode("latin-1")
+            elif message["type"] == "http.response.body":
+                captured["body"].append(message.get("body", b""))
+            messages.append(message)
+
+        try:
+            await self.app(scope, replay_body, capture)
+        except BaseException:
+            await anyio.to_thread.run_sync(release, kh)
+            raise
+        await anyio.to_thread.run_sync(complete, kh, captured["status"], captured["ctype"], captured["location"],
+                                       b"".join(captured["body"]))
+        for message in messages:
+            await send(message)
+
+    @staticmethod
+    async def _replay(existing: IdempotencyRecord, request_hash: str, send: Send) -> None:
+        if existing.request_hash != request_hash:
+            raise ValidationFailed(f"This {HEADER} was used with a different request body",
+                                   code="idempotency_key_reused")
+        if existing.state != "done":
+            raise Conflict(f"A request with this {HEADER} is in progress or was interrupted",
+                           code="idempotency_in_progress")
+        headers = [(b"content-type", existing.content_type.encode()), (b"idempotent-replayed", b"true")]
+        if existing.location:
+            headers.append((b"location", existing.location.encode()))
+        await send({"type": "http.response.start", "status": existing.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": stored_body(existing)})
+

@@ -15,10 +15,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, delete, func, or_, select
+from sqlalchemy import ColumnElement, Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from hackboot.core import errors, quotas
+from hackboot.core import audit, errors, quotas
 from hackboot.core.auth import Principal
 from hackboot.core.config import get_settings
 from hackboot.core.crypto import seal
@@ -53,6 +53,23 @@ def emit(session: Session, type: str, *, resource_type: str, resource_id: str, p
                 session.add(WebhookDelivery(id=new_id("whd"), webhook_id=hook.id, project_id=project_id,
                                             event_id=event.id))
     return event
+
+
+# --- the audit log's sink ----------------------------------------------------------------------------
+
+class AuditLog:
+    """Writes core's audit entries (`hackboot.core.audit`) to `audit_log`, in the caller's transaction."""
+
+    def add(self, session: Session, entry: audit.AuditEntry) -> None:
+        session.add(AuditRecord(id=entry.id, project_id=entry.project_id, user_id=entry.user_id,
+                                username=entry.username, token_id=entry.token_id, method=entry.method,
+                                path=entry.path, status_code=entry.status_code, request_id=entry.request_id))
+
+    def set_status(self, session: Session, entry_id: str, status_code: int) -> None:
+        session.execute(update(AuditRecord).where(AuditRecord.id == entry_id).values(status_code=status_code))
+
+
+audit.register_sink(AuditLog())
 
 
 # --- listing helpers ---------------------------------------------------------------------------------
