@@ -1258,8 +1258,8 @@ def delete_nat_gateway(p: Principal, ref: str) -> NatGateway:
 def nat_public_ips(s: Session, nats: list[NatGateway]) -> dict[str, str]:
     if not nats:
         return {}
-    return dict(s.execute(select(FloatingIp.id, FloatingIp.address).where(
-        FloatingIp.id.in_([n.floating_ip_id for n in nats]))).tuples().all())
+    return {fid: address for fid, address in s.execute(select(FloatingIp.id, FloatingIp.address).where(
+        FloatingIp.id.in_([n.floating_ip_id for n in nats])))}
 
 
 # ==================================================================================================
