@@ -355,6 +355,27 @@ class DataplaneContract:
         assert connects(member.ns, server.ip, 8080)
         assert not connects(outsider.ns, server.ip, 8080)
 
+    def test_a_thousand_overlapping_rules_load_and_enforce(self, world: World) -> None:
+        d = world.host("a")
+        pub, _ = subnets()
+        c, s = world.port("c", pub, 10), world.port("s", pub, 11)
+        rules = [SecurityGroupRule("egress", "all", cidrs=("0.0.0.0/0",))]
+        rules += [SecurityGroupRule("ingress", "tcp", 9000 + i % 50, 9000 + i % 50 + i % 7,
+                                    cidrs=(f"10.{i % 4}.0.0/16", f"10.0.{i % 250}.0/24"))
+                  for i in range(996)]
+        rules += [SecurityGroupRule("ingress", "tcp", 8080, 8080, remote_ips=(c.ip,)),
+                  SecurityGroupRule("ingress", "tcp", 8000, 8100, cidrs=("10.0.1.0/24",)),
+                  SecurityGroupRule("ingress", "icmp", cidrs=("10.0.0.0/8",))]
+        big = SecurityGroupSpec("sg-big", tuple(rules))
+        s.port = dataclasses.replace(s.port, security_groups=("sg-big",))
+        d.apply_vpc(vpc(sns=[pub]), [c.port, s.port], groups=[default_group(), big])
+        world.configure(c, s, subnets=(pub,))
+        world.serve(s.ns, "serve", 8080)
+        world.serve(s.ns, "serve", 8200)
+        assert ping(c.ns, s.ip)
+        assert connects(c.ns, s.ip, 8080)
+        assert not connects(c.ns, s.ip, 8200, timeout=1), "a port no rule names stays closed"
+
     def test_anti_spoofing(self, world: World) -> None:
         d = world.host("a")
         pub, _ = subnets()
