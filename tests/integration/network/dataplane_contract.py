@@ -580,6 +580,21 @@ class DataplaneContract:
         assert rejected and rejected[0].protocol == "tcp" and rejected[0].dst_port == 8080, mine
         assert rejected[0].src_ip == c.ip and rejected[0].vpc_id == "vpc-a"
 
+    # --- guests' taps -------------------------------------------------------------------------------
+
+    def test_tap_port_opens_for_a_guest(self, world: World) -> None:
+        d = world.host("a", uplink=False)
+        pub, _ = subnets()
+        tap = PortSpec("eni-tap", pub.id, "02:00:00:00:aa:01", "10.0.1.30", ("sg-default",), "vm")
+        d.apply_vpc(vpc(sns=[pub]), [tap], groups=[default_group()])
+        ref = d.tap_for(tap.id)
+        assert "NO-CARRIER" in sh(ref.namespace, f"ip link show {ref.ifname}").stdout, "no guest yet"
+        fd = d.open_tap(tap.id)
+        try:
+            assert "NO-CARRIER" not in sh(ref.namespace, f"ip link show {ref.ifname}").stdout, "the guest is plugged"
+        finally:
+            os.close(fd)
+
     # --- bad input -------------------------------------------------------------------------------
 
     def test_inconsistent_specs_are_refused(self, world: World) -> None:
