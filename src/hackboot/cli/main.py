@@ -126,7 +126,7 @@ Next steps:
 
 
 identity.register(app)
-for _module in ("catalog", "events", "compute", "images", "volumes", "s3"):
+for _module in ("catalog", "events", "compute", "images", "volumes", "network", "s3"):
     try:
         importlib.import_module(f"hackboot.cli.{_module}").register(app)
     except ModuleNotFoundError as _exc:
