@@ -74,7 +74,7 @@ class FlavorSeed:
 @dataclass(frozen=True)
 class PriceSeed:
     sku: str
-    kind: str  # flavor, volume, object_storage
+    kind: str  # flavor, volume, object_storage, network
     unit: str  # hour, GB-month
     amount_eur: float
     description: str
@@ -189,6 +189,20 @@ STORAGE_PRICES: tuple[PriceSeed, ...] = (
 )
 
 
+# VPC networking: S003 §3.1 draws the VPC with an "Internet Gateway / NAT" but prices nothing. The VPC,
+# its subnets, interfaces and security groups are free (as at the large clouds); what holds scarce
+# public IPv4 space, and the gateway that translates for a whole VPC, are priced by the hour. Our
+# figures: a floating IP ~3.65 EUR/month, attached or not (a held address is one nobody else can use);
+# a NAT gateway ~32.85 EUR/month, its floating IP priced apart.
+NETWORK_PRICES: tuple[PriceSeed, ...] = (
+    PriceSeed("network:floating-ip", "network", "hour", 0.005,
+              f"{_LIST}, per hour a floating IP is allocated. {S003} §3.1 (VPC, Internet Gateway); amount ours"),
+    PriceSeed("network:nat-gateway", "network", "hour", 0.045,
+              f"{_LIST}, per hour a NAT gateway exists (its floating IP priced apart). {S003} §3.1 (VPC, NAT); "
+              "amount ours"),
+)
+
+
 def flavor_prices() -> tuple[PriceSeed, ...]:
     return tuple(PriceSeed(f.id, "flavor", "hour", f.price_eur_hour,
                            f"{_LIST}, per hour ({f.description})") for f in FLAVORS)
@@ -196,4 +210,4 @@ def flavor_prices() -> tuple[PriceSeed, ...]:
 
 def all_prices() -> tuple[PriceSeed, ...]:
     """The global price list (region_id NULL: valid in every region unless overridden)."""
-    return flavor_prices() + STORAGE_PRICES
+    return flavor_prices() + STORAGE_PRICES + NETWORK_PRICES

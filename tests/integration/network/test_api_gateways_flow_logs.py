@@ -80,6 +80,13 @@ def test_floating_ip_allocate_attach_detach_release(cloud: Cloud) -> None:
                                        "network.floating_ip.detached", "network.floating_ip.released"]
 
 
+def test_floating_ips_and_nat_gateways_have_hourly_list_prices(cloud: Cloud) -> None:
+    prices = {p["sku"]: p for p in cloud.client().get("/v1/prices", limit=1000)["items"]}
+    fip, nat = prices["network:floating-ip"], prices["network:nat-gateway"]
+    assert (fip["kind"], fip["unit"], nat["unit"]) == ("network", "hour", "hour")
+    assert 0 < fip["amount_eur"] < nat["amount_eur"]
+
+
 def test_nat_gateways(cloud: Cloud) -> None:
     c = project_client(cloud)
     vpc, public = vpc_with_subnet(c, "10.41.0.0/16", "10.41.1.0/24", public=True)
