@@ -22,7 +22,6 @@ NOT_YET_MOVED = {
     "cli/config.py",  # client: HACKBOOT_CLI_CONFIG
     "cli/compute.py",  # `hackboot agent --database-url` sets HACKBOOT_DATABASE_URL for Settings
     "cli/identity.py",  # client: HACKBOOT_PASSWORD
-    "volumes/config.py",  # VolumeSettings (HACKBOOT_VOLUME_*), unread, deleted next
 }
 
 # On a line naming HACKBOOT_*: an environment read, a settings class of its own with that prefix, or a
