@@ -25,13 +25,15 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hackboot.core import privsep
 from hackboot.images import store
 from hackboot.volumes import backups, storage
-from hackboot.volumes.storage import NoSpace, Pool, StorageError
+from hackboot.volumes.driver import Fetch, ImportLayer, NoSpace, StorageError
+from hackboot.volumes.storage import Pool
 
 GiB = 1024**3
 SOURCE_SECRET = "hbsrc"
@@ -131,36 +133,63 @@ def _flatten(scratch: Path, inputs: list[str], source: dict[str, Any], secrets: 
     os.replace(produced, dst)
 
 
-def restore_into(pool: Pool, rel: str, info: dict[str, Any], size_bytes: int, *, key: str | None,
-                 work_name: str) -> None:
-    """Download, verify, validate and flatten the backup described by `info` (``service.backup_work``) into
-    the new pool file `rel` (encrypted with `key` when given). Raises StorageError with a reason for the user."""
-    layers = _layers(info)
+def import_layers(info: dict[str, Any]) -> list[tuple[ImportLayer, dict[str, Any]]]:
+    """The backup's layers (bottom first) as the driver imports them, each with its object in the bucket."""
+    return [(ImportLayer(label=f"layer {obj['key']} of backup {obj['backup_id']}", size=obj["bytes"],
+                         encrypted=obj["encrypted"], key=obj["layer_key"],
+                         volume_size_bytes=obj["volume_size_gb"] * GiB), obj) for obj in _layers(info)]
+
+
+def bucket_fetcher(info: dict[str, Any], objects: dict[str, dict[str, Any]]) -> Fetch:
+    """``fetch(layer, dest)`` for the driver: the layer's object, checked against the size and SHA-256 the
+    database recorded at backup time (``objects``: layer label -> object)."""
     s3 = backups.S3(info["endpoint"], *info["credential"])
-    limit = max(size_bytes, max(layer["volume_size_gb"] for layer in layers) * GiB)
+
+    def fetch(layer: ImportLayer, dest: Path) -> None:
+        obj = objects[layer.label]
+        try:
+            backups.download_verified(s3, obj["bucket"], obj["key"], dest, sha256=obj["sha256"], size=obj["bytes"])
+        except backups.BackupTampered as exc:
+            raise StorageError(f"Restore refused: backup {obj['backup_id']} was changed in its bucket "
+                               f"({exc})") from None
+
+    return fetch
+
+
+def flatten_layers(pool: Pool, rel: str, layers: Sequence[ImportLayer], size_bytes: int, *, key: str | None,
+                   fetch: Fetch, work_name: str) -> None:
+    """Fetch `layers` (bottom first) into a private scratch directory, validate each as a qcow2 layer and
+    flatten them into the new pool file `rel` (encrypted with `key` when given)."""
+    if not layers:
+        raise StorageError("Restore refused: the backup has no layers")
+    limit = max(size_bytes, max(layer.volume_size_bytes for layer in layers))
     with storage.scratch_dir(pool, work_name) as scratch:
         inbox = scratch / _IN
         inbox.mkdir(mode=0o700)
         names: list[str] = []
         for i, layer in enumerate(layers):
             name = f"layer-{i:03d}.qcow2"
+            fetch(layer, inbox / name)
             try:
-                backups.download_verified(s3, layer["bucket"], layer["key"], inbox / name, sha256=layer["sha256"],
-                                          size=layer["bytes"])
-            except backups.BackupTampered as exc:
-                raise StorageError(f"Restore refused: backup {layer['backup_id']} was changed in its bucket "
-                                   f"({exc})") from None
-            try:
-                store.validate(inbox / name, "qcow2", store.Limits(max_bytes=layer["bytes"], max_virtual_bytes=limit),
-                               layer=i > 0, encrypted=layer["encrypted"], key=layer["layer_key"])
+                store.validate(inbox / name, "qcow2", store.Limits(max_bytes=layer.size, max_virtual_bytes=limit),
+                               layer=i > 0, encrypted=layer.encrypted, key=layer.key)
             except store.ImageRejected as exc:
-                raise StorageError(f"Restore refused: layer {layer['key']} of backup {layer['backup_id']} is not "
-                                   f"an acceptable disk image: {exc.reason}") from None
+                raise StorageError(f"Restore refused: {layer.label} is not an acceptable disk image: "
+                                   f"{exc.reason}") from None
             names.append(f"{_IN}/{name}")
-        src_key = layers[-1]["layer_key"]
+        src_key = layers[-1].key
         source = _chain_json(names, SOURCE_SECRET if src_key else None)
         _flatten(scratch, names, source, {SOURCE_SECRET: src_key} if src_key else {}, pool.path(rel), size_bytes,
                  key=key, limit=limit)
+
+
+def restore_into(pool: Pool, rel: str, info: dict[str, Any], size_bytes: int, *, key: str | None,
+                 work_name: str) -> None:
+    """Download, verify, validate and flatten the backup described by `info` (``service.backup_work``) into
+    the new pool file `rel` (encrypted with `key` when given). Raises StorageError with a reason for the user."""
+    pairs = import_layers(info)
+    fetch = bucket_fetcher(info, {layer.label: obj for layer, obj in pairs})
+    flatten_layers(pool, rel, [layer for layer, _ in pairs], size_bytes, key=key, fetch=fetch, work_name=work_name)
 
 
 def image_into(pool: Pool, rel: str, image: Path, disk_format: str, size_bytes: int, *, key: str | None,

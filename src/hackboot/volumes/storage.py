@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -50,12 +51,28 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hackboot.core.privsep import die_with_parent
+from hackboot.volumes.driver import (
+    BackupExport,
+    BlockStorageDriver,
+    DetachTimeout,
+    Execute,
+    ExportedLayer,
+    Fault,
+    Fetch,
+    ImportLayer,
+    NoSpace,
+    StorageError,
+    VolumeView,
+    no_fault,
+)
+
+__all__ = ["DetachTimeout", "LocalQcow2Driver", "NoSpace", "StorageError", "VolumeView"]
 
 log = logging.getLogger("hackboot.volumes.storage")
 
@@ -65,19 +82,7 @@ LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=hbkey,encrypt.cipher-alg=aes
             "encrypt.iter-time=50"
 HOTPLUG_PORTS = 8  # pcie-root-ports added to every guest for volumes (hbvp0 … hbvp7)
 PORT_CHASSIS_BASE = 200
-Execute = Callable[[str, dict[str, Any] | None], Any]
-
-
-class StorageError(Exception):
-    """A storage operation failed; the message is meant for the user (status_reason)."""
-
-
-class NoSpace(StorageError):
-    pass
-
-
-class DetachTimeout(StorageError):
-    pass
+VOLUME_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def new_key() -> str:
@@ -338,18 +343,6 @@ def hotplug_port_args() -> list[str]:
     return args
 
 
-@dataclass
-class VolumeView:
-    """What the driver needs to open a volume: its id, active file, key, mode."""
-
-    volume_id: str
-    active: str  # pool-relative
-    key: str | None = None
-    read_only: bool = False
-    size_bytes: int = 0
-    fmt: str = "qcow2"
-
-
 def chain_definition(pool: Pool, v: VolumeView, *, secret: str | None = None, top_read_only: bool | None = None,
                      stop_at: str | None = None) -> dict[str, Any]:
     """blockdev-add arguments for the volume's whole chain (nested; node names for every file).
@@ -416,8 +409,10 @@ class Graph:
     def devices(self) -> set[str]:
         return {o["name"] for o in self.x("qom-list", {"path": "/machine/peripheral"})}
 
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        return {n["node-name"]: n for n in self.x("query-named-block-nodes", {"flat": True})}
+    def nodes(self, flat: bool = True) -> dict[str, dict[str, Any]]:
+        """The named block nodes; ``flat=False`` also walks each node's backing chain (a real
+        ``backing_file_depth``: the flat answer always says 0)."""
+        return {n["node-name"]: n for n in self.x("query-named-block-nodes", {"flat": flat})}
 
     def add_secret(self, sid: str, key: str) -> None:
         if sid in self.objects():
@@ -640,7 +635,7 @@ def snapshot(pool: Pool, plan: SnapshotPlan, graph: Graph | None,
         return
     new_node = node_name(plan.volume_id, plan.new_active)
     old_node = node_name(plan.volume_id, plan.old_active)
-    nodes = graph.nodes()
+    nodes = graph.nodes(flat=False)
     if new_node in nodes and nodes[new_node].get("backing_file_depth", 0) > 0:
         return  # already linked (crash after blockdev-snapshot)
     if new_node not in nodes:
@@ -664,32 +659,11 @@ def stream_into(pool: Pool, volume_id: str, child: str, frozen: str, key: str | 
     graph.run_job("block-stream", args)
 
 
-def ensure_open(pool: Pool, graph: Graph, v: VolumeView) -> None:
-    graph.open_chain(pool, v)
-
-
 def resize(pool: Pool, v: VolumeView, size_bytes: int, graph: Graph) -> None:
     """Grow through the node the device uses (the fuse), so the guest is told of the new capacity."""
     fuse = fuse_node(v.volume_id)
     target = fuse if fuse in graph.nodes() else node_name(v.volume_id, v.active)
     graph.x("block_resize", {"node-name": target, "size": size_bytes})
-
-
-@dataclass
-class LayerUpload:
-    rel: str
-    key: str
-    bytes: int = 0
-    sha256: str = ""
-
-
-@dataclass
-class BackupResult:
-    layers: list[LayerUpload] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(layer.bytes for layer in self.layers)
 
 
 def file_sha256(path: Path) -> str:
@@ -708,3 +682,178 @@ def scratch_dir(pool: Pool, name: str) -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ the driver
+
+class LocalQcow2Driver(BlockStorageDriver):
+    """:class:`~hackboot.volumes.driver.BlockStorageDriver` over qcow2 files in a local pool.
+
+    ``root``: the pool (``<root>/<volume id>/<file>``); ``run_dir``: where short-lived storage
+    daemons keep their files (offline graph work).
+    """
+
+    def __init__(self, root: Path, run_dir: Path | None = None) -> None:
+        self.pool = Pool(Path(root))
+        self.run_dir = Path(run_dir) if run_dir is not None else self.pool.root / ".qsd"
+
+    @staticmethod
+    def _check_id(volume_id: str) -> str:
+        # ids become directory names (and a delete removes one): never a path
+        if not isinstance(volume_id, str) or not VOLUME_ID_RE.match(volume_id) or volume_id in (".", ".."):
+            raise StorageError(f"invalid volume id {volume_id!r}")
+        return volume_id
+
+    def _make(self, rel: str, make: Callable[[], None]) -> str:
+        """Create the first layer `rel` with `make` unless it exists; never leave a half-made one."""
+        if not self.pool.path(rel).exists():
+            try:
+                make()
+            except BaseException:
+                self.pool.remove(rel)
+                with contextlib.suppress(OSError):  # a volume that never came to be leaves no directory
+                    self.pool.path(rel).parent.rmdir()
+                raise
+        return rel
+
+    def _volume_files(self, volume_id: str) -> list[str]:
+        d = self.pool.root / volume_id
+        return sorted(f"{volume_id}/{p.name}" for p in d.glob("*.qcow2")) if d.is_dir() else []
+
+    # --- volumes ----------------------------------------------------------------------------------
+
+    def create(self, volume_id: str, size_bytes: int, *, key: str | None = None, shareable: bool = False) -> str:
+        self._check_id(volume_id)
+        fmt = "raw" if shareable else "qcow2"
+        rel = f"{volume_id}/base.{fmt}"
+        return self._make(rel, lambda: self.pool.create(rel, size_bytes, key=key, fmt=fmt))
+
+    def create_from_image(self, volume_id: str, image: Path, image_format: str, size_bytes: int, *,
+                          key: str | None = None) -> str:
+        from hackboot.volumes.restore import image_into
+
+        rel = f"{self._check_id(volume_id)}/base.qcow2"
+        return self._make(rel, lambda: image_into(self.pool, rel, Path(image), image_format, size_bytes, key=key,
+                                                  work_name=f"image-{volume_id}"))
+
+    def clone(self, volume_id: str, snapshot_layer: str, size_bytes: int, *, key: str | None = None) -> str:
+        rel = f"{self._check_id(volume_id)}/base.qcow2"
+        if not self.pool.path(rel).exists() and not self.pool.path(snapshot_layer).is_file():
+            raise StorageError("The snapshot's data is not on this host any more")
+        return self._make(rel, lambda: self.pool.create(rel, size_bytes, key=key, backing=snapshot_layer))
+
+    def import_backup(self, volume_id: str, layers: Sequence[ImportLayer], size_bytes: int, *, key: str | None,
+                      fetch: Fetch) -> str:
+        from hackboot.volumes.restore import flatten_layers
+
+        rel = f"{self._check_id(volume_id)}/base.qcow2"
+        return self._make(rel, lambda: flatten_layers(self.pool, rel, layers, size_bytes, key=key, fetch=fetch,
+                                                      work_name=f"restore-{volume_id}"))
+
+    def delete(self, volume_id: str) -> None:
+        self.pool.remove_volume_dir(self._check_id(volume_id))
+
+    def volumes(self) -> set[str]:
+        return {d.name for d in self.pool.root.iterdir() if d.is_dir() and VOLUME_ID_RE.match(d.name)}
+
+    def layers(self, volume_id: str, top: str) -> list[str]:
+        return self.pool.chain(top)
+
+    def free_bytes(self) -> int:
+        return self.pool.free_bytes()
+
+    def allocated_bytes(self, volume_id: str) -> int:
+        d = self.pool.root / self._check_id(volume_id)
+        files = [f"{volume_id}/{p.name}" for p in d.iterdir() if p.is_file() and not p.name.startswith(".")] \
+            if d.is_dir() else []
+        return self.pool.allocated_bytes(files)
+
+    # --- snapshots and size -----------------------------------------------------------------------
+
+    def snapshot(self, volume: VolumeView, new_active: str, guest: Execute | None = None,
+                 fault: Fault = no_fault) -> None:
+        plan = SnapshotPlan(volume.volume_id, volume.active, new_active, volume.key, volume.size_bytes)
+        snapshot(self.pool, plan, Graph(guest) if guest is not None else None, fault)
+
+    def _merge_away(self, volume: VolumeView, frozen: str, g: Graph | None) -> None:
+        """Stream `frozen` into every file of the volume that backs onto it; then the file can go."""
+        vid = volume.volume_id
+        live = self.pool.chain(volume.active)
+        for child in self.pool.children_of(frozen, self._volume_files(vid)):
+            if g is not None and child in live:
+                stream_into(self.pool, vid, child, frozen, volume.key, g, volume.active)
+                with contextlib.suppress(Exception):  # a node we added ourselves stays until deleted
+                    g.x("blockdev-del", {"node-name": node_name(vid, frozen)})
+            else:
+                with StorageDaemon(self.run_dir) as d:
+                    d.open_chain(self.pool, VolumeView(vid, child, volume.key))
+                    stream_into(self.pool, vid, child, frozen, volume.key, d, child)
+
+    def delete_snapshot(self, volume: VolumeView, frozen: str, guest: Execute | None = None) -> None:
+        if not frozen or frozen == volume.active or not self.pool.path(frozen).exists():
+            return
+        self._merge_away(volume, frozen, Graph(guest) if guest is not None else None)
+        if not self.pool.children_of(frozen, self._volume_files(volume.volume_id)):
+            self.pool.remove(frozen)
+
+    def revert(self, volume: VolumeView, frozen: str, new_active: str) -> None:
+        if not self.pool.path(new_active).exists():
+            self.pool.create(new_active, volume.size_bytes, key=volume.key, backing=frozen)
+
+    def drop_layer(self, layer: str) -> None:
+        self.pool.remove(layer)
+
+    def resize(self, volume: VolumeView, size_bytes: int, guest: Execute | None = None) -> None:
+        if guest is not None:
+            resize(self.pool, volume, size_bytes, Graph(guest))
+        elif volume.fmt == "raw":
+            _run(["qemu-img", "resize", "-q", "-f", "raw", str(self.pool.path(volume.active)), str(size_bytes)],
+                 "Cannot grow the volume")
+        else:
+            with StorageDaemon(self.run_dir) as d:
+                d.open_chain(self.pool, volume)
+                resize(self.pool, volume, size_bytes, d)
+
+    # --- guests -----------------------------------------------------------------------------------
+
+    def blockdev(self, volume: VolumeView) -> dict[str, Any]:
+        return chain_definition(self.pool, volume)
+
+    def attach(self, guest: Execute, volume: VolumeView, slot: int, limits: dict[str, int] | None = None,
+               bootindex: int | None = None) -> str:
+        g = Graph(guest)
+        try:
+            g.attach(self.pool, volume, slot, limits, bootindex)
+        except Exception:
+            with contextlib.suppress(Exception):  # not plugged: do not leave the volume open in the guest
+                if device_id(volume.volume_id) not in g.devices():
+                    g.close_chain(volume.volume_id, self.pool.chain(volume.active))
+            raise
+        return device_id(volume.volume_id)
+
+    def detach(self, guest: Execute, volume: VolumeView, timeout: float, force: bool = False) -> None:
+        files = self.pool.chain(volume.active) if volume.active else []
+        Graph(guest).detach(volume.volume_id, files, timeout, force=force)
+
+    def plugged(self, guest: Execute, volume_id: str) -> bool:
+        return device_id(volume_id) in Graph(guest).devices()
+
+    def set_limits(self, guest: Execute, volume_id: str, limits: dict[str, int]) -> None:
+        Graph(guest).set_limits(volume_id, limits)
+
+    def io_limits(self, guest: Execute, volume_id: str) -> dict[str, int]:
+        return Graph(guest).io_limits(volume_id)
+
+    # --- backups ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def export_backup(self, volume_id: str, top: str, since: str | None = None) -> Iterator[BackupExport]:
+        chain = self.pool.chain(top)  # top first
+        incremental = since is not None and since in chain
+        if since is not None and incremental:
+            chain = chain[:chain.index(since)]
+        layers = []
+        for rel in reversed(chain):  # bottom first; frozen files: they do not change while read
+            path = self.pool.path(rel)
+            layers.append(ExportedLayer(rel, path, path.stat().st_size, file_sha256(path)))
+        yield BackupExport(layers, incremental)
