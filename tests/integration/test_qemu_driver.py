@@ -139,9 +139,10 @@ def main_guest(qemu_state_dir):
         disk_path=disk,
         kernel=assets.kernel,
         initrd=assets.initrd,
-        cmdline="console=ttyS0 panic=-1",
+        cmdline="console=ttyS0 panic=-1 hb.netwatch",  # the guest reports its network interfaces
         seed_iso=_make_seed_iso(qemu_state_dir / "seed.iso"),
         nics=[UserNetNic(ssh_host_port=port)],
+        hotplug_ports=2,
         accel="tcg",
     )
     driver = QemuDriver(qemu_state_dir)
@@ -158,6 +159,18 @@ def main_guest(qemu_state_dir):
 
 
 # --------------------------------------------------------------------------- main guest tests
+
+
+def _listeners(port: int) -> list[tuple[str, str]]:
+    """The (table, address) of the sockets listening on TCP ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            addr, lport = cols[1].rsplit(":", 1)
+            if int(lport, 16) == port and cols[3] == "0A":  # LISTEN
+                found.append((table, addr))
+    return found
 
 
 @pytest.mark.qemu
@@ -197,15 +210,30 @@ class TestBootedGuest:
             assert blocks["seed0"]["inserted"]["ro"] is True
 
     def test_ssh_forward_binds_loopback_only(self, main_guest: MainGuest):
-        port = main_guest.ssh_port
-        listeners = []
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            for line in Path(table).read_text().splitlines()[1:]:
-                cols = line.split()
-                addr, lport = cols[1].rsplit(":", 1)
-                if int(lport, 16) == port and cols[3] == "0A":  # LISTEN
-                    listeners.append((table, addr))
-        assert listeners == [("/proc/net/tcp", "0100007F")]  # 127.0.0.1 only
+        assert _listeners(main_guest.ssh_port) == [("/proc/net/tcp", "0100007F")]  # 127.0.0.1 only
+
+    def test_nic_hotplug_seen_by_the_guest(self, main_guest: MainGuest):
+        g = main_guest
+
+        def interfaces() -> list[str]:
+            lines = [ln for ln in g.driver.console_log(g.iid, 4 << 20).decode(errors="replace").splitlines()
+                     if ln.startswith("HB-NET ")]
+            return lines[-1].split()[1:] if lines else []
+
+        wait_until(lambda: "eth0" in interfaces(), 60, what="the boot NIC in the guest")
+        port = find_free_port()
+        nic = UserNetNic(ssh_host_port=port, mac="52:54:00:00:00:42")
+        nic_id = g.driver.attach_nic(g.iid, nic)
+        assert g.driver.nics(g.iid)[nic_id] == nic
+        wait_until(lambda: "eth1" in interfaces(), 60, what="the hot-plugged NIC in the guest")
+        assert _listeners(port) == [("/proc/net/tcp", "0100007F")]  # its forward: 127.0.0.1 only
+        devices = {p["name"] for p in g.driver.qmp(g.iid, "qom-list", {"path": "/machine/peripheral"})}
+        assert nic_id in devices
+        g.driver.detach_nic(g.iid, nic_id, timeout=60)
+        wait_until(lambda: interfaces() == ["eth0", "lo"], 60, what="the unplugged NIC gone from the guest")
+        assert nic_id not in g.driver.nics(g.iid)
+        assert _listeners(port) == []  # the backend went with it
+        assert not RunPaths.for_instance(g.state_dir, g.iid).hotplug_nics_json.exists()
 
     def test_pause_resume_events(self, main_guest: MainGuest):
         g = main_guest
