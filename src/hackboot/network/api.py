@@ -116,7 +116,8 @@ def create_vpc(body: VpcIn, p: Member, response: Response) -> VpcOut:
     return _vpc(v)
 
 
-@router.post("/vpcs/default", response_model=VpcOut)
+# Not under /vpcs/: /vpcs/default is the default VPC by name (GET, PATCH, DELETE like any VPC).
+@router.post("/default-vpc", response_model=VpcOut)
 def default_vpc(p: Member, body: DefaultVpcIn | None = None) -> VpcOut:
     """The project's default VPC of the region (172.31.0.0/16, a public /20 per zone), made on first use."""
     return _vpc(service.create_default_vpc(p, body.region if body else None))

@@ -311,7 +311,7 @@ def create_vpc(p: Principal, *, name: str, cidr: str, region: str | None = None,
     net = ipam.parse_network(cidr)
     ipam.check_vpc_cidr(net)
     if name == DEFAULT_NAME:
-        raise _invalid("name", f"The name '{DEFAULT_NAME}' is the default VPC's (POST /v1/vpcs/default makes it)")
+        raise _invalid("name", f"The name '{DEFAULT_NAME}' is the default VPC's (POST /v1/default-vpc makes it)")
     with _change() as tx:
         s = tx.s
         region_id = _region(s, region)

@@ -42,7 +42,7 @@ class Vpcs(_Group):
 
     def default(self, region: str | None = None) -> dict[str, Any]:
         """The project's default VPC of the region, made on first use."""
-        return _object(self.c.post(f"{self.path}/default", _body(region=region)))
+        return _object(self.c.post("/v1/default-vpc", _body(region=region)))
 
     def update(self, ref: str, *, name: str | None = None, description: str | None = None,
                internet_gateway: bool | None = None) -> dict[str, Any]:
@@ -147,10 +147,10 @@ class FlowLogs(_Group):
 
 
 def attach(client: Client) -> None:
-    client.vpcs = Vpcs(client)  # type: ignore[attr-defined]
-    client.subnets = Subnets(client)  # type: ignore[attr-defined]
-    client.network_interfaces = NetworkInterfaces(client)  # type: ignore[attr-defined]
-    client.security_groups = SecurityGroups(client)  # type: ignore[attr-defined]
-    client.floating_ips = FloatingIps(client)  # type: ignore[attr-defined]
-    client.nat_gateways = NatGateways(client)  # type: ignore[attr-defined]
-    client.flow_logs = FlowLogs(client)  # type: ignore[attr-defined]
+    client.vpcs = Vpcs(client)
+    client.subnets = Subnets(client)
+    client.network_interfaces = NetworkInterfaces(client)
+    client.security_groups = SecurityGroups(client)
+    client.floating_ips = FloatingIps(client)
+    client.nat_gateways = NatGateways(client)
+    client.flow_logs = FlowLogs(client)
