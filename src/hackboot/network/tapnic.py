@@ -2,15 +2,16 @@
 
 QEMU runs unprivileged, in the root network namespace, and may not open devices: it cannot create or
 attach a tap, and the tap lives in another namespace anyway. The network agent opens the port's tap
-(:meth:`NetworkDriver.open_tap`: ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``, so QEMU must use
-``vnet_hdr=on``) and sends the descriptor over the QMP socket (``getfd``, SCM_RIGHTS), the way disks
-are handed over; a ``netdev_add`` of type ``tap`` then takes it by name and ``device_add`` plugs a
-virtio NIC into one of the guest's hot-plug ports (:meth:`ComputeDriver.attach_nic`).
+(:meth:`NetworkDriver.open_tap`: ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``; QEMU sees the virtio-net
+header flag on the descriptor and uses it) and sends the descriptor over the QMP socket (``getfd``,
+SCM_RIGHTS), the way disks are handed over; a ``netdev_add`` of type ``tap`` then takes it by name and
+``device_add`` plugs a virtio NIC into one of the guest's hot-plug ports (:meth:`ComputeDriver.attach_nic`).
 
 At a guest start this happens while the vCPUs are still stopped (the spawn hook asks for a paused start),
 so the guest finds its VPC NICs at boot like any NIC; a running guest gets one hot-plugged the same way.
 A :class:`TapNic` is therefore never on the QEMU command line (its ``args`` refuses): a descriptor
 opened by the agent cannot be inherited through the driver's spawn, which passes only its own.
+The guest's user-mode NIC stays, as a :class:`ManagementNic` the guest enumerates after its VPC NICs.
 
 The agent keeps no descriptor: QEMU holds the only one, so the tap loses its carrier when QEMU exits.
 """
@@ -24,11 +25,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from hackboot.compute.nic import MAC_RE, NicBackend, register_nic_backend
+from hackboot.compute.nic import MAC_RE, NicBackend, UserNetNic, register_nic_backend
 
 log = logging.getLogger("hackboot.network.tapnic")
 
 SPARE_HOTPLUG_PORTS = 2  # free ports a running guest keeps for NICs attached later
+MANAGEMENT_SLOT = "0x1e"  # the last free slot of q35's root bus (0x1f is the chipset's)
+MANAGEMENT_CHASSIS = 190  # apart from the hot-plug ports' (200 and up) and GPUs' (1 and up)
+_ROOT_PORT_RE = re.compile(r"^pcie-root-port,id=(hbvp\d+),chassis=\d+,bus=pcie\.0$")
 _paused_by_us: set[str] = set()
 
 
@@ -62,7 +66,8 @@ class TapNic(NicBackend):
         raise ValueError("a VPC tap NIC is plugged over QMP once QEMU runs (attach_nic), not on its command line")
 
     def netdev_options(self) -> dict[str, Any]:
-        return {"type": "tap", "fd": self.fd_name, "vnet_hdr": True}
+        # No vnet_hdr option: with fd= QEMU refuses it and reads the flag from the descriptor (IFF_VNET_HDR).
+        return {"type": "tap", "fd": self.fd_name}
 
     def device_options(self) -> dict[str, Any]:
         return {"driver": self.model, "mac": self.mac}
@@ -75,6 +80,30 @@ class TapNic(NicBackend):
     def from_dict(cls, d: dict[str, Any]) -> TapNic:
         return cls(port_id=str(d["port_id"]), mac=str(d["mac"]), fd_name=str(d.get("fd_name", "")),
                    model=str(d.get("model", "virtio-net-pci")))
+
+
+@register_nic_backend
+@dataclass(frozen=True)
+class ManagementNic(UserNetNic):
+    """The restricted user-mode NIC (``hackboot instance ssh``'s forward) of a guest on a VPC, kept out of
+    the VPC NICs' way: behind a PCIe root port in the root bus's last slot, so the guest enumerates it
+    after them. Its VPC NIC is then its first NIC (``eth0``), the one its boot configures first and whose
+    router becomes the default route; the management NIC's DHCP comes later and finds a default route
+    in place (an image that sets routes per NIC should ignore this one's router)."""
+
+    kind: ClassVar[str] = "vpc-mgmt"
+
+    def args(self, index: int) -> list[str]:
+        port = f"hbmgmt{index}"
+        _, netdev, _, device = super().args(index)
+        return ["-device", f"pcie-root-port,id={port},chassis={MANAGEMENT_CHASSIS + index},bus=pcie.0,"
+                           f"addr={MANAGEMENT_SLOT}",
+                "-netdev", netdev, "-device", f"{device},bus={port}"]
+
+
+def management_nic(nic: UserNetNic) -> ManagementNic:
+    return ManagementNic(ssh_host_port=nic.ssh_host_port, mac=nic.mac, model=nic.model, restrict=nic.restrict,
+                         extra_forwards=nic.extra_forwards)
 
 
 def send_fd(compute_driver: Any, instance_id: str, name: str, fd: int) -> None:
@@ -139,9 +168,30 @@ def _local_ports(instance_id: str) -> list[tuple[str, str]]:
         return [(n.id, n.mac) for n in service.interfaces_of_instance(s, instance_id)]
 
 
-def prepare_spec(spec: Any) -> Any:
-    """Before the guest starts: hot-plug ports for its VPC NICs (and spares), and a paused start."""
+def reserve_hotplug_ports(spec: Any, count: int) -> None:
+    """Give the guest `count` more hot-plug ports (NICs take them from the top).
+
+    One set for everyone, which the compute driver names hbvp0…: root ports added by hand with those
+    very names (the volumes' hook adds hbvp0…7 for its disks, from the bottom) become part of the
+    count instead of being added twice (QEMU refuses a duplicate id)."""
     from hackboot.compute.driver import MAX_HOTPLUG_PORTS
+
+    extra, kept = list(spec.extra_args), []
+    manual = i = 0
+    while i < len(extra):
+        if extra[i] == "-device" and i + 1 < len(extra) and _ROOT_PORT_RE.match(extra[i + 1]):
+            manual += 1
+            i += 2
+            continue
+        kept.append(extra[i])
+        i += 1
+    spec.extra_args = kept
+    spec.hotplug_ports = min(MAX_HOTPLUG_PORTS, max(spec.hotplug_ports, manual) + count)
+
+
+def prepare_spec(spec: Any) -> Any:
+    """Before the guest starts: hot-plug ports for its VPC NICs (and spares), the user-mode NIC as a
+    management NIC behind them, and a paused start."""
     from hackboot.network.agent import local_network_agent
 
     if local_network_agent() is None:
@@ -151,8 +201,11 @@ def prepare_spec(spec: Any) -> Any:
     except Exception:
         log.exception("network: cannot list the interfaces of %s", spec.instance_id)
         return spec
-    spec.hotplug_ports = min(MAX_HOTPLUG_PORTS, spec.hotplug_ports + len(ports) + SPARE_HOTPLUG_PORTS)
-    if ports and not spec.start_paused:
+    if not ports or spec.machine != "q35":
+        return spec
+    reserve_hotplug_ports(spec, len(ports) + SPARE_HOTPLUG_PORTS)
+    spec.nics = [management_nic(n) if type(n) is UserNetNic else n for n in spec.nics]
+    if not spec.start_paused:
         spec.start_paused = True
         _paused_by_us.add(spec.instance_id)
     return spec
