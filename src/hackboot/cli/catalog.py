@@ -9,6 +9,7 @@ from rich.table import Table
 
 from hackboot.cli.context import state
 from hackboot.cli.output import EXIT_USAGE, OutputOpt, api_errors, console, fail, render
+from hackboot.sdk.client import Client
 
 HOURS_PER_MONTH = 730
 REGION_COLUMNS = ["id", "name", "country", "jurisdiction", "status", "status_reason", "peering", "available_from",
@@ -19,7 +20,7 @@ PRICE_COLUMNS = ["sku", "kind", "region_id", "unit", "amount_eur", "description"
 HOST_COLUMNS = ["id", "name", "zone_id", "status", "vcpu", "ram_gib", "disk_gb", "gpus", "last_heartbeat_at"]
 
 
-def _client() -> Any:
+def _client() -> Client:
     return state.client()
 
 
@@ -44,9 +45,9 @@ region_app = typer.Typer(help="Regions: where the cloud runs, their status and d
 
 
 @region_app.command("list")
-def region_list(status: str = typer.Option(None, "--status", help="operational, maintenance, planned, retired"),
-                country: str = typer.Option(None, "--country", help="ISO code, e.g. FR"),
-                jurisdiction: str = typer.Option(None, "--jurisdiction", help="e.g. EU"),
+def region_list(status: str | None = typer.Option(None, "--status", help="operational, maintenance, planned, retired"),
+                country: str | None = typer.Option(None, "--country", help="ISO code, e.g. FR"),
+                jurisdiction: str | None = typer.Option(None, "--jurisdiction", help="e.g. EU"),
                 output: str = OutputOpt) -> None:
     """List regions."""
     with api_errors():
@@ -65,7 +66,7 @@ def region_show(region_id: str, output: str = OutputOpt) -> None:
 @region_app.command("set-status")
 def region_set_status(region_id: str,
                       status: str = typer.Argument(..., help="operational, maintenance, planned or retired"),
-                      reason: str = typer.Option(None, "--reason", help="Shown to users"),
+                      reason: str | None = typer.Option(None, "--reason", help="Shown to users"),
                       output: str = OutputOpt) -> None:
     """Change a region's status (cloud administrators). Only operational regions take new resources."""
     with api_errors():
@@ -76,7 +77,8 @@ zone_app = typer.Typer(help="Availability zones of each region.", no_args_is_hel
 
 
 @zone_app.command("list")
-def zone_list(region: str = typer.Option(None, "--region", "-r"), status: str = typer.Option(None, "--status"),
+def zone_list(region: str | None = typer.Option(None, "--region", "-r"),
+              status: str | None = typer.Option(None, "--status"),
               output: str = OutputOpt) -> None:
     """List zones (effective status: the region's when it is not operational)."""
     with api_errors():
@@ -90,7 +92,7 @@ def zone_show(zone_id: str, output: str = OutputOpt) -> None:
 
 
 @zone_app.command("set-status")
-def zone_set_status(zone_id: str, status: str, reason: str = typer.Option(None, "--reason"),
+def zone_set_status(zone_id: str, status: str, reason: str | None = typer.Option(None, "--reason"),
                     output: str = OutputOpt) -> None:
     """Change one zone's status (cloud administrators)."""
     with api_errors():
@@ -112,12 +114,12 @@ def _flavor_row(f: dict[str, Any]) -> dict[str, Any]:
 
 
 @flavor_app.command("list")
-def flavor_list(family: str = typer.Option(None, "--family", help="vps, gpu, general, compute, memory"),
-                gpu_model: str = typer.Option(None, "--gpu-model", help="e.g. T4, RTX4090, A100"),
-                gpu: bool = typer.Option(None, "--gpu/--no-gpu", help="Only GPU flavors / only without GPU"),
-                min_vcpus: int = typer.Option(None, "--min-vcpus"),
-                min_memory_mb: int = typer.Option(None, "--min-memory-mb"),
-                min_disk_gb: int = typer.Option(None, "--min-disk-gb"),
+def flavor_list(family: str | None = typer.Option(None, "--family", help="vps, gpu, general, compute, memory"),
+                gpu_model: str | None = typer.Option(None, "--gpu-model", help="e.g. T4, RTX4090, A100"),
+                gpu: bool | None = typer.Option(None, "--gpu/--no-gpu", help="Only GPU flavors / only without GPU"),
+                min_vcpus: int | None = typer.Option(None, "--min-vcpus"),
+                min_memory_mb: int | None = typer.Option(None, "--min-memory-mb"),
+                min_disk_gb: int | None = typer.Option(None, "--min-disk-gb"),
                 all_: bool = typer.Option(False, "--all", help="Include deactivated flavors"),
                 output: str = OutputOpt) -> None:
     """List flavors and their on-demand price (EUR per hour, ~per month of 730 h)."""
@@ -141,12 +143,12 @@ def flavor_create(flavor_id: str,
                   vcpus: int = typer.Option(..., "--vcpus"),
                   memory_mb: int = typer.Option(..., "--memory-mb"),
                   disk_gb: int = typer.Option(..., "--disk-gb"),
-                  gpu_model: str = typer.Option(None, "--gpu-model"),
+                  gpu_model: str | None = typer.Option(None, "--gpu-model"),
                   gpu_count: int = typer.Option(0, "--gpu-count"),
-                  bandwidth_mbps: int = typer.Option(None, "--bandwidth-mbps"),
+                  bandwidth_mbps: int | None = typer.Option(None, "--bandwidth-mbps"),
                   description: str = typer.Option("", "--description", "-d"),
                   source: str = typer.Option("", "--source", help="Where the specs come from"),
-                  price_eur_hour: float = typer.Option(None, "--price-eur-hour", help="Sets its list price"),
+                  price_eur_hour: float | None = typer.Option(None, "--price-eur-hour", help="Sets its list price"),
                   output: str = OutputOpt) -> None:
     """Create a flavor (cloud administrators). Sizes cannot change afterwards."""
     with api_errors():
@@ -158,8 +160,8 @@ def flavor_create(flavor_id: str,
 
 @flavor_app.command("set")
 def flavor_set(flavor_id: str,
-               active: bool = typer.Option(None, "--active/--inactive", help="Sell it again / stop selling it"),
-               description: str = typer.Option(None, "--description", "-d"),
+               active: bool | None = typer.Option(None, "--active/--inactive", help="Sell it again / stop selling it"),
+               description: str | None = typer.Option(None, "--description", "-d"),
                output: str = OutputOpt) -> None:
     """Reactivate or deactivate a flavor, or change its description (sizes are immutable)."""
     with api_errors():
@@ -184,9 +186,9 @@ price_app = typer.Typer(help="The list prices in EUR (excl. VAT): per hour for f
 
 
 @price_app.command("list")
-def price_list(sku: str = typer.Option(None, "--sku"),
-               kind: str = typer.Option(None, "--kind", help="flavor, volume, object_storage, transfer"),
-               region: str = typer.Option(None, "--region", "-r", help="Prices that apply in this region"),
+def price_list(sku: str | None = typer.Option(None, "--sku"),
+               kind: str | None = typer.Option(None, "--kind", help="flavor, volume, object_storage, transfer"),
+               region: str | None = typer.Option(None, "--region", "-r", help="Prices that apply in this region"),
                output: str = OutputOpt) -> None:
     """List prices."""
     with api_errors():
@@ -198,10 +200,10 @@ def price_list(sku: str = typer.Option(None, "--sku"),
 
 @price_app.command("set")
 def price_set(sku: str, amount_eur: float = typer.Argument(..., help="EUR per unit, excluding VAT"),
-              region: str = typer.Option(None, "--region", "-r", help="Override for one region"),
-              unit: str = typer.Option(None, "--unit", help="hour, GB-month, GB (checked against the sku)"),
-              kind: str = typer.Option(None, "--kind"),
-              description: str = typer.Option(None, "--description", "-d"),
+              region: str | None = typer.Option(None, "--region", "-r", help="Override for one region"),
+              unit: str | None = typer.Option(None, "--unit", help="hour, GB-month, GB (checked against the sku)"),
+              kind: str | None = typer.Option(None, "--kind"),
+              description: str | None = typer.Option(None, "--description", "-d"),
               output: str = OutputOpt) -> None:
     """Set a list price (cloud administrators)."""
     with api_errors():
@@ -210,7 +212,7 @@ def price_set(sku: str, amount_eur: float = typer.Argument(..., help="EUR per un
 
 
 @price_app.command("delete")
-def price_delete(sku: str, region: str = typer.Option(None, "--region", "-r")) -> None:
+def price_delete(sku: str, region: str | None = typer.Option(None, "--region", "-r")) -> None:
     """Remove a regional override (or an unneeded global price)."""
     with api_errors():
         _client().prices.delete(sku, region=region)
@@ -241,8 +243,9 @@ def _host_row(h: dict[str, Any]) -> dict[str, Any]:
 
 
 @host_app.command("list")
-def host_list(zone: str = typer.Option(None, "--zone", "-z"), region: str = typer.Option(None, "--region", "-r"),
-              status: str = typer.Option(None, "--status", help="up, down or disabled"),
+def host_list(zone: str | None = typer.Option(None, "--zone", "-z"),
+              region: str | None = typer.Option(None, "--region", "-r"),
+              status: str | None = typer.Option(None, "--status", help="up, down or disabled"),
               output: str = OutputOpt) -> None:
     """List hosts with used/allocatable per resource."""
     with api_errors():
@@ -288,7 +291,7 @@ def host_register(name: str,
                   )] = None,
                   fact: Annotated[list[str] | None, typer.Option("--fact", help="KEY=VALUE, repeatable")] = None,
                   agent_url: str = typer.Option("", "--agent-url"),
-                  allocation_ratio: float = typer.Option(None, "--allocation-ratio",
+                  allocation_ratio: float | None = typer.Option(None, "--allocation-ratio",
                                                          help="For vCPU, RAM and disk (default 1.0)"),
                   output: str = OutputOpt) -> None:
     """Register a host, or re-register it by NAME (idempotent)."""
@@ -303,8 +306,8 @@ def host_register(name: str,
 
 @host_app.command("set")
 def host_set(host: str = typer.Argument(..., help="Host id or name"),
-             status: str = typer.Option(None, "--status", help="up (enable) or disabled"),
-             reason: str = typer.Option(None, "--reason"),
+             status: str | None = typer.Option(None, "--status", help="up (enable) or disabled"),
+             reason: str | None = typer.Option(None, "--reason"),
              ratio: Annotated[list[str] | None, typer.Option(
                  "--ratio", help="CLASS=RATIO, repeatable, e.g. VCPU=4")] = None,
              reserved: Annotated[list[str] | None, typer.Option(
@@ -352,7 +355,8 @@ def _capacity_row(table: Table, scope: dict[str, Any], label: str, gpu_classes: 
                   *[_cell(figs.get(rc)) for rc in gpu_classes])
 
 
-def capacity(region: str = typer.Option(None, "--region", "-r"), zone: str = typer.Option(None, "--zone", "-z"),
+def capacity(region: str | None = typer.Option(None, "--region", "-r"),
+             zone: str | None = typer.Option(None, "--zone", "-z"),
              output: str = OutputOpt) -> None:
     """Capacity vs used per region and zone: used/allocatable and utilisation for vCPU, RAM, disk, GPUs."""
     with api_errors():

@@ -44,21 +44,20 @@ def _print_event(event: dict[str, Any], output: str) -> None:
 
 @event_app.command("list")
 def event_list(
-    type: list[str] = TYPE_OPT,
-    resource_type: str = typer.Option(None, "--resource-type"),
-    resource_id: str = typer.Option(None, "--resource-id"),
-    since: str = typer.Option(None, "--since", help="ISO 8601 time"),
+    type: list[str] | None = TYPE_OPT,
+    resource_type: str | None = typer.Option(None, "--resource-type"),
+    resource_id: str | None = typer.Option(None, "--resource-id"),
+    since: str | None = typer.Option(None, "--since", help="ISO 8601 time"),
     limit: int = typer.Option(50, "--limit", "-n", help="Show the most recent N events"),
     all_projects: bool = typer.Option(False, "--all-projects", help="Every project (cloud administrators)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep running and print new events live"),
     output: str = OutputOpt,
 ) -> None:
     """List recent events, oldest first; --follow then streams new ones (server-sent events)."""
-    filters = {"types": type or None, "resource_type": resource_type, "resource_id": resource_id,
-               "since": since, "all_projects": all_projects}
     with api_errors():
         client = state.client()
-        page = client.events.page(limit=limit, order="desc", **filters)  # type: ignore[attr-defined]
+        page = client.events.page(limit=limit, order="desc", types=type or None, resource_type=resource_type,
+                                  resource_id=resource_id, since=since, all_projects=all_projects)
         recent = list(reversed(page["items"]))
         if not follow:
             render(recent, output, EVENT_COLUMNS)
@@ -67,10 +66,11 @@ def event_list(
             _print_event(event, output)
         after = recent[-1]["seq"] if recent else None
         if after is None:
-            latest = client.events.latest(all_projects=all_projects)  # type: ignore[attr-defined]
+            latest = client.events.latest(all_projects=all_projects)
             after = latest["seq"] if latest else 0
         try:
-            for event in client.events.stream(after=after, **filters):  # type: ignore[attr-defined]
+            for event in client.events.stream(after=after, types=type or None, resource_type=resource_type,
+                                              resource_id=resource_id, since=since, all_projects=all_projects):
                 _print_event(event, output)
         except KeyboardInterrupt:
             raise typer.Exit(0) from None
@@ -80,20 +80,20 @@ def event_list(
 def event_show(event_id: str, output: str = OutputOpt) -> None:
     """Show one event with its data."""
     with api_errors():
-        render(state.client().events.get(event_id), output)  # type: ignore[attr-defined]
+        render(state.client().events.get(event_id), output)
 
 
 @webhook_app.command("create")
 def webhook_create(
     url: str,
-    event: list[str] = EVENT_OPT,
+    event: list[str] | None = EVENT_OPT,
     description: str = typer.Option("", "--description", "-d"),
     disabled: bool = typer.Option(False, "--disabled", help="Create it disabled"),
     output: str = OutputOpt,
 ) -> None:
     """Create a webhook; its signing secret is printed once."""
     with api_errors():
-        hook = state.client().webhooks.create(url, event or [], description, not disabled)  # type: ignore[attr-defined]
+        hook = state.client().webhooks.create(url, event or [], description, not disabled)
     render(hook, output)
     if output == "table":
         console.print("[yellow]Store the secret now: it will not be shown again. Verify deliveries with "
@@ -104,24 +104,24 @@ def webhook_create(
 def webhook_list(output: str = OutputOpt) -> None:
     """List the project's webhooks."""
     with api_errors():
-        render(state.client().webhooks.list(), output, WEBHOOK_COLUMNS)  # type: ignore[attr-defined]
+        render(state.client().webhooks.list(), output, WEBHOOK_COLUMNS)
 
 
 @webhook_app.command("show")
 def webhook_show(webhook_id: str, output: str = OutputOpt) -> None:
     """Show one webhook (its secret is never shown again: rotate it if lost)."""
     with api_errors():
-        render(state.client().webhooks.get(webhook_id), output)  # type: ignore[attr-defined]
+        render(state.client().webhooks.get(webhook_id), output)
 
 
 @webhook_app.command("update")
 def webhook_update(
     webhook_id: str,
-    url: str = typer.Option(None, "--url"),
-    event: list[str] = REPLACE_EVENT_OPT,
+    url: str | None = typer.Option(None, "--url"),
+    event: list[str] | None = REPLACE_EVENT_OPT,
     all_events: bool = typer.Option(False, "--all-events", help="Send every event"),
-    description: str = typer.Option(None, "--description", "-d"),
-    enable: bool = typer.Option(None, "--enable/--disable"),
+    description: str | None = typer.Option(None, "--description", "-d"),
+    enable: bool | None = typer.Option(None, "--enable/--disable"),
     output: str = OutputOpt,
 ) -> None:
     """Change a webhook's URL, events, description, or enable/disable it."""
@@ -132,27 +132,27 @@ def webhook_update(
     elif all_events:
         changes["event_types"] = []
     with api_errors():
-        render(state.client().webhooks.update(webhook_id, **changes), output)  # type: ignore[attr-defined]
+        render(state.client().webhooks.update(webhook_id, **changes), output)
 
 
 @webhook_app.command("delete")
 def webhook_delete(webhook_id: str) -> None:
     """Delete a webhook and its delivery log."""
     with api_errors():
-        state.client().webhooks.delete(webhook_id)  # type: ignore[attr-defined]
+        state.client().webhooks.delete(webhook_id)
     console.print(f"Deleted {webhook_id}")
 
 
 @webhook_app.command("deliveries")
 def webhook_deliveries(
     webhook_id: str,
-    status: str = typer.Option(None, "--status", help="pending, delivered or failed"),
+    status: str | None = typer.Option(None, "--status", help="pending, delivered or failed"),
     limit: int = typer.Option(50, "--limit", "-n"),
     output: str = OutputOpt,
 ) -> None:
     """The delivery log, newest first (use -o json for every attempt's timing and response)."""
     with api_errors():
-        rows = state.client().webhooks.deliveries(webhook_id, status=status, limit=limit)  # type: ignore[attr-defined]
+        rows = state.client().webhooks.deliveries(webhook_id, status=status, limit=limit)
     render(rows, output, DELIVERY_COLUMNS)
 
 
@@ -160,7 +160,7 @@ def webhook_deliveries(
 def webhook_delivery(webhook_id: str, delivery_id: str, output: str = OutputOpt) -> None:
     """One delivery with its attempts."""
     with api_errors():
-        d = state.client().webhooks.delivery(webhook_id, delivery_id)  # type: ignore[attr-defined]
+        d = state.client().webhooks.delivery(webhook_id, delivery_id)
     if output != "table":
         render(d, output)
         return
@@ -173,7 +173,7 @@ def webhook_delivery(webhook_id: str, delivery_id: str, output: str = OutputOpt)
 def webhook_redeliver(webhook_id: str, delivery_id: str, output: str = OutputOpt) -> None:
     """Send a delivery's event again (as a new delivery)."""
     with api_errors():
-        render(state.client().webhooks.redeliver(webhook_id, delivery_id), output,  # type: ignore[attr-defined]
+        render(state.client().webhooks.redeliver(webhook_id, delivery_id), output,
                DELIVERY_COLUMNS)
 
 
@@ -183,10 +183,10 @@ def webhook_ping(webhook_id: str, wait: bool = typer.Option(False, "--wait", hel
     """Send a webhook.ping event to this webhook only."""
     with api_errors():
         client = state.client()
-        delivery = client.webhooks.ping(webhook_id)  # type: ignore[attr-defined]
+        delivery = client.webhooks.ping(webhook_id)
         if wait:
             with console.status("Delivering ping…"):
-                delivery = client.webhooks.wait_delivery(webhook_id, delivery["id"])  # type: ignore[attr-defined]
+                delivery = client.webhooks.wait_delivery(webhook_id, delivery["id"])
     render(delivery, output, DELIVERY_COLUMNS)
 
 
@@ -194,7 +194,7 @@ def webhook_ping(webhook_id: str, wait: bool = typer.Option(False, "--wait", hel
 def webhook_rotate_secret(webhook_id: str, output: str = OutputOpt) -> None:
     """Replace the signing secret; the new one is printed once and used from now on."""
     with api_errors():
-        render(state.client().webhooks.rotate_secret(webhook_id), output)  # type: ignore[attr-defined]
+        render(state.client().webhooks.rotate_secret(webhook_id), output)
     if output == "table":
         console.print("[yellow]Store the new secret now and update your receiver; failed deliveries are "
                       "retried with the new secret.[/]")
@@ -202,18 +202,18 @@ def webhook_rotate_secret(webhook_id: str, output: str = OutputOpt) -> None:
 
 @audit_app.command("list")
 def audit_list(
-    user: str = typer.Option(None, "--user", help="User id"),
-    username: str = typer.Option(None, "--username"),
-    method: str = typer.Option(None, "--method"),
-    path: str = typer.Option(None, "--path", help="Path prefix, e.g. /v1/webhooks"),
-    since: str = typer.Option(None, "--since", help="ISO 8601 time"),
+    user: str | None = typer.Option(None, "--user", help="User id"),
+    username: str | None = typer.Option(None, "--username"),
+    method: str | None = typer.Option(None, "--method"),
+    path: str | None = typer.Option(None, "--path", help="Path prefix, e.g. /v1/webhooks"),
+    since: str | None = typer.Option(None, "--since", help="ISO 8601 time"),
     limit: int = typer.Option(50, "--limit", "-n", help="Show the most recent N records"),
     all_projects: bool = typer.Option(False, "--all-projects", help="Every project (cloud administrators)"),
     output: str = OutputOpt,
 ) -> None:
     """Who did what: recent changes in the project, oldest first."""
     with api_errors():
-        rows = state.client().audit.list(user_id=user, username=username, method=method,  # type: ignore[attr-defined]
+        rows = state.client().audit.list(user_id=user, username=username, method=method,
                                          path_prefix=path, since=since, all_projects=all_projects,
                                          order="desc", limit=limit)
     render(list(reversed(rows)), output, AUDIT_COLUMNS)

@@ -15,10 +15,10 @@ TOKEN_COLUMNS = ["id", "name", "user_id", "project_id", "role", "prefix", "expir
 
 def login(
     username: str = typer.Option("admin", "--username", "-u", help="User to log in as"),
-    password: str = typer.Option(None, "--password", "-p", envvar="HACKBOOT_PASSWORD",
+    password: str | None = typer.Option(None, "--password", "-p", envvar="HACKBOOT_PASSWORD",
                                  help="Password (prompted when omitted)"),
-    url: str = typer.Option(None, "--url", help="API address, e.g. http://127.0.0.1:8080"),
-    project: str = typer.Option(None, "--project", help="Project id to scope the session token to"),
+    url: str | None = typer.Option(None, "--url", help="API address, e.g. http://127.0.0.1:8080"),
+    project: str | None = typer.Option(None, "--project", help="Project id to scope the session token to"),
 ) -> None:
     """Log in with a password and save a session token in the profile."""
     prof = state.resolved()
@@ -28,13 +28,13 @@ def login(
     from hackboot.sdk.client import Client
 
     with api_errors(), Client(prof.url) as client:
-        issued = client.auth.login(username, pw, project)  # type: ignore[attr-defined]
+        issued = client.auth.login(username, pw, project)
         prof.token, prof.username = issued["token"], username
         prof.project = issued["project_id"] or ""
         if not prof.project:
             # Superusers get an unscoped token: default to their first project for convenience.
             with Client(prof.url, prof.token) as authed:
-                projects = authed.projects.list()  # type: ignore[attr-defined]
+                projects = authed.projects.list()
             prof.project = projects[0]["id"] if projects else ""
     path = config.save(state.profile, prof)
     console.print(f"Logged in to {prof.url} as [bold]{username}[/] (project {prof.project or '-'}); "
@@ -47,8 +47,8 @@ def logout() -> None:
     if prof.token:
         with api_errors():
             client = state.client()
-            me = client.auth.whoami()  # type: ignore[attr-defined]
-            client.tokens.revoke(me["token_id"])  # type: ignore[attr-defined]
+            me = client.auth.whoami()
+            client.tokens.revoke(me["token_id"])
     prof.token = ""
     config.save(state.profile, prof)
     console.print("Logged out.")
@@ -57,7 +57,7 @@ def logout() -> None:
 def whoami(output: str = OutputOpt) -> None:
     """Show who the current token belongs to, its project and role."""
     with api_errors():
-        render(state.client().auth.whoami(), output)  # type: ignore[attr-defined]
+        render(state.client().auth.whoami(), output)
 
 
 project_app = typer.Typer(help="Projects: every resource belongs to one.", no_args_is_help=True)
@@ -68,21 +68,21 @@ def project_create(name: str, description: str = typer.Option("", "--description
                    output: str = OutputOpt) -> None:
     """Create a project (organisation admins; you become its admin)."""
     with api_errors():
-        render(state.client().projects.create(name, description), output)  # type: ignore[attr-defined]
+        render(state.client().projects.create(name, description), output)
 
 
 @project_app.command("list")
 def project_list(output: str = OutputOpt) -> None:
     """List the projects you can see."""
     with api_errors():
-        render(state.client().projects.list(), output,  # type: ignore[attr-defined]
+        render(state.client().projects.list(), output,
                ["id", "name", "org_id", "description", "created_at"])
 
 
 @project_app.command("show")
 def project_show(project_id: str, output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().projects.get(project_id), output)  # type: ignore[attr-defined]
+        render(state.client().projects.get(project_id), output)
 
 
 @project_app.command("use")
@@ -99,25 +99,25 @@ member_app = typer.Typer(help="Project members and their roles (viewer, member, 
 
 @member_app.command("add")
 def member_add(user_id: str, role: str = typer.Option("member", "--role", "-r", help="viewer, member or admin"),
-               project: str = typer.Option(None, "--project", help="Defaults to the profile's project"),
+               project: str | None = typer.Option(None, "--project", help="Defaults to the profile's project"),
                output: str = OutputOpt) -> None:
     """Add USER_ID to a project with a role (or change their role)."""
     with api_errors():
-        render(state.client().projects.set_member(project or state.resolved().project, user_id, role),  # type: ignore[attr-defined]
+        render(state.client().projects.set_member(project or state.resolved().project, user_id, role),
                output)
 
 
 @member_app.command("list")
-def member_list(project: str = typer.Option(None, "--project"), output: str = OutputOpt) -> None:
+def member_list(project: str | None = typer.Option(None, "--project"), output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().projects.members(project or state.resolved().project), output,  # type: ignore[attr-defined]
+        render(state.client().projects.members(project or state.resolved().project), output,
                ["user_id", "role", "created_at"])
 
 
 @member_app.command("remove")
-def member_remove(user_id: str, project: str = typer.Option(None, "--project")) -> None:
+def member_remove(user_id: str, project: str | None = typer.Option(None, "--project")) -> None:
     with api_errors():
-        state.client().projects.remove_member(project or state.resolved().project, user_id)  # type: ignore[attr-defined]
+        state.client().projects.remove_member(project or state.resolved().project, user_id)
     console.print(f"Removed {user_id}")
 
 
@@ -125,13 +125,14 @@ user_app = typer.Typer(help="Users of your organisation.", no_args_is_help=True)
 
 
 @user_app.command("create")
-def user_create(username: str, password: str = typer.Option(None, "--password", help="Leave empty for token-only"),
+def user_create(username: str,
+                password: str | None = typer.Option(None, "--password", help="Leave empty for token-only"),
                 email: str = typer.Option("", "--email"), superuser: bool = typer.Option(False, "--superuser"),
                 org_role: str = typer.Option("member", "--org-role", help="member, admin or owner"),
                 output: str = OutputOpt) -> None:
     """Create a user (organisation admins); add them to a project with `hackboot member add`."""
     with api_errors():
-        render(state.client().users.create(username, password, email, superuser, org_role),  # type: ignore[attr-defined]
+        render(state.client().users.create(username, password, email, superuser, org_role),
                output)
 
 
@@ -140,13 +141,13 @@ def user_set_role(user_id: str, org_role: str = typer.Argument(..., help="member
                   output: str = OutputOpt) -> None:
     """Change USER_ID's organisation role (organisation owners and admins)."""
     with api_errors():
-        render(state.client().users.update(user_id, org_role=org_role), output)  # type: ignore[attr-defined]
+        render(state.client().users.update(user_id, org_role=org_role), output)
 
 
 @user_app.command("list")
 def user_list(output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().users.list(), output,  # type: ignore[attr-defined]
+        render(state.client().users.list(), output,
                ["id", "username", "email", "org_role", "is_superuser", "disabled", "created_at"])
 
 
@@ -157,13 +158,13 @@ token_app = typer.Typer(help="API tokens: shown once, expiring, revocable, scope
 @token_app.command("create")
 def token_create(name: str = typer.Option("api", "--name"),
                  role: str = typer.Option("member", "--role", "-r", help="viewer, member or admin"),
-                 user: str = typer.Option(None, "--user", help="User id of another member (project admins)"),
-                 project: str = typer.Option(None, "--project"),
-                 expires_in_hours: int = typer.Option(None, "--expires-in-hours"),
+                 user: str | None = typer.Option(None, "--user", help="User id of another member (project admins)"),
+                 project: str | None = typer.Option(None, "--project"),
+                 expires_in_hours: int | None = typer.Option(None, "--expires-in-hours"),
                  output: str = OutputOpt) -> None:
     """Create a token; its secret is printed once."""
     with api_errors():
-        tok = state.client().tokens.create(project_id=project or state.resolved().project or None,  # type: ignore[attr-defined]
+        tok = state.client().tokens.create(project_id=project or state.resolved().project or None,
                                            role=role, name=name, user_id=user, expires_in_hours=expires_in_hours)
     render(tok, output)
     if output == "table":
@@ -171,15 +172,15 @@ def token_create(name: str = typer.Option("api", "--name"),
 
 
 @token_app.command("list")
-def token_list(project: str = typer.Option(None, "--project"), output: str = OutputOpt) -> None:
+def token_list(project: str | None = typer.Option(None, "--project"), output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().tokens.list(project_id=project), output, TOKEN_COLUMNS)  # type: ignore[attr-defined]
+        render(state.client().tokens.list(project_id=project), output, TOKEN_COLUMNS)
 
 
 @token_app.command("revoke")
 def token_revoke(token_id: str) -> None:
     with api_errors():
-        state.client().tokens.revoke(token_id)  # type: ignore[attr-defined]
+        state.client().tokens.revoke(token_id)
     console.print(f"Revoked {token_id}")
 
 
@@ -188,18 +189,18 @@ quota_app = typer.Typer(help="Project quotas (instances, vCPUs, RAM, GPUs, volum
 
 
 @quota_app.command("show")
-def quota_show(project: str = typer.Option(None, "--project"), output: str = OutputOpt) -> None:
+def quota_show(project: str | None = typer.Option(None, "--project"), output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().projects.quotas(project or state.resolved().project), output,  # type: ignore[attr-defined]
+        render(state.client().projects.quotas(project or state.resolved().project), output,
                ["resource", "used", "limit"])
 
 
 @quota_app.command("set")
-def quota_set(resource: str, limit: int, project: str = typer.Option(None, "--project"),
+def quota_set(resource: str, limit: int, project: str | None = typer.Option(None, "--project"),
               output: str = OutputOpt) -> None:
     """Set a project's limit for RESOURCE (cloud administrators)."""
     with api_errors():
-        render(state.client().projects.set_quota(project or state.resolved().project, resource, limit),  # type: ignore[attr-defined]
+        render(state.client().projects.set_quota(project or state.resolved().project, resource, limit),
                output)
 
 

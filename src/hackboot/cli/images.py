@@ -52,12 +52,12 @@ def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 @image_app.command("list")
-def image_list(name: str = typer.Option(None, "--name"), status: str = typer.Option(None, "--status"),
-               visibility: str = typer.Option(None, "--visibility", help="private or public"),
-               os: str = typer.Option(None, "--os"), output: str = OutputOpt) -> None:
+def image_list(name: str | None = typer.Option(None, "--name"), status: str | None = typer.Option(None, "--status"),
+               visibility: str | None = typer.Option(None, "--visibility", help="private or public"),
+               os: str | None = typer.Option(None, "--os"), output: str = OutputOpt) -> None:
     """List the project's images and the public ones."""
     with api_errors():
-        images = state.client().images.list(name=name, status=status,  # type: ignore[attr-defined]
+        images = state.client().images.list(name=name, status=status,
                                             visibility=visibility, os=os)
     render(images, output, COLUMNS, formatters={"size_bytes": _size})
 
@@ -65,21 +65,22 @@ def image_list(name: str = typer.Option(None, "--name"), status: str = typer.Opt
 @image_app.command("show")
 def image_show(image: str = typer.Argument(..., help="Image id or name"), output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().images.get(image), output)  # type: ignore[attr-defined]
+        render(state.client().images.get(image), output)
 
 
 @image_app.command("upload")
 def image_upload(
     name: str = typer.Argument(..., help="Name of the new image"),
     file: str = typer.Argument(..., help="qcow2 or raw disk file"),
-    disk_format: str = typer.Option(None, "--format", "-f", help="qcow2 or raw (guessed from the file if omitted)"),
+    disk_format: str | None = typer.Option(None, "--format", "-f",
+                                       help="qcow2 or raw (guessed from the file if omitted)"),
     public: bool = typer.Option(False, "--public", help="Visible to every project (cloud administrators)"),
     os: str = typer.Option("", "--os", help="Operating system, e.g. debian"),
     os_version: str = typer.Option("", "--os-version"),
     min_disk_gb: int = typer.Option(0, "--min-disk", help="Smallest disk (GB) it can boot with"),
     min_ram_mb: int = typer.Option(0, "--min-ram", help="Smallest RAM (MB) it can boot with"),
     protected: bool = typer.Option(False, "--protected", help="Refuse deletion until unprotected"),
-    sha256: str = typer.Option(None, "--sha256", help="Expected sha256: the server refuses a different file"),
+    sha256: str | None = typer.Option(None, "--sha256", help="Expected sha256: the server refuses a different file"),
     output: str = OutputOpt,
 ) -> None:
     """Create an image and stream FILE into it (with a progress bar); it is checked and becomes active."""
@@ -93,19 +94,19 @@ def image_upload(
     fmt = disk_format or guess_format(path)
     client = state.client()
     with api_errors():
-        image = client.images.create(name, fmt, visibility="public" if public else "private",  # type: ignore[attr-defined]
+        image = client.images.create(name, fmt, visibility="public" if public else "private",
                                      os=os, os_version=os_version, min_disk_gb=min_disk_gb,
                                      min_ram_mb=min_ram_mb, protected=protected)
         try:
             with _progress(f"Uploading {path.name}") as progress:
-                image = client.images.upload(image["id"], path, progress=progress,  # type: ignore[attr-defined]
+                image = client.images.upload(image["id"], path, progress=progress,
                                              sha256=sha256)
         except (ApiError, KeyboardInterrupt):
             # One command, one outcome: do not leave a half-made image behind.
             try:
                 if protected:
-                    client.images.update(image["id"], protected=False)  # type: ignore[attr-defined]
-                client.images.delete(image["id"])  # type: ignore[attr-defined]
+                    client.images.update(image["id"], protected=False)
+                client.images.delete(image["id"])
             except ApiError:
                 err_console.print(f"[yellow]The image {image['id']} was left in place; delete it yourself.[/]")
             raise
@@ -114,28 +115,28 @@ def image_upload(
 
 @image_app.command("download")
 def image_download(image: str = typer.Argument(..., help="Image id or name"),
-                   file: str = typer.Option(None, "--file", "-f", help="Destination (default NAME.FORMAT)"),
+                   file: str | None = typer.Option(None, "--file", "-f", help="Destination (default NAME.FORMAT)"),
                    ) -> None:
     """Download an image's file (streamed, sha256 checked)."""
     client = state.client()
     with api_errors():
-        img = client.images.get(image)  # type: ignore[attr-defined]
+        img = client.images.get(image)
         dest = Path(file) if file else Path(f"{img['name']}.{img['disk_format']}")
         with _progress(f"Downloading {img['name']}") as progress:
-            client.images.download(img["id"], dest, progress=progress)  # type: ignore[attr-defined]
+            client.images.download(img["id"], dest, progress=progress)
     console.print(f"Saved {img['id']} to {dest} (sha256 {img['sha256']})")
 
 
 @image_app.command("update")
 def image_update(
     image: str = typer.Argument(..., help="Image id or name"),
-    name: str = typer.Option(None, "--name", help="New name"),
-    public: bool = typer.Option(None, "--public/--private", help="Share with every project (administrators)"),
-    protected: bool = typer.Option(None, "--protected/--unprotected"),
-    os: str = typer.Option(None, "--os"),
-    os_version: str = typer.Option(None, "--os-version"),
-    min_disk_gb: int = typer.Option(None, "--min-disk"),
-    min_ram_mb: int = typer.Option(None, "--min-ram"),
+    name: str | None = typer.Option(None, "--name", help="New name"),
+    public: bool | None = typer.Option(None, "--public/--private", help="Share with every project (administrators)"),
+    protected: bool | None = typer.Option(None, "--protected/--unprotected"),
+    os: str | None = typer.Option(None, "--os"),
+    os_version: str | None = typer.Option(None, "--os-version"),
+    min_disk_gb: int | None = typer.Option(None, "--min-disk"),
+    min_ram_mb: int | None = typer.Option(None, "--min-ram"),
     output: str = OutputOpt,
 ) -> None:
     """Rename, share, protect an image, or change its OS and minimum sizes."""
@@ -148,8 +149,8 @@ def image_update(
         fail("Nothing to change: pass at least one option", EXIT_USAGE)
     client = state.client()
     with api_errors():
-        img = client.images.get(image)  # type: ignore[attr-defined]
-        render(client.images.update(img["id"], **fields), output)  # type: ignore[attr-defined]
+        img = client.images.get(image)
+        render(client.images.update(img["id"], **fields), output)
 
 
 @image_app.command("delete")
@@ -157,8 +158,8 @@ def image_delete(image: str = typer.Argument(..., help="Image id or name")) -> N
     """Delete an image (refused while protected or used by instances)."""
     client = state.client()
     with api_errors():
-        img = client.images.get(image)  # type: ignore[attr-defined]
-        client.images.delete(img["id"])  # type: ignore[attr-defined]
+        img = client.images.get(image)
+        client.images.delete(img["id"])
     console.print(f"Deleted {img['id']} ({img['name']})")
 
 

@@ -19,12 +19,12 @@ CREDENTIAL_COLUMNS = ["id", "name", "access_key", "read_only", "buckets", "creat
 def credentials_create(
     name: str = typer.Option("s3", "--name"),
     read_only: bool = typer.Option(False, "--read-only", help="Only reads (GET, HEAD, lists)"),
-    bucket: list[str] = typer.Option(None, "--bucket", help="Limit the key to this bucket (repeatable)"),
+    bucket: list[str] | None = typer.Option(None, "--bucket", help="Limit the key to this bucket (repeatable)"),
     output: str = OutputOpt,
 ) -> None:
     """Issue an access key and secret key; the secret is printed once."""
     with api_errors():
-        issued = state.client().s3_credentials.create(name, read_only=read_only,  # type: ignore[attr-defined]
+        issued = state.client().s3_credentials.create(name, read_only=read_only,
                                                       buckets=bucket or None)
     render(issued, output)
     if output == "table":
@@ -36,14 +36,14 @@ def credentials_create(
 @credentials_app.command("list")
 def credentials_list(output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().s3_credentials.list(), output, CREDENTIAL_COLUMNS)  # type: ignore[attr-defined]
+        render(state.client().s3_credentials.list(), output, CREDENTIAL_COLUMNS)
 
 
 @credentials_app.command("revoke")
 def credentials_revoke(credential_id: str) -> None:
     """Revoke a key pair: S3 requests signed with it are refused at once."""
     with api_errors():
-        state.client().s3_credentials.revoke(credential_id)  # type: ignore[attr-defined]
+        state.client().s3_credentials.revoke(credential_id)
     console.print(f"Revoked {credential_id}")
 
 
@@ -51,20 +51,20 @@ def credentials_revoke(credential_id: str) -> None:
 def block_public_access(enable: bool = typer.Argument(..., help="true or false"), output: str = OutputOpt) -> None:
     """Switch the project's block on public (anonymous) access to its buckets."""
     with api_errors():
-        render(state.client().buckets.set_public_access_block(enable), output)  # type: ignore[attr-defined]
+        render(state.client().buckets.set_public_access_block(enable), output)
 
 
 @bucket_app.command("list")
 def bucket_list(output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().buckets.list(), output,  # type: ignore[attr-defined]
+        render(state.client().buckets.list(), output,
                ["name", "region", "versioning", "object_lock", "objects", "bytes", "created_at"])
 
 
 @bucket_app.command("show")
 def bucket_show(name: str, output: str = OutputOpt) -> None:
     with api_errors():
-        render(state.client().buckets.get(name), output)  # type: ignore[attr-defined]
+        render(state.client().buckets.get(name), output)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ import typer
 
 from hackboot.cli.context import state
 from hackboot.cli.output import EXIT_ERROR, OutputOpt, api_errors, console, fail, render
+from hackboot.sdk.client import Client
 
 VOLUME_COLUMNS = ["id", "name", "status", "task_state", "size_gb", "tier", "zone_id", "encrypted", "attached_to",
                   "status_reason"]
@@ -28,7 +29,7 @@ WaitOpt = typer.Option(False, "--wait", "-w", help="Wait until the operation has
 TimeoutOpt = typer.Option(600, "--timeout", help="Seconds to wait")
 
 
-def _client() -> Any:
+def _client() -> Client:
     return state.client()
 
 
@@ -38,7 +39,7 @@ def _row(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
-def _wait(client: Any, v: dict[str, Any], statuses: tuple[str, ...], timeout: float, verb: str) -> dict[str, Any]:
+def _wait(client: Client, v: dict[str, Any], statuses: tuple[str, ...], timeout: float, verb: str) -> dict[str, Any]:
     with console.status(f"{verb} {v['name']}…") as spinner:
         def show(cur: dict[str, Any]) -> None:
             task = f" / {cur['task_state']}" if cur["task_state"] else ""
@@ -48,21 +49,21 @@ def _wait(client: Any, v: dict[str, Any], statuses: tuple[str, ...], timeout: fl
     if final["status"] == "error" or final.get("status_reason"):
         render(_row(final), "table")
         fail(f"{final['name']}: {final['status_reason'] or final['status']}", EXIT_ERROR)
-    return final  # type: ignore[no-any-return]
+    return final
 
 
 @volume_app.command("create")
 def volume_create(
     name: str,
-    size: int = typer.Option(None, "--size", "-s", help="Size in GB"),
+    size: int | None = typer.Option(None, "--size", "-s", help="Size in GB"),
     tier: str = typer.Option("ssd-standard", "--tier", "-t",
                              help="ssd-performance, ssd-standard, hdd-standard, archive"),
-    zone: str = typer.Option(None, "--zone", "-z"),
+    zone: str | None = typer.Option(None, "--zone", "-z"),
     encrypted: bool = typer.Option(False, "--encrypted", help="LUKS (AES-256) encryption at rest"),
     shareable: bool = typer.Option(False, "--shareable", help="May be attached to several instances"),
-    from_snapshot: str = typer.Option(None, "--from-snapshot", help="Clone a snapshot (id or name)"),
-    from_backup: str = typer.Option(None, "--from-backup", help="Restore a backup"),
-    from_image: str = typer.Option(None, "--from-image", help="Copy an image (a bootable volume)"),
+    from_snapshot: str | None = typer.Option(None, "--from-snapshot", help="Clone a snapshot (id or name)"),
+    from_backup: str | None = typer.Option(None, "--from-backup", help="Restore a backup"),
+    from_image: str | None = typer.Option(None, "--from-image", help="Copy an image (a bootable volume)"),
     wait: bool = WaitOpt, timeout: float = TimeoutOpt, output: str = OutputOpt,
 ) -> None:
     client = _client()
@@ -75,7 +76,7 @@ def volume_create(
 
 
 @volume_app.command("list")
-def volume_list(status: str = typer.Option(None, "--status"), tier: str = typer.Option(None, "--tier"),
+def volume_list(status: str | None = typer.Option(None, "--status"), tier: str | None = typer.Option(None, "--tier"),
                 output: str = OutputOpt) -> None:
     with api_errors():
         render([_row(v) for v in _client().volumes.list(status=status, tier=tier)], output, VOLUME_COLUMNS)
@@ -95,7 +96,7 @@ def volume_tiers(output: str = OutputOpt) -> None:
 
 
 @volume_app.command("attach")
-def volume_attach(name: str, instance: str, mode: str = typer.Option(None, "--mode", help="rw or ro"),
+def volume_attach(name: str, instance: str, mode: str | None = typer.Option(None, "--mode", help="rw or ro"),
                   wait: bool = WaitOpt, timeout: float = TimeoutOpt, output: str = OutputOpt) -> None:
     """Hot-plug a volume into a running instance (it appears as a virtio disk whose serial is the volume id)."""
     client = _client()
@@ -107,7 +108,7 @@ def volume_attach(name: str, instance: str, mode: str = typer.Option(None, "--mo
 
 
 @volume_app.command("detach")
-def volume_detach(name: str, instance: str = typer.Argument(None),
+def volume_detach(name: str, instance: str | None = typer.Argument(None),
                   force: bool = typer.Option(False, "--force", help="Cut the disk off even if the guest holds it"),
                   wait: bool = WaitOpt, timeout: float = TimeoutOpt, output: str = OutputOpt) -> None:
     client = _client()
@@ -156,7 +157,7 @@ def volume_delete(name: str, wait: bool = WaitOpt, timeout: float = TimeoutOpt, 
 
 @volume_app.command("restore")
 def volume_restore(backup: str, as_name: str = typer.Option(..., "--as", help="Name of the new volume"),
-                   size: int = typer.Option(None, "--size"), tier: str = typer.Option(None, "--tier"),
+                   size: int | None = typer.Option(None, "--size"), tier: str | None = typer.Option(None, "--tier"),
                    wait: bool = WaitOpt, timeout: float = TimeoutOpt, output: str = OutputOpt) -> None:
     """Restore a backup into a new volume."""
     client = _client()
@@ -182,7 +183,7 @@ def volume_revert(name: str, snapshot: str, wait: bool = WaitOpt, timeout: float
 # --- snapshots -----------------------------------------------------------------------------------------
 
 @snapshot_app.command("create")
-def snapshot_create(volume: str, name: str = typer.Argument(None), wait: bool = WaitOpt,
+def snapshot_create(volume: str, name: str | None = typer.Argument(None), wait: bool = WaitOpt,
                     output: str = OutputOpt) -> None:
     client = _client()
     with api_errors():
@@ -193,7 +194,8 @@ def snapshot_create(volume: str, name: str = typer.Argument(None), wait: bool = 
 
 
 @snapshot_app.command("list")
-def snapshot_list(volume: str = typer.Argument(None), kind: str = typer.Option(None, "--kind", help="user|backup"),
+def snapshot_list(volume: str | None = typer.Argument(None),
+                  kind: str | None = typer.Option(None, "--kind", help="user|backup"),
                   output: str = OutputOpt) -> None:
     with api_errors():
         render(_client().volume_snapshots.list(volume, kind), output, SNAPSHOT_COLUMNS)
@@ -224,7 +226,7 @@ _BUCKET_HELP = "A bucket of this project (default: hb-backups-<project id>, crea
 # --- backups -------------------------------------------------------------------------------------------
 
 @backup_app.command("create")
-def backup_create(volume: str, bucket: str = typer.Option(None, "--bucket", help=_BUCKET_HELP),
+def backup_create(volume: str, bucket: str | None = typer.Option(None, "--bucket", help=_BUCKET_HELP),
                   kind: str = typer.Option("auto", "--kind", help="auto, full or incremental"),
                   wait: bool = WaitOpt, timeout: float = TimeoutOpt, output: str = OutputOpt) -> None:
     client = _client()
@@ -237,7 +239,7 @@ def backup_create(volume: str, bucket: str = typer.Option(None, "--bucket", help
 
 
 @backup_app.command("list")
-def backup_list(volume: str = typer.Argument(None), output: str = OutputOpt) -> None:
+def backup_list(volume: str | None = typer.Argument(None), output: str = OutputOpt) -> None:
     with api_errors():
         render(_client().volume_backups.list(volume=volume), output, BACKUP_COLUMNS)
 
@@ -264,8 +266,8 @@ def backup_delete(backup: str, output: str = OutputOpt) -> None:
 def policy_create(name: str, every: str = typer.Option("6h", "--every"),
                   keep_local: str = typer.Option("7d", "--keep-local"),
                   keep_remote: str = typer.Option("30d", "--keep-remote"),
-                  bucket: str = typer.Option(None, "--bucket", help=_BUCKET_HELP),
-                  volume: list[str] = typer.Option(None, "--volume", help="Volumes covered (default: all)"),
+                  bucket: str | None = typer.Option(None, "--bucket", help=_BUCKET_HELP),
+                  volume: list[str] | None = typer.Option(None, "--volume", help="Volumes covered (default: all)"),
                   output: str = OutputOpt) -> None:
     with api_errors():
         render(_client().backup_policies.create(name, every=every, keep_local=keep_local, keep_remote=keep_remote,

@@ -1,6 +1,6 @@
 """The HTTP client every tool builds on (CLI, tests, benchmarks).
 
-`Client(url, token)` exposes one attribute per resource group (`client.projects`,
+`Client(url, token)` exposes one typed attribute per resource group (`client.projects`,
 `client.regions`, `client.instances` …). Errors come back as `ApiError` carrying the
 server's problem+json (status, stable code, detail).
 """
@@ -9,10 +9,33 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from hackboot.sdk.catalog import Capacity, Flavors, Hosts, Prices, Regions, Zones
+    from hackboot.sdk.compute import Instances, KeyPairs, ServerGroups
+    from hackboot.sdk.events import Audit, Events, Webhooks
+    from hackboot.sdk.identity import Auth, Projects, Tokens, Users
+    from hackboot.sdk.images import Images
+    from hackboot.sdk.network import (
+        FloatingIps,
+        FlowLogs,
+        NatGateways,
+        NetworkInterfaces,
+        SecurityGroups,
+        Subnets,
+        Vpcs,
+    )
+    from hackboot.sdk.s3 import Buckets, S3Credentials
+    from hackboot.sdk.volumes import BackupPolicies, VolumeBackups, Volumes, VolumeSnapshots
+
+JSONObject = dict[str, Any]
+"""A decoded JSON object: a resource, a page, a report (the SDK returns the API's documents as they are)."""
+JSONObjects = list[JSONObject]
+"""A JSON array of objects (also spelled so because `list` is a method name in resource groups)."""
 
 
 class ApiError(Exception):
@@ -24,22 +47,85 @@ class ApiError(Exception):
         self.problem = problem or {}
 
 
+def as_object(value: Any) -> JSONObject:
+    """`value` (a decoded response) as the JSON object the endpoint documents.
+
+    Another shape means the server is not the API this SDK speaks (a proxy's page, another version): an
+    `ApiError` with status 0 says so, instead of a `TypeError` somewhere in the caller.
+    """
+    if not isinstance(value, dict):
+        raise ApiError(0, "unexpected_response", f"Expected a JSON object from the API, got {type(value).__name__}")
+    return value
+
+
+def as_objects(value: Any) -> JSONObjects:
+    """`value` (a decoded response) as the JSON array of objects the endpoint documents."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ApiError(0, "unexpected_response",
+                       f"Expected a JSON array of objects from the API, got {type(value).__name__}")
+    return value
+
+
 class Resource:
-    """Base for resource groups: holds the client and offers CRUD helpers."""
+    """Base for resource groups: holds the client and the group's path, offers typed request helpers."""
 
     path = ""
 
     def __init__(self, client: Client) -> None:
         self.c = client
 
-    def list(self, **filters: Any) -> list[dict[str, Any]]:
-        return list(self.c.paginate(self.path, {k: v for k, v in filters.items() if v is not None}))
+    def _list(self, filters: Mapping[str, Any], path: str | None = None) -> JSONObjects:
+        """Every item of every page of `path` (default: the group's), the filters that are None left out."""
+        return list(self.c.paginate(path or self.path, {k: v for k, v in filters.items() if v is not None}))
 
-    def get(self, resource_id: str) -> dict[str, Any]:
-        return self.c.get(f"{self.path}/{resource_id}")
+    def _get(self, resource_id: str) -> JSONObject:
+        return as_object(self.c.get(f"{self.path}/{resource_id}"))
+
+
+class Collection(Resource):
+    """A group listed with any filter its endpoint offers (`list(status=…)`) and read by id."""
+
+    def list(self, **filters: Any) -> JSONObjects:
+        return self._list(filters)
+
+    def get(self, resource_id: str) -> JSONObject:
+        return self._get(resource_id)
 
 
 class Client:
+    # Resource groups, declared here so that editors and type checkers know them; each SDK module's
+    # attach(client) sets its own (see sdk/resources.py).
+    auth: Auth
+    projects: Projects
+    users: Users
+    tokens: Tokens
+    regions: Regions
+    zones: Zones
+    flavors: Flavors
+    prices: Prices
+    hosts: Hosts
+    capacity: Capacity
+    events: Events
+    webhooks: Webhooks
+    audit: Audit
+    keypairs: KeyPairs
+    server_groups: ServerGroups
+    instances: Instances
+    images: Images
+    volumes: Volumes
+    volume_snapshots: VolumeSnapshots
+    volume_backups: VolumeBackups
+    backup_policies: BackupPolicies
+    vpcs: Vpcs
+    subnets: Subnets
+    network_interfaces: NetworkInterfaces
+    security_groups: SecurityGroups
+    floating_ips: FloatingIps
+    nat_gateways: NatGateways
+    flow_logs: FlowLogs
+    s3_credentials: S3Credentials
+    buckets: Buckets
+
     def __init__(self, url: str = "http://127.0.0.1:8080", token: str | None = None, *, project: str | None = None,
                  timeout: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
         headers = {"User-Agent": "hackboot-sdk/0.1"}
@@ -69,6 +155,8 @@ class Client:
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
                 idempotency_key: str | None = None, content: Any = None,
                 headers: dict[str, str] | None = None) -> Any:
+        """The decoded JSON body (the shape the endpoint documents), the text of another body, or None
+        for an empty one; `ApiError` for a 4xx/5xx answer or an unreachable server."""
         hdrs = dict(headers or {})
         if method == "POST":
             hdrs["Idempotency-Key"] = idempotency_key or str(uuid.uuid4())
@@ -104,19 +192,20 @@ class Client:
     def delete(self, path: str, **kw: Any) -> Any:
         return self.request("DELETE", path, **kw)
 
-    def paginate(self, path: str, params: dict[str, Any] | None = None, page_size: int = 500) -> Iterator[Any]:
+    def paginate(self, path: str, params: Mapping[str, Any] | None = None,
+                 page_size: int = 500) -> Iterator[JSONObject]:
         query = dict(params or {})
         query["limit"] = page_size
         while True:
-            page = self.get(path, **query)
-            yield from page["items"]
+            page = as_object(self.get(path, **query))
+            yield from as_objects(page["items"])
             if not page.get("next_cursor"):
                 return
             query["cursor"] = page["next_cursor"]
 
-    def wait_for(self, fetch: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], bool], *,
+    def wait_for(self, fetch: Callable[[], JSONObject], done: Callable[[JSONObject], bool], *,
                  timeout: float = 300.0, interval: float = 0.25,
-                 on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 on_poll: Callable[[JSONObject], None] | None = None) -> JSONObject:
         """Poll until `done(resource)`; raise TimeoutError with the last state otherwise."""
         deadline = time.monotonic() + timeout
         while True:

@@ -12,12 +12,12 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
 
-from hackboot.sdk.client import ApiError, Client, Resource
+from hackboot.sdk.client import ApiError, Client, Collection, JSONObject, JSONObjects, Resource, as_object, as_objects
 
 SIGNATURE_TOLERANCE_S = 300
 
@@ -83,29 +83,29 @@ def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
 class Events(Resource):
     path = "/v1/events"
 
-    def list(self, *, types: list[str] | None = None, resource_type: str | None = None,  # type: ignore[override]
+    def list(self, *, types: Sequence[str] | None = None, resource_type: str | None = None,
              resource_id: str | None = None, since: str | None = None, until: str | None = None,
-             all_projects: bool = False, order: str | None = None) -> list[dict[str, Any]]:
+             all_projects: bool = False, order: str | None = None) -> JSONObjects:
         """Every matching event (all pages), oldest first unless order="desc"."""
-        return list(self.c.paginate(self.path, _clean({
+        return self._list(_clean({
             "types": types, "resource_type": resource_type, "resource_id": resource_id, "since": since,
-            "until": until, "all_projects": all_projects, "order": order})))
+            "until": until, "all_projects": all_projects, "order": order}))
 
-    def page(self, *, limit: int = 100, cursor: str | None = None, **filters: Any) -> dict[str, Any]:
+    def page(self, *, limit: int = 100, cursor: str | None = None, **filters: Any) -> JSONObject:
         """One page: {"items": [...], "next_cursor": ...}."""
-        return self.c.get(self.path, **_clean(filters | {"limit": limit, "cursor": cursor}))
+        return as_object(self.c.get(self.path, **_clean(filters | {"limit": limit, "cursor": cursor})))
 
-    def latest(self, **filters: Any) -> dict[str, Any] | None:
-        items = self.page(limit=1, order="desc", **filters)["items"]
+    def latest(self, **filters: Any) -> JSONObject | None:
+        items = as_objects(self.page(limit=1, order="desc", **filters)["items"])
         return items[0] if items else None
 
-    def get(self, event_id: str) -> dict[str, Any]:
-        return self.c.get(f"{self.path}/{event_id}")
+    def get(self, event_id: str) -> JSONObject:
+        return as_object(self.c.get(f"{self.path}/{event_id}"))
 
-    def stream(self, *, types: list[str] | None = None, resource_type: str | None = None,
+    def stream(self, *, types: Sequence[str] | None = None, resource_type: str | None = None,
                resource_id: str | None = None, since: str | None = None, all_projects: bool = False,
                after: int | None = None, reconnect: bool = True, read_timeout: float = 60.0,
-               ) -> Iterator[dict[str, Any]]:
+               ) -> Iterator[JSONObject]:
         """Follow events live (server-sent events), yielding each event as a dict.
 
         Starts after `after` (a seq) when given, else with the next new event. When the
@@ -137,7 +137,7 @@ class Events(Resource):
                             retry_s = int(msg["retry"]) / 1000
                         if "data" not in msg:
                             continue
-                        event = json.loads(msg["data"])
+                        event = as_object(json.loads(msg["data"]))
                         if msg.get("id", "").isdigit():
                             last_id = int(msg["id"])
                         yield event
@@ -150,44 +150,45 @@ class Events(Resource):
             time.sleep(retry_s)
 
 
-class Webhooks(Resource):
+class Webhooks(Collection):
     path = "/v1/webhooks"
 
-    def create(self, url: str, event_types: list[str] | None = None, description: str = "",
-               enabled: bool = True) -> dict[str, Any]:
+    def create(self, url: str, event_types: Sequence[str] | None = None, description: str = "",
+               enabled: bool = True) -> JSONObject:
         """Create a webhook; the result's "secret" is shown only this once."""
-        return self.c.post(self.path, {"url": url, "event_types": event_types or [], "description": description,
-                                       "enabled": enabled})
+        return as_object(self.c.post(self.path, {"url": url, "event_types": list(event_types or []),
+                                                 "description": description, "enabled": enabled}))
 
-    def update(self, webhook_id: str, **changes: Any) -> dict[str, Any]:
+    def update(self, webhook_id: str, **changes: Any) -> JSONObject:
         """Change url, event_types, description and/or enabled."""
-        return self.c.patch(f"{self.path}/{webhook_id}", changes)
+        return as_object(self.c.patch(f"{self.path}/{webhook_id}", changes))
 
     def delete(self, webhook_id: str) -> None:
         self.c.delete(f"{self.path}/{webhook_id}")
 
-    def rotate_secret(self, webhook_id: str) -> dict[str, Any]:
-        return self.c.post(f"{self.path}/{webhook_id}/rotate-secret")
+    def rotate_secret(self, webhook_id: str) -> JSONObject:
+        return as_object(self.c.post(f"{self.path}/{webhook_id}/rotate-secret"))
 
-    def ping(self, webhook_id: str) -> dict[str, Any]:
+    def ping(self, webhook_id: str) -> JSONObject:
         """Queue a webhook.ping event for this webhook; returns its delivery."""
-        return self.c.post(f"{self.path}/{webhook_id}/ping")
+        return as_object(self.c.post(f"{self.path}/{webhook_id}/ping"))
 
     def deliveries(self, webhook_id: str, *, status: str | None = None, order: str = "desc",
-                   limit: int | None = None) -> list[dict[str, Any]]:
+                   limit: int | None = None) -> JSONObjects:
         """The delivery log, newest first by default (every page unless `limit`)."""
         params = _clean({"status": status, "order": order})
         if limit is not None:
-            return self.c.get(f"{self.path}/{webhook_id}/deliveries", **params, limit=limit)["items"]
-        return list(self.c.paginate(f"{self.path}/{webhook_id}/deliveries", params))
+            return as_objects(as_object(self.c.get(f"{self.path}/{webhook_id}/deliveries", **params,
+                                                   limit=limit))["items"])
+        return self._list(params, f"{self.path}/{webhook_id}/deliveries")
 
-    def delivery(self, webhook_id: str, delivery_id: str) -> dict[str, Any]:
-        return self.c.get(f"{self.path}/{webhook_id}/deliveries/{delivery_id}")
+    def delivery(self, webhook_id: str, delivery_id: str) -> JSONObject:
+        return as_object(self.c.get(f"{self.path}/{webhook_id}/deliveries/{delivery_id}"))
 
-    def redeliver(self, webhook_id: str, delivery_id: str) -> dict[str, Any]:
-        return self.c.post(f"{self.path}/{webhook_id}/deliveries/{delivery_id}/redeliver")
+    def redeliver(self, webhook_id: str, delivery_id: str) -> JSONObject:
+        return as_object(self.c.post(f"{self.path}/{webhook_id}/deliveries/{delivery_id}/redeliver"))
 
-    def wait_delivery(self, webhook_id: str, delivery_id: str, *, timeout: float = 60.0) -> dict[str, Any]:
+    def wait_delivery(self, webhook_id: str, delivery_id: str, *, timeout: float = 60.0) -> JSONObject:
         """Poll until the delivery is delivered or failed."""
         return self.c.wait_for(lambda: self.delivery(webhook_id, delivery_id),
                                lambda d: d["status"] != "pending", timeout=timeout)
@@ -196,19 +197,20 @@ class Webhooks(Resource):
 class Audit(Resource):
     path = "/v1/audit"
 
-    def list(self, *, user_id: str | None = None, username: str | None = None,  # type: ignore[override]
+    def list(self, *, user_id: str | None = None, username: str | None = None,
              method: str | None = None, path_prefix: str | None = None, since: str | None = None,
              until: str | None = None, all_projects: bool = False, order: str | None = None,
-             limit: int | None = None) -> list[dict[str, Any]]:
+             limit: int | None = None) -> JSONObjects:
+        """The matching records: the first `limit` ones, or every page."""
         params = _clean({"user_id": user_id, "username": username, "method": method,
                          "path_prefix": path_prefix, "since": since, "until": until,
                          "all_projects": all_projects, "order": order})
         if limit is not None:
-            return self.c.get(self.path, **params, limit=limit)["items"]
-        return list(self.c.paginate(self.path, params))
+            return as_objects(as_object(self.c.get(self.path, **params, limit=limit))["items"])
+        return self._list(params)
 
 
 def attach(client: Client) -> None:
-    client.events = Events(client)  # type: ignore[attr-defined]
-    client.webhooks = Webhooks(client)  # type: ignore[attr-defined]
-    client.audit = Audit(client)  # type: ignore[attr-defined]
+    client.events = Events(client)
+    client.webhooks = Webhooks(client)
+    client.audit = Audit(client)

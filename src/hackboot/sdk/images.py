@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from hackboot.sdk.client import ApiError, Client, Resource
+from hackboot.sdk.client import ApiError, Client, JSONObject, JSONObjects, Resource, as_object
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in total)
 CHUNK = 1024 * 1024
@@ -40,22 +40,22 @@ class Images(Resource):
 
     def create(self, name: str, disk_format: str = "qcow2", *, visibility: str = "private", os: str = "",
                os_version: str = "", min_disk_gb: int = 0, min_ram_mb: int = 0,
-               protected: bool = False) -> dict[str, Any]:
+               protected: bool = False) -> JSONObject:
         """Register an image (status 'queued'); send its file with `upload`."""
-        return self.c.post(self.path, {"name": name, "disk_format": disk_format, "visibility": visibility,
-                                       "os": os, "os_version": os_version, "min_disk_gb": min_disk_gb,
-                                       "min_ram_mb": min_ram_mb, "protected": protected})
+        return as_object(self.c.post(self.path, {
+            "name": name, "disk_format": disk_format, "visibility": visibility, "os": os, "os_version": os_version,
+            "min_disk_gb": min_disk_gb, "min_ram_mb": min_ram_mb, "protected": protected}))
 
-    def list(self, name: str | None = None, status: str | None = None, visibility: str | None = None,  # type: ignore[override]
-             os: str | None = None, **filters: Any) -> list[dict[str, Any]]:
+    def list(self, name: str | None = None, status: str | None = None, visibility: str | None = None,
+             os: str | None = None, **filters: Any) -> JSONObjects:
         """The project's images and every public image; filters: name, status, visibility, os, disk_format,
         source."""
-        return super().list(name=name, status=status, visibility=visibility, os=os, **filters)
+        return self._list({"name": name, "status": status, "visibility": visibility, "os": os, **filters})
 
-    def get(self, ref: str) -> dict[str, Any]:
+    def get(self, ref: str) -> JSONObject:
         """An image by id, or by name (a private image, necessarily the project's, wins over public ones)."""
         if ref.startswith("img-"):
-            return self.c.get(f"{self.path}/{ref}")
+            return as_object(self.c.get(f"{self.path}/{ref}"))
         pool = self.list(name=ref)
         private = [i for i in pool if i.get("visibility") == "private"]
         if len(pool) > 1 and len(private) == 1:
@@ -68,7 +68,7 @@ class Images(Resource):
         return pool[0]
 
     def upload(self, image_id: str, path: str | os.PathLike[str], *, progress: Progress | None = None,
-               sha256: str | None = None, timeout: float | None = 600.0) -> dict[str, Any]:
+               sha256: str | None = None, timeout: float | None = 600.0) -> JSONObject:
         """Stream the file at `path` into image `image_id`; returns the image (normally 'active').
 
         The file is read in 1 MiB chunks, never whole. `progress(done, total)` is called after each
@@ -99,7 +99,7 @@ class Images(Resource):
         except httpx.TransportError as exc:
             raise ApiError(0, "unreachable", f"Upload to {self.c.url} failed: {exc}") from exc
         _raise_for(resp)
-        image: dict[str, Any] = resp.json()
+        image = as_object(resp.json())
         if image.get("sha256") and image["sha256"] != local.hexdigest():
             raise ApiError(0, "checksum_mismatch", f"The server stored sha256 {image['sha256']} but the file sent "
                                                    f"has {local.hexdigest()}: the file changed while being sent?")
@@ -107,7 +107,7 @@ class Images(Resource):
 
     def create_from_file(self, name: str, path: str | os.PathLike[str], disk_format: str | None = None, *,
                          progress: Progress | None = None, sha256: str | None = None,
-                         **properties: Any) -> dict[str, Any]:
+                         **properties: Any) -> JSONObject:
         """`create` then `upload` (the format guessed from the file when not given)."""
         image = self.create(name, disk_format or guess_format(path), **properties)
         return self.upload(image["id"], path, progress=progress, sha256=sha256)
@@ -144,18 +144,18 @@ class Images(Resource):
         os.replace(tmp, dest)
         return dest
 
-    def update(self, image_id: str, **fields: Any) -> dict[str, Any]:
+    def update(self, image_id: str, **fields: Any) -> JSONObject:
         """Change name, visibility, protected, os, os_version, min_disk_gb, min_ram_mb."""
-        return self.c.patch(f"{self.path}/{image_id}", fields)
+        return as_object(self.c.patch(f"{self.path}/{image_id}", fields))
 
     def delete(self, image_id: str) -> None:
         self.c.delete(f"{self.path}/{image_id}")
 
-    def wait(self, image_id: str, timeout: float = 600.0) -> dict[str, Any]:
+    def wait(self, image_id: str, timeout: float = 600.0) -> JSONObject:
         """Wait until the image is 'active' (or 'error')."""
         return self.c.wait_for(lambda: self.c.get(f"{self.path}/{image_id}"),
                                lambda i: i["status"] in ("active", "error"), timeout=timeout)
 
 
 def attach(client: Client) -> None:
-    client.images = Images(client)  # type: ignore[attr-defined]
+    client.images = Images(client)
