@@ -861,40 +861,51 @@ def _public_route(s: Session, vpc: Vpc, subnet: Subnet) -> None:
 
 def create_interface(p: Principal, req: InterfaceRequest) -> NetworkInterface:
     with _change() as tx:
-        s = tx.s
-        if req.subnet is not None:
-            if req.zone is not None or req.region is not None:
-                raise _invalid("zone", "Give a subnet, or a zone/region for the default VPC's subnet, not both")
-            subnet_id = get_subnet(s, p, req.subnet).id
-        else:
-            region = req.region
-            if req.zone is not None and region is None:
-                from hackboot.catalog.models import Zone
+        return _create_interface(tx, p, req)
 
-                z = s.get(Zone, req.zone)
-                if z is None:
-                    raise _invalid("zone", f"Zone {req.zone} does not exist")
-                region = z.region_id
-            subnet_id = default_subnet(s, p.project, region, req.zone, actor=p.user_id, changed=tx.vpcs).id
-        vpc_id = s.scalar(select(Subnet.vpc_id).where(Subnet.id == subnet_id))
-        vpc = _lock_vpc(tx, str(vpc_id))  # the VPC first, then the subnet: one lock order everywhere
-        subnet = ipam.lock_subnet(s, subnet_id)
-        groups = _resolve_groups(s, p, vpc, req.security_groups)
-        quotas.claim(s, p.project, "network_interfaces", 1)
-        nic_id = new_id("nic")
-        address = ipam.allocate(s, subnet, owner_kind="network_interface", owner_id=nic_id, requested=req.private_ip)
-        nic = NetworkInterface(id=nic_id, project_id=p.project, vpc_id=vpc.id, subnet_id=subnet.id, name=req.name,
-                               description=req.description, mac=_unused_mac(s), private_ip=address,
-                               created_by=p.user_id)
-        s.add(nic)
-        s.flush()
-        s.add_all([InterfaceSecurityGroup(interface_id=nic.id, security_group_id=g) for g in groups])
-        _event(s, "network_interface", "created", nic, p.user_id, vpc_id=vpc.id, subnet_id=subnet.id,
-               private_ip=address, mac=nic.mac, security_groups=groups)
-        if req.assign_public_ip:
-            _public_route(s, vpc, subnet)
-            fip = _allocate_floating_ip(s, p, vpc.region_id, f"Public address of {nic.id}", release_with=nic.id)
-            _attach_fip(s, fip, nic, p.user_id)
+
+def create_interface_in(s: Session, p: Principal, req: InterfaceRequest,
+                        changed: set[str] | None = None) -> NetworkInterface:
+    """:func:`create_interface` in the caller's transaction (compute: an instance's primary interface, made
+    with the instance). The caller notifies the VPC ids added to `changed` after its commit."""
+    return _create_interface(Tx(s, changed if changed is not None else set()), p, req)
+
+
+def _create_interface(tx: Tx, p: Principal, req: InterfaceRequest) -> NetworkInterface:
+    s = tx.s
+    if req.subnet is not None:
+        if req.zone is not None or req.region is not None:
+            raise _invalid("zone", "Give a subnet, or a zone/region for the default VPC's subnet, not both")
+        subnet_id = get_subnet(s, p, req.subnet).id
+    else:
+        region = req.region
+        if req.zone is not None and region is None:
+            from hackboot.catalog.models import Zone
+
+            z = s.get(Zone, req.zone)
+            if z is None:
+                raise _invalid("zone", f"Zone {req.zone} does not exist")
+            region = z.region_id
+        subnet_id = default_subnet(s, p.project, region, req.zone, actor=p.user_id, changed=tx.vpcs).id
+    vpc_id = s.scalar(select(Subnet.vpc_id).where(Subnet.id == subnet_id))
+    vpc = _lock_vpc(tx, str(vpc_id))  # the VPC first, then the subnet: one lock order everywhere
+    subnet = ipam.lock_subnet(s, subnet_id)
+    groups = _resolve_groups(s, p, vpc, req.security_groups)
+    quotas.claim(s, p.project, "network_interfaces", 1)
+    nic_id = new_id("nic")
+    address = ipam.allocate(s, subnet, owner_kind="network_interface", owner_id=nic_id, requested=req.private_ip)
+    nic = NetworkInterface(id=nic_id, project_id=p.project, vpc_id=vpc.id, subnet_id=subnet.id, name=req.name,
+                           description=req.description, mac=_unused_mac(s), private_ip=address,
+                           created_by=p.user_id)
+    s.add(nic)
+    s.flush()
+    s.add_all([InterfaceSecurityGroup(interface_id=nic.id, security_group_id=g) for g in groups])
+    _event(s, "network_interface", "created", nic, p.user_id, vpc_id=vpc.id, subnet_id=subnet.id,
+           private_ip=address, mac=nic.mac, security_groups=groups)
+    if req.assign_public_ip:
+        _public_route(s, vpc, subnet)
+        fip = _allocate_floating_ip(s, p, vpc.region_id, f"Public address of {nic.id}", release_with=nic.id)
+        _attach_fip(s, fip, nic, p.user_id)
     return nic
 
 
@@ -1035,6 +1046,26 @@ def place_interfaces(s: Session, instance_id: str, host_id: str | None, changed:
         _lock_vpc(tx, vpc_id)
     for nic in nics:
         nic.host_id = host_id
+    return len(nics)
+
+
+def release_instance(s: Session, instance_id: str, actor: str, changed: set[str] | None = None) -> int:
+    """Compute deleted an instance (in its transaction): its primary interface (device 0, made with it)
+    is deleted, the others are detached and stay the project's. Returns the number of interfaces."""
+    tx = Tx(s, changed if changed is not None else set())
+    nics = interfaces_of_instance(s, instance_id)
+    for vpc_id in sorted({n.vpc_id for n in nics}):
+        _lock_vpc(tx, vpc_id)
+    for current in nics:
+        nic = _reload(s, NetworkInterface, current.id)
+        if nic is None or nic.instance_id != instance_id:
+            continue
+        if nic.device_index == 0:
+            _drop_interface(s, nic, actor)
+            continue
+        nic.instance_id = nic.device_index = nic.host_id = None
+        nic.attached_at = None
+        _event(s, "network_interface", "detached", nic, actor, instance_id=instance_id)
     return len(nics)
 
 
