@@ -247,6 +247,9 @@ def build(state: service.VpcState, host_id: str, peers: dict[str, hosts.HostInfo
     return out
 
 
+GUESTS = "guests"  # the busy-set key of the guest NIC sync (not a VPC id)
+
+
 def flows(records: Iterable[FlowRecord]) -> list[service.Flow]:
     return [service.Flow(interface_id=r.port_id, direction=r.direction, action=r.action.upper(), protocol=r.protocol,
                          src_addr=r.src_ip, dst_addr=r.dst_ip, start_time=r.time, src_port=r.src_port,
@@ -261,7 +264,7 @@ class NetworkReconciler(Reconciler):
 
     def __init__(self, *, host_id: str, host_name: str, driver: NetworkDriver,
                  options: NetworkAgentOptions | None = None, attachment_for: AttachmentFor = tap_attachment,
-                 stop: threading.Event | None = None, listen: bool = False) -> None:
+                 stop: threading.Event | None = None, listen: bool = False, compute: Any = None) -> None:
         self.options = options or NetworkAgentOptions()
         super().__init__(scope=host_id, stop=stop, workers=self.options.workers,
                          poll_interval=self.options.poll_interval, resync_interval=self.options.resync_interval,
@@ -272,6 +275,8 @@ class NetworkReconciler(Reconciler):
         self.attachment_for = attachment_for
         self.underlay = self.options.underlay(host_name)
         self._listen = listen
+        self.compute = compute  # the host's compute agent: its driver plugs VPC NICs into running guests
+        self._guests_dirty = threading.Event()
         self._applied: dict[str, str] = {}  # VPC id → fingerprint of what this object applied
         self._applied_lock = threading.Lock()
         self.applied_event = threading.Condition()
@@ -293,6 +298,11 @@ class NetworkReconciler(Reconciler):
         self.driver.close()
 
     # --- the loop --------------------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        super().run_once()
+        if self._guests_dirty.is_set():  # asked for while a sync ran
+            self.submit(GUESTS, self._sync_guests)
 
     def list_ids(self) -> Iterable[str]:
         wanted, have = hosts.work(self.host_id)
@@ -324,6 +334,7 @@ class NetworkReconciler(Reconciler):
                 self._applied.pop(vpc_id, None)
             log.info("%s: VPC %s removed from this host", self.name, vpc_id)
             self._notify_applied()
+            self.request_guest_sync()
             return
         fingerprint = desired.fingerprint()
         with self._applied_lock:
@@ -349,6 +360,7 @@ class NetworkReconciler(Reconciler):
             if kind == "nat_gateway":
                 service.set_status(kind, object_id, ERROR, why)
         self._notify_applied()
+        self.request_guest_sync()
 
     def _notify_applied(self) -> None:
         with self.applied_event:
@@ -387,6 +399,7 @@ class NetworkReconciler(Reconciler):
         supervise = getattr(self.driver, "supervise", None)
         if supervise is not None:
             supervise()
+        self.request_guest_sync()
         self.collect_flow_logs()
 
     def collect_flow_logs(self) -> int:
@@ -399,6 +412,56 @@ class NetworkReconciler(Reconciler):
                 self.collect_flow_logs()
             except Exception:
                 log.exception("%s: storing flow records failed", self.name)
+
+    # --- guests ----------------------------------------------------------------------------------
+
+    def request_guest_sync(self) -> None:
+        """Have the running guests' VPC NICs match their attached interfaces (soon, in the pool)."""
+        if self.compute is None:
+            return
+        self._guests_dirty.set()
+        self.submit(GUESTS, self._sync_guests)
+
+    def _sync_guests(self) -> None:
+        while self._guests_dirty.is_set():
+            self._guests_dirty.clear()
+            self.sync_guests()
+
+    def sync_guests(self) -> None:
+        """Hot-plug into each running guest of this host the VPC NICs of the interfaces attached to its
+        instance (once their taps exist), and unplug those of interfaces no longer attached to it."""
+        from hackboot.network import tapnic
+
+        compute_driver = self.compute.driver if self.compute is not None else None
+        if compute_driver is None or not hasattr(compute_driver, "attach_nic"):
+            return
+        want = hosts.guest_ports(self.host_id)
+        built = {p for v in self.driver.observed().vpcs for p in v.port_ids}
+        for iid in compute_driver.list_instances():
+            try:
+                if str(compute_driver.state(iid).value) not in ("running", "paused"):
+                    continue
+            except Exception:
+                continue
+            ports = want.get(iid, [])
+            with tapnic.instance_lock(iid):
+                have = tapnic.plugged(compute_driver, iid)
+                for port_id in sorted(set(have) - {p for p, _ in ports}):
+                    try:
+                        tapnic.unplug(compute_driver, iid, port_id)
+                        log.info("%s: unplugged %s from %s", self.name, port_id, iid)
+                    except Exception as exc:
+                        log.warning("%s: cannot unplug %s from %s: %s", self.name, port_id, iid, exc)
+                for port_id, mac in ports:
+                    if port_id in have or port_id not in built:
+                        continue
+                    try:
+                        tapnic.plug(compute_driver, self.driver, iid, port_id, mac)
+                        log.info("%s: plugged %s into %s", self.name, port_id, iid)
+                    except Exception as exc:
+                        log.warning("%s: cannot plug %s into %s: %s", self.name, port_id, iid, exc)
+                        service.set_status("network_interface", port_id, ERROR,
+                                           f"Cannot plug it into instance {iid}: {exc}")
 
     # --- for compute -----------------------------------------------------------------------------
 
@@ -426,6 +489,9 @@ class NetworkReconciler(Reconciler):
 # ---------------------------------------------------------------------------------------------- hooks
 
 _local: NetworkReconciler | None = None
+# Options of the reconciler the compute agent's start hook makes (None: NetworkAgentOptions(), i.e. the
+# network_* settings); a process running agents of its own (tests, tools) may set it first.
+default_options: NetworkAgentOptions | None = None
 
 
 def local_network_agent() -> NetworkReconciler | None:
@@ -449,10 +515,11 @@ def attach(compute_agent: Any) -> None:
 def start(compute_agent: Any, options: NetworkAgentOptions | None = None) -> NetworkReconciler:
     """Start the network reconciler of this host (called by the compute agent once registered)."""
     global _local
-    options = options or NetworkAgentOptions()
+    options = options or default_options or NetworkAgentOptions()
     state_dir = Path(options.state_dir or Path(compute_agent.state_dir) / "network")
     agent = NetworkReconciler(host_id=str(compute_agent.host_id), host_name=str(compute_agent.name),
-                              driver=make_driver(state_dir), options=options, stop=compute_agent.stopping)
+                              driver=make_driver(state_dir), options=options, stop=compute_agent.stopping,
+                              compute=compute_agent)
     agent.start()
     _local = agent
 

@@ -84,6 +84,18 @@ def work(host_id: str) -> tuple[dict[str, int], dict[str, int]]:
     return wanted, have
 
 
+def guest_ports(host_id: str) -> dict[str, list[tuple[str, str]]]:
+    """Instance id → (interface id, MAC) of its interfaces on the host, in device order."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    with session_scope(write=False) as s:
+        for iid, nic_id, mac in s.execute(
+                select(NetworkInterface.instance_id, NetworkInterface.id, NetworkInterface.mac)
+                .where(NetworkInterface.host_id == host_id, NetworkInterface.instance_id.is_not(None))
+                .order_by(NetworkInterface.instance_id, NetworkInterface.device_index)):
+            out.setdefault(str(iid), []).append((nic_id, mac))
+    return out
+
+
 def applied(host_id: str, vpc_id: str, version: int, error: str = "") -> None:
     """The host applied `version` of the VPC (or failed to, with `error`); never moves backwards."""
     with session_scope() as s:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,6 +35,14 @@ MANAGEMENT_SLOT = "0x1e"  # the last free slot of q35's root bus (0x1f is the ch
 MANAGEMENT_CHASSIS = 190  # apart from the hot-plug ports' (200 and up) and GPUs' (1 and up)
 _ROOT_PORT_RE = re.compile(r"^pcie-root-port,id=(hbvp\d+),chassis=\d+,bus=pcie\.0$")
 _paused_by_us: set[str] = set()
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def instance_lock(instance_id: str) -> threading.Lock:
+    """Held while a guest's VPC NICs are looked at and changed (spawn hook and the agent's sync)."""
+    with _locks_guard:
+        return _locks.setdefault(instance_id, threading.Lock())
 
 
 def fd_name(port_id: str) -> str:
@@ -224,10 +233,11 @@ def after_spawn(compute_driver: Any, spec: Any) -> None:
         if not ports:
             return
         agent.wait_for_ports([p for p, _ in ports], agent.options.port_wait)
-        have = plugged(compute_driver, iid)
-        for port_id, mac in ports:
-            if port_id not in have:
-                plug(compute_driver, agent.driver, iid, port_id, mac)
+        with instance_lock(iid):
+            have = plugged(compute_driver, iid)
+            for port_id, mac in ports:
+                if port_id not in have:
+                    plug(compute_driver, agent.driver, iid, port_id, mac)
     finally:
         if iid in _paused_by_us:
             _paused_by_us.discard(iid)

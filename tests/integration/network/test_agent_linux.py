@@ -125,12 +125,12 @@ class World:
 
     def port(self, name: str, subnet: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """An interface made through the API, with a namespace standing in for its guest."""
-        nic = self.client.network_interfaces.create(subnet["id"], name=name, **kwargs)  # type: ignore[attr-defined]
+        nic = self.client.network_interfaces.create(subnet["id"], name=name, **kwargs)
         ns = f"{self.prefix}-{name}"
         netns.create(ns)
         self.guests[nic["id"]] = ns
         nic["ns"] = ns
-        return nic  # type: ignore[no-any-return]
+        return nic
 
     def place(self, nic: dict[str, Any], host: str | None) -> None:
         """What compute does when its scheduler places the instance of `nic` on `host` (None: detach)."""
@@ -202,7 +202,7 @@ class World:
 @pytest.fixture
 def world(netcloud: Cloud, tmp_path: Path) -> Iterator[World]:
     admin = netcloud.admin_client_unscoped()
-    project = admin.projects.create(unique("netagent"))  # type: ignore[attr-defined]
+    project = admin.projects.create(unique("netagent"))
     client = netcloud.client(project=project["id"])
     principal = Principal(user_id="usr-netagent-test", username="test", token_id="tok", role="admin",
                           is_superuser=False, project_id=project["id"])
@@ -217,9 +217,9 @@ def world(netcloud: Cloud, tmp_path: Path) -> Iterator[World]:
 
 def vpc_with_subnets(w: World, cidr: str = "10.31.0.0/16") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     base = cidr.split(".")[0] + "." + cidr.split(".")[1]
-    vpc = w.client.vpcs.create(unique("vpc"), cidr, internet_gateway=True)  # type: ignore[attr-defined]
-    pub = w.client.subnets.create(vpc["id"], f"{base}.1.0/24", zone=ZONE, public=True)  # type: ignore[attr-defined]
-    priv = w.client.subnets.create(vpc["id"], f"{base}.2.0/24", zone=ZONE)  # type: ignore[attr-defined]
+    vpc = w.client.vpcs.create(unique("vpc"), cidr, internet_gateway=True)
+    pub = w.client.subnets.create(vpc["id"], f"{base}.1.0/24", zone=ZONE, public=True)
+    priv = w.client.subnets.create(vpc["id"], f"{base}.2.0/24", zone=ZONE)
     return vpc, pub, priv
 
 
@@ -237,8 +237,8 @@ def test_ports_made_through_the_api_are_applied_resync_changes_nothing_and_unpla
     for nic in (web, app):
         world.place(nic, "a")
     world.converged(vpc["id"], "a")
-    assert world.client.vpcs.get(vpc["id"])["status"] == "active"  # type: ignore[attr-defined]
-    assert world.client.network_interfaces.get(web["id"])["status"] == "active"  # type: ignore[attr-defined]
+    assert world.client.vpcs.get(vpc["id"])["status"] == "active"
+    assert world.client.network_interfaces.get(web["id"])["status"] == "active"
     world.configure(web, pub)
     world.configure(app, priv)
     assert ping(web["ns"], app["private_ip"]), "members of the default group reach each other across subnets"
@@ -247,8 +247,8 @@ def test_ports_made_through_the_api_are_applied_resync_changes_nothing_and_unpla
 
     # A resync (and a forced re-apply) with nothing changed touches nothing, and traffic keeps flowing.
     world.serve(app["ns"], "udp-echo", 7000)
-    world.client.security_groups.add_rule(  # type: ignore[attr-defined]
-        world.client.security_groups.list(vpc_id=vpc["id"], name="default")[0]["id"],  # type: ignore[attr-defined]
+    world.client.security_groups.add_rule(
+        world.client.security_groups.list(vpc_id=vpc["id"], name="default")[0]["id"],
         "ingress", "udp", port_min=7000, port_max=7000, cidr="10.31.0.0/16")
     world.converged(vpc["id"], "a")
     links = router_links(a, vpc["id"])
@@ -275,8 +275,8 @@ def test_ports_made_through_the_api_are_applied_resync_changes_nothing_and_unpla
 def test_a_security_group_rule_change_reaches_the_data_plane(world: World) -> None:
     world.agent("a")
     vpc, pub, _ = vpc_with_subnets(world, "10.32.0.0/16")
-    sg = world.client.security_groups.create(vpc["id"], "web")  # type: ignore[attr-defined]
-    default = world.client.security_groups.list(vpc_id=vpc["id"], name="default")[0]  # type: ignore[attr-defined]
+    sg = world.client.security_groups.create(vpc["id"], "web")
+    default = world.client.security_groups.list(vpc_id=vpc["id"], name="default")[0]
     server = world.port("server", pub, security_groups=[sg["id"]])
     client = world.port("client", pub)  # the default group
     stranger = world.port("stranger", pub, security_groups=[sg["id"]])
@@ -288,14 +288,14 @@ def test_a_security_group_rule_change_reaches_the_data_plane(world: World) -> No
     world.serve(server["ns"], "serve", 8080)
     assert not connects(client["ns"], server["private_ip"], 8080, timeout=1), "a new group lets nothing in"
 
-    rule = world.client.security_groups.add_rule(  # type: ignore[attr-defined]
+    rule = world.client.security_groups.add_rule(
         sg["id"], "ingress", "tcp", port_min=8080, port_max=8080, remote_group=default["id"])
     world.converged(vpc["id"], "a")
     assert connects(client["ns"], server["private_ip"], 8080), "the source group's member gets in"
     assert not connects(stranger["ns"], server["private_ip"], 8080, timeout=1), "others do not"
     assert not connects(client["ns"], server["private_ip"], 8081, timeout=1), "only the port the rule names"
 
-    world.client.security_groups.delete_rule(sg["id"], rule["id"])  # type: ignore[attr-defined]
+    world.client.security_groups.delete_rule(sg["id"], rule["id"])
     world.converged(vpc["id"], "a")
     assert not connects(client["ns"], server["private_ip"], 8080, timeout=1), "removed: new connections refused"
 
@@ -310,7 +310,7 @@ def test_agent_restart_converges_without_disturbing_an_established_flow(world: W
     world.configure(web, pub)
     world.configure(db, priv)
     world.serve(db["ns"], "serve", 5432)
-    sg = world.client.security_groups.list(vpc_id=vpc["id"], name="default")[0]  # type: ignore[attr-defined]
+    sg = world.client.security_groups.list(vpc_id=vpc["id"], name="default")[0]
     held = world.background(web["ns"], "hold", db["private_ip"], 5432, 8)
     assert held.stdout is not None and held.stdout.readline().strip() == "established"
     links = router_links(a, vpc["id"])
@@ -318,7 +318,7 @@ def test_agent_restart_converges_without_disturbing_an_established_flow(world: W
     a.close()  # the agent stops; the data plane keeps running
     late = world.port("late", pub)  # changed while no agent runs
     world.place(late, "a")
-    world.client.security_groups.add_rule(  # type: ignore[attr-defined]
+    world.client.security_groups.add_rule(
         sg["id"], "ingress", "tcp", port_min=9000, port_max=9000, cidr="10.33.0.0/16")
     a2 = world.agent("a")
     world.converged(vpc["id"], "a")
@@ -344,20 +344,20 @@ def test_two_hosts_reach_each_other_and_the_internet_through_their_own_uplinks(w
     assert beta["private_ip"] in sh(alpha["ns"], f"busybox nslookup beta.{domain} {pub['dns_ip']}").stdout
 
     # A floating IP on alpha's port is announced by host a; detaching it cuts it.
-    sg = world.client.security_groups.list(vpc_id=vpc["id"], name="default")[0]  # type: ignore[attr-defined]
-    world.client.security_groups.add_rule(  # type: ignore[attr-defined]
+    sg = world.client.security_groups.list(vpc_id=vpc["id"], name="default")[0]
+    world.client.security_groups.add_rule(
         sg["id"], "ingress", "tcp", port_min=8080, port_max=8080, cidr="0.0.0.0/0")
-    fip = world.client.floating_ips.allocate()  # type: ignore[attr-defined]
-    world.client.floating_ips.attach(fip["id"], alpha["id"])  # type: ignore[attr-defined]
+    fip = world.client.floating_ips.allocate()
+    world.client.floating_ips.attach(fip["id"], alpha["id"])
     world.converged(vpc["id"], "a", "b")
     world.serve(alpha["ns"], "serve", 8080)
     assert connects(world.inet, fip["address"], 8080), "the floating IP reaches the port from the internet"
-    world.client.floating_ips.detach(fip["id"])  # type: ignore[attr-defined]
+    world.client.floating_ips.detach(fip["id"])
     world.converged(vpc["id"], "a", "b")
     assert not connects(world.inet, fip["address"], 8080, timeout=1), "detached: unreachable"
 
     # beta's private subnet goes out through a NAT gateway, applied on beta's host b.
-    world.client.nat_gateways.create(pub["id"])  # type: ignore[attr-defined]
+    world.client.nat_gateways.create(pub["id"])
     world.converged(vpc["id"], "a", "b")
     outside = world.serve(world.inet, "serve", 9090)
     assert connects(beta["ns"], INTERNET_IP, 9090), "the private subnet reaches out through NAT"
