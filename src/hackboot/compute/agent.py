@@ -225,7 +225,7 @@ class Agent:
     def driver(self) -> Any:
         if self._driver is None:
             if self.cfg.driver == "fake":
-                from hackboot.compute.fake_driver import FakeDriver  # type: ignore[import-not-found]
+                from hackboot.compute.fake_driver import FakeDriver
 
                 self._driver = FakeDriver()
             else:
@@ -620,14 +620,15 @@ class Agent:
     def snapshot(self, w: Work) -> None:
         """Flatten the instance's disk into a new image (the images service validates and stores it).
 
-        A running guest is snapshotted live with a QMP ``blockdev-backup`` (sync=full: the overlay and
-        its backing image, as the guest sees them; crash-consistent, like pulling the plug, as
-        there is no guest agent to freeze file systems). Nothing else may touch a running guest's
-        disk, so if the live path is not available the guest is stopped, its disk flattened by an
-        unprivileged block helper (:mod:`hackboot.compute.offline`) and started again (a cold
-        snapshot).
+        A running guest is snapshotted live by a driver with the ``live-snapshot`` capability
+        (:meth:`ComputeDriver.snapshot_disk`: the overlay and its backing image as the guest sees
+        them; crash-consistent, like pulling the plug, as there is no guest agent to freeze file
+        systems). Nothing else may touch a running guest's disk, so if the live path is not
+        available the guest is stopped, its disk flattened by an unprivileged block helper
+        (:mod:`hackboot.compute.offline`) and started again (a cold snapshot).
         """
         from hackboot.compute import imagesource
+        from hackboot.compute.driver import Capability
 
         image_id = w.snapshot_image_id
         running = self._state(w.id) in ("running", "paused")
@@ -637,7 +638,9 @@ class Agent:
         try:
             if running:
                 try:
-                    self._live_backup(w.id, out)
+                    if Capability.LIVE_SNAPSHOT not in self.driver.capabilities:
+                        raise BuildError("the hypervisor driver cannot copy a running guest's disk")
+                    self.driver.snapshot_disk(w.id, out)
                 except Exception as exc:
                     log.warning("agent %s: live snapshot of %s failed (%s); taking it cold", self.name, w.id, exc)
                     out.unlink(missing_ok=True)
@@ -666,43 +669,6 @@ class Agent:
             power = self._state(w.id)
             service.finish_snapshot_task(w.id, w.action_seq, status=ACTIVE if running else SHUTOFF, power_state=power,
                                          ssh_port=self._port_if_running(w, power) if running else None)
-
-    def _live_backup(self, iid: str, out: Path, timeout: float = 3600.0) -> None:
-        """Copy the running guest's disk into a new qcow2 ``out`` with its own QEMU (blockdev-backup).
-
-        QEMU cannot create files (it runs unprivileged and has no access to the disk directory):
-        ``out`` is created here and handed to it as an fd by the driver's ``blockdev-add``.
-        """
-        qmp = getattr(self.driver, "qmp", None)
-        if qmp is None:
-            raise BuildError("the driver has no QMP access")
-        job = "snap-" + os.urandom(4).hex()
-
-        def execute(command: str, args: dict[str, Any] | None) -> Any:
-            return qmp(iid, command, args)
-
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        added: list[str] = []
-        try:
-            size = offline.virtual_size(execute, "disk0")
-            qmp(iid, "blockdev-add", {"driver": "file", "node-name": f"{job}-f", "filename": str(out)})
-            added.insert(0, f"{job}-f")
-            qmp(iid, "blockdev-create", {"job-id": f"{job}-c",
-                                         "options": {"driver": "qcow2", "file": f"{job}-f", "size": size}})
-            offline.wait_job(execute, f"{job}-c", 120)
-            qmp(iid, "blockdev-add", {"driver": "qcow2", "node-name": f"{job}-t", "file": f"{job}-f"})
-            added.insert(0, f"{job}-t")
-            qmp(iid, "blockdev-backup", {"job-id": job, "device": "disk0", "target": f"{job}-t", "sync": "full",
-                                         "auto-dismiss": False})
-            try:
-                offline.wait_job(execute, job, timeout)
-            except offline.BlockJobError as exc:
-                raise BuildError(f"live snapshot failed: {exc}") from None
-        finally:
-            for node in added:
-                with contextlib.suppress(Exception):
-                    qmp(iid, "blockdev-del", {"node-name": node})
 
     def _destroy_local(self, iid: str) -> None:
         self.driver.destroy(iid)

@@ -5,12 +5,17 @@ and calls :func:`attach`, which registers with it, through its public hooks:
 
 * a start hook, :func:`start`, run once the host is registered: starts the volume reconciler
   that shares the agent's driver (QEMU serves one QMP client per guest: the agent's);
-* a spawn hook: :func:`prepare_spec` on every GuestSpec before ``driver.spawn`` adds the
-  pcie-root-ports volumes are hot-plugged into (q35's root bus is not hot-pluggable) and, when the
-  instance has volumes attached, asks for a paused start; :func:`after_spawn` right after
-  ``driver.spawn`` plugs the attached volumes over QMP (their keys as QMP secrets: never on the
-  command line, which QEMU's run dir records) while the vCPUs are still stopped, so the guest
-  finds them at boot like any disk, then resumes the guest.
+* a spawn hook: :func:`prepare_spec` on every GuestSpec before ``driver.spawn`` asks for the
+  hot-plug ports volumes are plugged into (``GuestSpec.hotplug_ports``; slot ``n`` is port ``n``)
+  and, when the instance has volumes attached and the compute driver can plug disks, for a paused
+  start; :func:`after_spawn` right after ``driver.spawn`` plugs the attached volumes through the
+  guest's monitor (their keys as QMP secrets: never on the command line, which QEMU's run dir
+  records) while the vCPUs are still stopped, so the guest finds them at boot like any disk, then
+  resumes the guest.
+
+Storage goes through the :mod:`hackboot.volumes.driver` contract (:class:`LocalQcow2Driver`), guests
+through the compute driver's: volumes are plugged only into guests of a driver with the
+``block-graph`` and ``hotplug-disk`` capabilities, reached with ``driver.monitor(instance_id)``.
 
 The reconciler (:class:`VolumeAgent`, on :mod:`hackboot.core.reconcile`'s shared loop) reads the
 volumes placed on its host that have a task (``task_state``), works on each in a thread (one task
@@ -24,7 +29,6 @@ attachments of deleted instances.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -35,12 +39,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hackboot.compute.driver import Capability
 from hackboot.core import reconcile
 from hackboot.core.config import get_settings
 from hackboot.core.reconcile import Reconciler
 from hackboot.volumes import lifecycle, service, storage, tiers
+from hackboot.volumes.driver import BlockStorageDriver, Execute, StorageError, VolumeView
 from hackboot.volumes.service import AttachmentWork, VolumeWork
-from hackboot.volumes.storage import Graph, Pool, StorageDaemon, StorageError, VolumeView
 
 log = logging.getLogger("hackboot.volumes.agent")
 GiB = 1024**3
@@ -65,9 +70,16 @@ def lock(key: str) -> threading.RLock:
         return _locks.setdefault(key, threading.RLock())
 
 
-def _view(w: VolumeWork, mode: str = "rw") -> VolumeView:
-    return VolumeView(w.id, w.active_file, w.key, read_only=mode == "ro", size_bytes=w.size_gb * GiB,
+def _view(w: VolumeWork, mode: str = "rw", active: str | None = None, size_gb: int | None = None) -> VolumeView:
+    return VolumeView(w.id, w.active_file if active is None else active, w.key, read_only=mode == "ro",
+                      size_bytes=(w.size_gb if size_gb is None else size_gb) * GiB,
                       fmt="raw" if w.shareable else "qcow2")
+
+
+def plugs_disks(driver: Any) -> bool:
+    """Whether volumes can be plugged into this compute driver's guests (through their monitor)."""
+    caps = driver.capabilities
+    return Capability.BLOCK_GRAPH in caps and Capability.HOTPLUG_DISK in caps
 
 
 def _limits(tier_name: str) -> dict[str, int] | None:
@@ -79,11 +91,12 @@ def _limits(tier_name: str) -> dict[str, int] | None:
 
 def prepare_spec(spec: Any) -> Any:
     """Before driver.spawn: hot-plug ports, and a paused start when volumes must be plugged first."""
-    spec.extra_args = [*spec.extra_args, *storage.hotplug_port_args()]
-    if _local is None:  # no volume reconciler in this process (e.g. unit tests of the compute agent)
+    spec.hotplug_ports += storage.HOTPLUG_PORTS  # ports 0..7: a volume's slot is its port
+    if _local is None or not plugs_disks(_local.driver):  # no volume reconciler here, or nothing to plug
         return spec
     try:
-        if service.instance_volumes(spec.instance_id) and not spec.start_paused:
+        if service.instance_volumes(spec.instance_id) and not spec.start_paused \
+                and Capability.PAUSED_START in _local.driver.capabilities:
             spec.start_paused = True
             _paused_by_us.add(spec.instance_id)
     except Exception:
@@ -96,10 +109,10 @@ def after_spawn(driver: Any, spec: Any) -> None:
     iid = spec.instance_id
     try:
         agent = _local
-        if agent is not None and hasattr(driver, "qmp"):
+        if agent is not None and plugs_disks(driver):
             for w, att in service.instance_volumes(iid):
                 try:
-                    agent.plug(driver, w, att)
+                    agent.plug(driver.monitor(iid), w, att)
                 except Exception as exc:
                     log.warning("volumes: cannot plug %s into %s: %s", w.id, iid, exc)
                     service.finish_attachment(att.id, att.state, f"Not plugged at boot: {exc}")
@@ -135,17 +148,18 @@ class VolumeAgent(Reconciler):
 
     kind = "volume"
 
-    def __init__(self, compute_agent: Any) -> None:
+    def __init__(self, compute_agent: Any, storage_driver: BlockStorageDriver | None = None) -> None:
         self.cfg = get_settings()
         super().__init__(stop=compute_agent.stopping, workers=self.cfg.volume_workers,
                          poll_interval=self.cfg.volume_poll_interval_s,
                          resync_interval=self.cfg.volume_check_interval_s,
                          name="volumes")
         self.compute = compute_agent
-        self.pool = Pool(Path(compute_agent.state_dir) / "volumes")
-        self.run_dir = Path(compute_agent.state_dir) / "qsd"
+        state_dir = Path(compute_agent.state_dir)
+        self.storage: BlockStorageDriver = storage_driver or storage.LocalQcow2Driver(state_dir / "volumes")
         self.host_name = compute_agent.name
         self._listed: dict[str, VolumeWork] = {}
+        self._orphans: set[str] = set()
 
     @property
     def host_id(self) -> str:
@@ -177,33 +191,34 @@ class VolumeAgent(Reconciler):
 
     # --- guests ---------------------------------------------------------------------------------
 
-    def guest(self, instance_id: str) -> Graph | None:
-        """The QMP graph of a running guest of this host (None when it is not running)."""
-        if not hasattr(self.driver, "qmp"):
+    def guest(self, instance_id: str) -> Execute | None:
+        """The monitor of a running guest of this host (None when it is not running, or its driver
+        cannot plug disks)."""
+        driver = self.driver
+        if not plugs_disks(driver):
             return None
         try:
-            state = str(self.driver.state(instance_id).value)
+            state = str(driver.state(instance_id).value)
         except Exception:
             return None
         if state not in ("running", "paused"):
             return None
-        driver = self.driver
-        return Graph(lambda cmd, args: driver.qmp(instance_id, cmd, args))
+        monitor: Execute = driver.monitor(instance_id)
+        return monitor
 
-    def online_graph(self, w: VolumeWork) -> Graph | None:
-        """The guest whose QEMU has this volume open now, if any (else work happens offline)."""
+    def online_graph(self, w: VolumeWork) -> Execute | None:
+        """The monitor of the guest whose QEMU has this volume open now, if any (else work happens offline)."""
         for att in w.attachments:
             if att.state in ("attached", "detaching"):
                 g = self.guest(att.instance_id)
-                if g is not None and storage.device_id(w.id) in g.devices():
+                if g is not None and self.storage.plugged(g, w.id):
                     return g
         return None
 
-    def plug(self, driver: Any, w: VolumeWork, att: AttachmentWork) -> None:
-        g = Graph(lambda cmd, args: driver.qmp(att.instance_id, cmd, args))
+    def plug(self, guest: Execute, w: VolumeWork, att: AttachmentWork) -> None:
         with lock(w.id):
-            g.attach(self.pool, _view(w, att.mode), att.slot, _limits(w.tier))
-            service.finish_attachment(att.id, att.state, io_limits=g.io_limits(w.id))
+            self.storage.attach(guest, _view(w, att.mode), att.slot, _limits(w.tier))
+            service.finish_attachment(att.id, att.state, io_limits=self.storage.io_limits(guest, w.id))
 
     # --- dispatch -------------------------------------------------------------------------------
 
@@ -246,29 +261,21 @@ class VolumeAgent(Reconciler):
     # --- create ---------------------------------------------------------------------------------
 
     def create(self, w: VolumeWork) -> None:
-        rel = f"{w.id}/base.qcow2" if not w.shareable else f"{w.id}/base.raw"
         args = w.task_args
         size = w.size_gb * GiB
-        try:
-            if not self.pool.path(rel).exists():
-                if "backing" in args:
-                    self.pool.create(rel, size, key=w.key, backing=args["backing"])
-                elif "image_path" in args:
-                    from hackboot.volumes.restore import image_into
+        if "backing" in args:
+            active = self.storage.clone(w.id, args["backing"], size, key=w.key)
+        elif "image_path" in args:
+            active = self.storage.create_from_image(w.id, Path(args["image_path"]), args.get("image_format", "qcow2"),
+                                                    size, key=w.key)
+        elif "backup_id" in args:
+            active = self.restore(w, args["backup_id"])
+        else:
+            active = self.storage.create(w.id, size, key=w.key, shareable=w.shareable)
+        service.finish(w.id, w.action_seq, event="created", active_file=active, applied_size_gb=w.size_gb,
+                       applied_tier=w.tier, allocated_bytes=self.storage.allocated_bytes(w.id))
 
-                    image_into(self.pool, rel, Path(args["image_path"]), args.get("image_format", "qcow2"), size,
-                               key=w.key, work_name=f"image-{w.id}")
-                elif "backup_id" in args:
-                    self.restore(w, rel, args["backup_id"])
-                else:
-                    self.pool.create(rel, size, key=w.key, fmt="raw" if w.shareable else "qcow2")
-        except Exception:
-            self.pool.remove(rel)  # never a half-made volume
-            raise
-        service.finish(w.id, w.action_seq, event="created", active_file=rel, applied_size_gb=w.size_gb,
-                       applied_tier=w.tier, allocated_bytes=self.pool.allocated_bytes([rel]))
-
-    def restore(self, w: VolumeWork, rel: str, backup_id: str) -> None:
+    def restore(self, w: VolumeWork, backup_id: str) -> str:
         """The backup's layers come from the tenant's bucket: verified and validated (see `restore.py`)."""
         from hackboot.volumes.restore import restore_into
 
@@ -277,7 +284,7 @@ class VolumeAgent(Reconciler):
             raise StorageError(f"Backup {backup_id} is not available")
         if info["credential"] is None:
             raise StorageError("The project has no S3 key for backups")
-        restore_into(self.pool, rel, info, w.size_gb * GiB, key=w.key, work_name=f"restore-{w.id}")
+        return restore_into(self.storage, w.id, info, w.size_gb * GiB, key=w.key)
 
     # --- attach / detach ------------------------------------------------------------------------
 
@@ -299,16 +306,10 @@ class VolumeAgent(Reconciler):
             with lock(att.instance_id):
                 g = self.guest(att.instance_id)
                 if g is not None:
-                    try:
-                        with lock(w.id):
-                            g.attach(self.pool, _view(w, att.mode), att.slot, _limits(w.tier))
-                            fault("attach:after-device-add")
-                            limits = g.io_limits(w.id)
-                    except Exception:
-                        with contextlib.suppress(Exception):
-                            if storage.device_id(w.id) not in g.devices():
-                                g.close_chain(w.id, self.pool.chain(w.active_file))
-                        raise
+                    with lock(w.id):
+                        self.storage.attach(g, _view(w, att.mode), att.slot, _limits(w.tier))
+                        fault("attach:after-device-add")
+                        limits = self.storage.io_limits(g, w.id)
         # a stopped instance gets the volume plugged when it starts (after_spawn)
         service.finish_attachment(att.id, "attached", io_limits=limits)
         service.finish(w.id, w.action_seq, event="attached")
@@ -321,8 +322,7 @@ class VolumeAgent(Reconciler):
         g = self.guest(att.instance_id)
         if g is not None:
             with lock(w.id):
-                files = self.pool.chain(w.active_file) if w.active_file else []
-                g.detach(w.id, files, self.cfg.volume_detach_timeout_s, force=att.force)
+                self.storage.detach(g, _view(w), self.cfg.volume_detach_timeout_s, force=att.force)
         service.finish_attachment(att.id, "detached", "forced" if att.force else "")
         service.finish(w.id, w.action_seq, event="detached")
 
@@ -332,8 +332,7 @@ class VolumeAgent(Reconciler):
         frozen = w.snapshot_files.get(snapshot_id) or w.active_file
         with lock(w.id):
             g = self.online_graph(w)
-            plan = storage.SnapshotPlan(w.id, frozen, new_active, w.key, w.applied_size_gb * GiB)
-            storage.snapshot(self.pool, plan, g, fault)
+            self.storage.snapshot(_view(w, active=frozen, size_gb=w.applied_size_gb), new_active, g, fault)
         fault("snapshot:after-switch")
         service.checkpoint(w.id, w.action_seq, active_file=new_active)
         service.finish_snapshot(snapshot_id, "available")
@@ -342,47 +341,25 @@ class VolumeAgent(Reconciler):
         self._snapshot_step(w, w.task_args["snapshot_id"], w.task_args["new_active"])
         service.finish(w.id, w.action_seq, event="snapshotted")
 
-    def _volume_files(self, w: VolumeWork) -> list[str]:
-        d = self.pool.root / w.id
-        return sorted(f"{w.id}/{p.name}" for p in d.glob("*.qcow2")) if d.is_dir() else []
-
-    def _merge_away(self, w: VolumeWork, frozen: str, g: Graph | None) -> None:
-        """Stream `frozen` into every file of the volume that backs onto it; then the file can go."""
-        live = self.pool.chain(w.active_file)
-        for child in self.pool.children_of(frozen, self._volume_files(w)):
-            if g is not None and child in live:
-                storage.stream_into(self.pool, w.id, child, frozen, w.key, g, w.active_file)
-                with contextlib.suppress(Exception):  # a node we added ourselves stays until deleted
-                    g.x("blockdev-del", {"node-name": storage.node_name(w.id, frozen)})
-            else:
-                with StorageDaemon(self.run_dir) as d:
-                    d.open_chain(self.pool, VolumeView(w.id, child, w.key))
-                    storage.stream_into(self.pool, w.id, child, frozen, w.key, d, child)
-
     def delete_snapshot(self, w: VolumeWork) -> None:
         sid = w.task_args["snapshot_id"]
         frozen = w.snapshot_files.get(sid)
-        if frozen and frozen != w.active_file and self.pool.path(frozen).exists():
+        if frozen:
             with lock(w.id):
-                g = self.online_graph(w)
-                self._merge_away(w, frozen, g)
-                if not self.pool.children_of(frozen, self._volume_files(w)):
-                    self.pool.remove(frozen)
+                self.storage.delete_snapshot(_view(w), frozen, self.online_graph(w))
         service.finish_snapshot(sid, "deleted")
-        service.finish(w.id, w.action_seq, event="snapshot_deleted",
-                       allocated_bytes=self.pool.allocated_bytes(self._volume_files(w)))
+        service.finish(w.id, w.action_seq, event="snapshot_deleted", allocated_bytes=self.storage.allocated_bytes(w.id))
 
     def revert(self, w: VolumeWork) -> None:
         sid, new_active = w.task_args["snapshot_id"], w.task_args["new_active"]
         frozen = w.snapshot_files[sid]
         with lock(w.id):
             if w.active_file != new_active:
-                if not self.pool.path(new_active).exists():
-                    self.pool.create(new_active, w.applied_size_gb * GiB, key=w.key, backing=frozen)
+                self.storage.revert(_view(w, size_gb=w.applied_size_gb), frozen, new_active)
                 old = w.active_file
                 service.checkpoint(w.id, w.action_seq, active_file=new_active)
                 if old not in w.snapshot_files.values():
-                    self.pool.remove(old)
+                    self.storage.drop_layer(old)
         service.finish(w.id, w.action_seq, event="reverted")
 
     # --- resize / tier --------------------------------------------------------------------------
@@ -390,16 +367,7 @@ class VolumeAgent(Reconciler):
     def resize(self, w: VolumeWork) -> None:
         size = int(w.task_args["size_gb"]) * GiB
         with lock(w.id):
-            g = self.online_graph(w)
-            if g is not None:
-                storage.resize(self.pool, _view(w), size, g)
-            elif w.shareable:
-                storage._run(["qemu-img", "resize", "-q", "-f", "raw", str(self.pool.path(w.active_file)),
-                              str(size)], "Cannot grow the volume")
-            else:
-                with StorageDaemon(self.run_dir) as d:
-                    d.open_chain(self.pool, _view(w))
-                    storage.resize(self.pool, _view(w), size, d)
+            self.storage.resize(_view(w), size, self.online_graph(w))
         service.finish(w.id, w.action_seq, event="resized", applied_size_gb=int(w.task_args["size_gb"]))
 
     def retier(self, w: VolumeWork) -> None:
@@ -409,9 +377,9 @@ class VolumeAgent(Reconciler):
             if att.state != "attached":
                 continue
             g = self.guest(att.instance_id)
-            if g is not None and limits and storage.device_id(w.id) in g.devices():
-                g.set_limits(w.id, limits)
-                service.finish_attachment(att.id, att.state, io_limits=g.io_limits(w.id))
+            if g is not None and limits and self.storage.plugged(g, w.id):
+                self.storage.set_limits(g, w.id, limits)
+                service.finish_attachment(att.id, att.state, io_limits=self.storage.io_limits(g, w.id))
         service.finish(w.id, w.action_seq, event="tier_changed", applied_tier=tier)
 
     # --- backups --------------------------------------------------------------------------------
@@ -432,22 +400,16 @@ class VolumeAgent(Reconciler):
             raise StorageError("The project has no S3 key for backups")
         if not info["bucket_owned"]:
             raise StorageError(f"Bucket {info['bucket']} is not a bucket of this project: backup refused")
-        chain = self.pool.chain(frozen)  # top first
-        kind = "full"
-        if info["parent_point"] and info["parent_point"] in chain:
-            chain = chain[:chain.index(info["parent_point"])]
-            kind = "incremental"
         s3 = S3(info["endpoint"], *info["credential"])
         s3.ensure_bucket(info["bucket"])
-        objects = []
-        for rel in reversed(chain):  # bottom first
-            path = self.pool.path(rel)
-            key = f"{info['prefix']}/{rel}"
-            s3.upload(info["bucket"], key, path, {"volume": w.id, "backup": bid, "kind": kind})
-            objects.append({"key": key, "file": rel, "bytes": path.stat().st_size,
-                            "sha256": storage.file_sha256(path)})
-        total = sum(o["bytes"] for o in objects)
-        service.finish_backup(bid, status="available", objects=objects, size_bytes=total, point_in_time=point,
+        with self.storage.export_backup(w.id, frozen, since=info["parent_point"] or None) as export:
+            kind = "incremental" if export.incremental else "full"
+            objects = []
+            for layer in export.layers:  # bottom first
+                key = f"{info['prefix']}/{layer.name}"
+                s3.upload(info["bucket"], key, layer.path, {"volume": w.id, "backup": bid, "kind": kind})
+                objects.append({"key": key, "file": layer.name, "bytes": layer.size, "sha256": layer.sha256})
+        service.finish_backup(bid, status="available", objects=objects, size_bytes=export.total, point_in_time=point,
                               duration=time.monotonic() - started, kind=kind)
         service.finish(w.id, w.action_seq, event="backed_up")
 
@@ -455,14 +417,16 @@ class VolumeAgent(Reconciler):
 
     def delete(self, w: VolumeWork) -> None:
         with lock(w.id):
-            self.pool.remove_volume_dir(w.id)
+            self.storage.delete(w.id)
         service.finish_delete(w.id, w.action_seq)
 
     # --- periodic check -------------------------------------------------------------------------
 
     def check(self) -> None:
         service.mark_gone_attachments(self.host_id)
-        for w in service.host_volumes(self.host_id):
+        works = service.host_volumes(self.host_id)
+        self._report_orphans({w.id for w in works})
+        for w in works:
             if w.task_state is not None:
                 continue
             for att in w.attachments:
@@ -470,11 +434,23 @@ class VolumeAgent(Reconciler):
                     continue
                 with lock(att.instance_id):
                     g = self.guest(att.instance_id)
-                    if g is None or storage.device_id(w.id) in g.devices():
+                    if g is None or self.storage.plugged(g, w.id):
                         continue
                     log.info("volumes: %s missing from running %s: plugging it again", w.id, att.instance_id)
                     try:
                         with lock(w.id):
-                            g.attach(self.pool, _view(w, att.mode), att.slot, _limits(w.tier))
+                            self.storage.attach(g, _view(w, att.mode), att.slot, _limits(w.tier))
                     except Exception as exc:
                         log.warning("volumes: cannot re-plug %s: %s", w.id, exc)
+
+    def _report_orphans(self, known: set[str]) -> None:
+        """Say once which volumes the storage holds that no row of this host knows (never deleted here:
+        a row may be on its way, or the data is an operator's to judge)."""
+        try:
+            orphans = self.storage.volumes() - known
+        except (StorageError, OSError) as exc:
+            log.warning("volumes: cannot list the volumes in storage: %s", exc)
+            return
+        for vid in sorted(orphans - self._orphans):
+            log.warning("volumes: %s is in this host's storage but no volume of the host has that id", vid)
+        self._orphans = orphans

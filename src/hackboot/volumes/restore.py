@@ -13,8 +13,10 @@ can write, so they are treated as hostile until proven otherwise.
    account under prlimit, reading the layers (group-read, never write) and writing only its output
    directory; the result is handed to root and renamed into the pool in one step.
 
-A volume made from an image goes through the same unprivileged conversion (`image_into`), from a
-private copy of the store's file.
+Step 1 is this module's (:func:`restore_into`, the agent's side); steps 2 and 3 are the storage
+driver's ``import_backup`` (for local qcow2 pools: :func:`flatten_layers`). A volume made from an
+image goes through the same unprivileged conversion (`image_into`), from a private copy of the
+store's file.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 from hackboot.core import privsep
 from hackboot.images import store
 from hackboot.volumes import backups, storage
-from hackboot.volumes.driver import Fetch, ImportLayer, NoSpace, StorageError
+from hackboot.volumes.driver import BlockStorageDriver, Fetch, ImportLayer, NoSpace, StorageError
 from hackboot.volumes.storage import Pool
 
 GiB = 1024**3
@@ -183,13 +185,14 @@ def flatten_layers(pool: Pool, rel: str, layers: Sequence[ImportLayer], size_byt
                  key=key, limit=limit)
 
 
-def restore_into(pool: Pool, rel: str, info: dict[str, Any], size_bytes: int, *, key: str | None,
-                 work_name: str) -> None:
-    """Download, verify, validate and flatten the backup described by `info` (``service.backup_work``) into
-    the new pool file `rel` (encrypted with `key` when given). Raises StorageError with a reason for the user."""
+def restore_into(driver: BlockStorageDriver, volume_id: str, info: dict[str, Any], size_bytes: int, *,
+                 key: str | None) -> str:
+    """A new volume from the backup described by `info` (``service.backup_work``): its objects are downloaded
+    and verified here, validated and flattened by the storage driver (encrypted with `key` when given).
+    Returns the volume's active layer; raises StorageError with a reason for the user."""
     pairs = import_layers(info)
     fetch = bucket_fetcher(info, {layer.label: obj for layer, obj in pairs})
-    flatten_layers(pool, rel, [layer for layer, _ in pairs], size_bytes, key=key, fetch=fetch, work_name=work_name)
+    return driver.import_backup(volume_id, [layer for layer, _ in pairs], size_bytes, key=key, fetch=fetch)
 
 
 def image_into(pool: Pool, rel: str, image: Path, disk_format: str, size_bytes: int, *, key: str | None,
