@@ -17,11 +17,13 @@ import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from hackboot.core import idempotency
 from hackboot.core.audit import AuditTrail
 from hackboot.core.auth import PROJECT_HEADER, authenticate_token
 from hackboot.core.authgate import EarlyAuth
@@ -33,7 +35,7 @@ from hackboot.core.limits import BodyLimit, RefuseNul
 from hackboot.core.metrics import Metrics
 from hackboot.core.problems import ProblemBoundary
 from hackboot.core.request_ids import RequestIds
-from hackboot.core.routes import route_policy
+from hackboot.core.routes import route_policy, streams_body
 from hackboot.core.storagefull import DiskGuard
 
 log = logging.getLogger("hackboot.api")
@@ -144,7 +146,10 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
     # The routes that answer on a path, for `Allow` (the app's own, and each router's with its prefix).
     method_routes = [r for r in app.router.routes if isinstance(r, Route)] + [
         r for router in routers for r in router.routes if isinstance(r, Route)]
-    _document_problems(app)
+    # POSTs that honour Idempotency-Key: every one but those that stream their body.
+    idempotent = {route.path_format for router in routers for route in router.routes
+                  if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and not streams_body(route)}
+    _document_problems(app, idempotent)
     _add_layers(app, routers)
     return app
 
@@ -223,8 +228,9 @@ def _closed_pattern_maps(node: object) -> None:
             _closed_pattern_maps(value)
 
 
-def _document_problems(app: FastAPI) -> None:
-    """Declare the problem+json answers every operation can give, so clients and fuzzers know them."""
+def _document_problems(app: FastAPI, idempotent: set[str]) -> None:
+    """Declare the problem+json answers every operation can give, so clients and fuzzers know them;
+    and the Idempotency-Key header on the POSTs that honour it."""
     original = app.openapi
 
     def openapi() -> dict[str, object]:
@@ -234,8 +240,10 @@ def _document_problems(app: FastAPI) -> None:
         schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
         _closed_pattern_maps(schema)
         ref = {"content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
-        for path_item in schema.get("paths", {}).values():
-            for op in path_item.values():
+        for path, path_item in schema.get("paths", {}).items():
+            for method, op in path_item.items():
+                if method == "post" and path in idempotent:
+                    idempotency.declare_header(op)
                 _headers_not_nullable(op)
                 responses = op.setdefault("responses", {})
                 for status, description in _PROBLEM_STATUSES.items():

@@ -7,7 +7,7 @@ left by a killed server stays `pending` and is answered 409 (the first attempt m
 or may not have taken effect: the client should look before retrying with a new key).
 
 Every POST honours the header except those that stream their body (an upload is never
-buffered to be hashed).
+buffered to be hashed); the OpenAPI document declares it on exactly those (`declare_header`).
 """
 
 from __future__ import annotations
@@ -188,3 +188,24 @@ class IdempotencyKeys:
         await send({"type": "http.response.start", "status": existing.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": stored_body(existing)})
 
+
+# --- the OpenAPI document ---------------------------------------------------------------------------
+
+# Exactly the keys `valid_key` accepts, as a header carries them (latin-1): printable characters,
+# i.e. no control character, no NBSP and no soft hyphen. An empty value means "no key".
+_KEY_PATTERN = "^[\\x20-\\x7e\\xa1-\\xac\\xae-\\xff]*$"
+
+
+def declare_header(operation: dict[str, Any]) -> None:
+    """Declare the optional `Idempotency-Key` header parameter on an OpenAPI POST operation."""
+    params = operation.setdefault("parameters", [])
+    if any(p.get("in") == "header" and p.get("name", "").lower() == HEADER.lower() for p in params):
+        return
+    params.append({
+        "name": HEADER, "in": "header", "required": False,
+        "description": ("Makes the POST safe to retry: the first answer (below 500) to this key, from this "
+                        "token, on this path, is stored for 24 h and replayed with `Idempotent-Replayed: true`. "
+                        "The same key with another body is a 422 `idempotency_key_reused`; while the first "
+                        "request runs (or if it was interrupted), a 409 `idempotency_in_progress`."),
+        "schema": {"type": "string", "maxLength": MAX_KEY, "pattern": _KEY_PATTERN},
+    })
