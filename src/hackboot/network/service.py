@@ -98,10 +98,21 @@ def _change() -> Iterator[Tx]:
         notify(KIND, vpc_id)
 
 
-def _reload(s: Session, model: type[T], object_id: str) -> T | None:
-    """The row as committed now (after a lock was taken, earlier reads may be stale on PostgreSQL)."""
+def _reload(s: Session, model: type[T], object_id: str, *, lock: bool = False) -> T | None:
+    """The row as committed now (after a lock was taken, earlier reads may be stale on PostgreSQL);
+    `lock`: and locked for the rest of the transaction."""
     stmt = select(model).where(model.id == object_id).execution_options(populate_existing=True)  # type: ignore[attr-defined]
-    return s.scalar(stmt)
+    return s.scalar(stmt.with_for_update() if lock else stmt)
+
+
+def _group_for_write(tx: Tx, p: Principal, ref: str) -> SecurityGroup:
+    """The group, its VPC locked, as it is once the lock is held."""
+    current = get_group(tx.s, p, ref)
+    _lock_vpc(tx, current.vpc_id)
+    group = _reload(tx.s, SecurityGroup, current.id)
+    if group is None:
+        raise errors.NotFound(f"Security group {ref} not found")
+    return group
 
 
 def _lock_vpc(tx: Tx, vpc_id: str) -> Vpc:
@@ -630,8 +641,7 @@ def create_group(p: Principal, *, vpc: str, name: str, description: str = "") ->
 def update_group(p: Principal, ref: str, *, name: str | None = None, description: str | None = None) -> SecurityGroup:
     with _change() as tx:
         s = tx.s
-        group = get_group(s, p, ref)
-        _lock_vpc(tx, group.vpc_id)
+        group = _group_for_write(tx, p, ref)
         if name is not None and name != group.name:
             if group.is_default:
                 raise errors.Conflict("The default group keeps its name", code="default_group")
@@ -648,8 +658,7 @@ def update_group(p: Principal, ref: str, *, name: str | None = None, description
 def delete_group(p: Principal, ref: str) -> SecurityGroup:
     with _change() as tx:
         s = tx.s
-        group = get_group(s, p, ref)
-        _lock_vpc(tx, group.vpc_id)
+        group = _group_for_write(tx, p, ref)
         if group.is_default:
             raise errors.Conflict("A VPC's default security group goes with the VPC", code="default_group")
         users = [f"network interface {i}" for i in s.scalars(select(InterfaceSecurityGroup.interface_id).where(
@@ -732,8 +741,7 @@ def add_rule(p: Principal, group_ref: str, req: RuleRequest) -> SecurityGroupRul
     pmin, pmax, cidr = _normalise_rule(req)
     with _change() as tx:
         s = tx.s
-        group = get_group(s, p, group_ref)
-        _lock_vpc(tx, group.vpc_id)
+        group = _group_for_write(tx, p, group_ref)
         remote_id = None
         if req.remote_group is not None:
             try:
@@ -766,8 +774,7 @@ def add_rule(p: Principal, group_ref: str, req: RuleRequest) -> SecurityGroupRul
 def delete_rule(p: Principal, group_ref: str, rule_id: str) -> SecurityGroupRule:
     with _change() as tx:
         s = tx.s
-        group = get_group(s, p, group_ref)
-        _lock_vpc(tx, group.vpc_id)
+        group = _group_for_write(tx, p, group_ref)
         rule = s.get(SecurityGroupRule, rule_id)
         if rule is None or rule.security_group_id != group.id:
             raise errors.NotFound(f"Rule {rule_id} not found in security group {group.name}")
@@ -1149,7 +1156,7 @@ def attach_floating_ip(p: Principal, ref: str, interface: str) -> FloatingIp:
         nic = get_interface(s, p, interface)
         vpc_ids = sorted({nic.vpc_id} | ({fip.vpc_id} if fip.vpc_id else set()))
         vpcs = {v: _lock_vpc(tx, v) for v in vpc_ids}  # in id order: no deadlock between two such moves
-        fip, nic = _reload(s, FloatingIp, fip.id), _reload(s, NetworkInterface, nic.id)  # type: ignore[assignment]
+        fip, nic = _reload(s, FloatingIp, fip.id, lock=True), _reload(s, NetworkInterface, nic.id)  # type: ignore[assignment]
         if fip is None or nic is None:
             raise errors.NotFound(f"Floating IP {ref} or network interface {interface} not found")
         if fip.nat_gateway_id is not None:
@@ -1185,7 +1192,7 @@ def detach_floating_ip(p: Principal, ref: str) -> FloatingIp:
         if fip.vpc_id is None:
             raise errors.Conflict(f"Floating IP {fip.address} is not attached", code="not_attached")
         _lock_vpc(tx, fip.vpc_id)
-        fip = _reload(s, FloatingIp, fip.id)  # type: ignore[assignment]
+        fip = _reload(s, FloatingIp, fip.id, lock=True)  # type: ignore[assignment]
         if fip is None:
             raise errors.NotFound(f"Floating IP {ref} not found")
         if fip.network_interface_id is None:
@@ -1198,7 +1205,11 @@ def release_floating_ip(p: Principal, ref: str) -> FloatingIp:
     """409 while attached: releasing an address in use would cut traffic the owner may not expect to lose."""
     with _change() as tx:
         s = tx.s
-        fip = get_floating_ip(s, p, ref)
+        # locked: an attach committing meanwhile (it locks the address too) is seen, not overwritten
+        locked = _reload(s, FloatingIp, get_floating_ip(s, p, ref).id, lock=True)
+        if locked is None:
+            raise errors.NotFound(f"Floating IP {ref} not found")
+        fip = locked
         if fip.nat_gateway_id is not None:
             raise errors.Conflict(f"Floating IP {fip.address} is the address of NAT gateway {fip.nat_gateway_id}",
                                   code="in_use")
@@ -1244,7 +1255,7 @@ def create_nat_gateway(p: Principal, *, subnet: str, floating_ip: str | None = N
             fip = get_floating_ip(s, p, floating_ip)
             if fip.vpc_id is not None and fip.vpc_id != vpc.id:
                 _lock_vpc(tx, fip.vpc_id)
-            fip = _reload(s, FloatingIp, fip.id)  # type: ignore[assignment]
+            fip = _reload(s, FloatingIp, fip.id, lock=True)  # type: ignore[assignment]
             if fip is None:
                 raise errors.NotFound(f"Floating IP {floating_ip} not found")
             if fip.network_interface_id is not None or fip.nat_gateway_id is not None:
@@ -1324,6 +1335,8 @@ def create_flow_log(p: Principal, *, resource: str, traffic_type: str = ALL, nam
             raise _invalid("resource", "A flow log captures a VPC (vpc-…), a subnet (subnet-…) or a network "
                                        "interface (nic-…): give its id")
         _lock_vpc(tx, vpc_id)
+        if _reload(s, type(target), target.id) is None:  # deleted while we waited for the lock
+            raise errors.NotFound(f"{resource} not found")
         quotas.claim(s, p.project, "flow_logs", 1)
         fl = FlowLog(id=new_id("fl"), project_id=p.project, vpc_id=vpc_id, name=name, resource_type=kind,
                      resource_id=target.id, traffic_type=traffic_type, created_by=p.user_id)
