@@ -1,12 +1,12 @@
-"""Who is calling: bearer tokens → a Principal with a project and a role.
+"""Who is calling: bearer tokens → a Principal with a project and a role; the routes' auth dependencies.
 
 A token is scoped to one project with a role (viewer < member < admin). A
 superuser's login token may be unscoped and choose a project per request with the
 `X-Hackboot-Project` header. Another project's resource is always a 404.
 
-Authorisation is always against the token, never the user alone: `project_role()` gives
-the role a request holds in a project = min(token role, the user's current membership
-role), and only in the token's own project (superusers excepted).
+core knows no token table: the identity service registers the resolver that turns a token into
+a Principal (`register_token_resolver`, a `TokenResolver`); this module caches its answers and
+gives routes the `Viewer`/`Member`/`Admin`/`Superuser` dependencies.
 """
 
 from __future__ import annotations
@@ -17,18 +17,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import anyio
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPBearer
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from hackboot.core import errors
 from hackboot.core.config import get_settings
 from hackboot.core.crypto import hash_token
-from hackboot.core.db import session_scope, utcnow
+from hackboot.core.db import utcnow
 
 ROLE_RANK = {"viewer": 0, "member": 1, "admin": 2}
 # Verified tokens are cached briefly: authentication then costs no query on hot paths.
@@ -39,7 +37,6 @@ CACHE_TTL_S = 5.0
 _cache: dict[tuple[str, str | None], tuple[float, Principal, dt.datetime | None]] = {}
 _cache_lock = threading.Lock()
 PROJECT_HEADER = "X-Hackboot-Project"
-_LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -64,31 +61,25 @@ class Principal:
         return self.project_id
 
 
-def project_role(s: Session, p: Principal, project_id: str, need: str = "viewer") -> str:
-    """The role this request holds in `project_id`: min(token role, current membership role).
+class TokenResolver(Protocol):
+    def __call__(self, token: str, requested_project: str | None, /) -> tuple[Principal, dt.datetime | None]:
+        """The principal of a bearer token (acting in `requested_project`, the header's project, when the
+        token lets it choose) and when the token expires (None: never).
 
-    A project other than the token's own does not exist for the request (404), whatever the
-    user's other memberships; a weaker role than `need` is a 403. Superusers act as admins in
-    every existing project.
-    """
-    from hackboot.identity.models import Membership, Project
+        Raises `errors.Unauthenticated` for an unknown, revoked or expired token, `Forbidden`/`NotFound`
+        for a project it may not choose. Called from a worker thread; may query the database.
+        """
+        ...
 
-    not_found = errors.NotFound(f"Project {project_id} not found")
-    if p.is_superuser:
-        if s.get(Project, project_id) is None:
-            raise not_found
-        return "admin"
-    if p.project_id is None or p.project_id != project_id:
-        raise not_found
-    member_role = s.scalar(select(Membership.role).where(Membership.project_id == project_id,
-                                                        Membership.user_id == p.user_id))
-    if member_role is None:
-        raise not_found
-    role = min(p.role, member_role, key=ROLE_RANK.__getitem__)
-    if ROLE_RANK[role] < ROLE_RANK[need]:
-        raise errors.Forbidden(f"This action needs the '{need}' role in project {project_id}; "
-                               f"this token has '{role}'")
-    return role
+
+_resolver: list[TokenResolver] = []
+
+
+def register_token_resolver(resolver: TokenResolver) -> None:
+    """Install the function that resolves bearer tokens (the identity service's); replaces any earlier one."""
+    with _cache_lock:
+        _resolver[:] = [resolver]
+        _cache.clear()
 
 
 def _bearer(request: Request) -> str:
@@ -155,49 +146,9 @@ def authenticate_token(token: str, requested_project: str | None = None) -> Prin
 
 
 def _authenticate(token: str, requested_project: str | None) -> tuple[Principal, dt.datetime | None]:
-    from hackboot.identity.models import ApiToken, Membership, Project, User
-
-    now = utcnow()
-    with session_scope(write=False) as s:
-        row = s.execute(
-            select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(
-                ApiToken.token_hash == hash_token(token))
-        ).first()
-        if row is None:
-            raise errors.Unauthenticated("Unknown or deleted token", code="invalid_token")
-        tok, user = row
-        if tok.revoked_at is not None:
-            raise errors.Unauthenticated("This token was revoked", code="token_revoked")
-        if tok.expires_at is not None and tok.expires_at <= now:
-            raise errors.Unauthenticated("This token has expired", code="token_expired")
-        if user.disabled:
-            raise errors.Unauthenticated("This user is disabled", code="user_disabled")
-        project_id = tok.project_id
-        role = tok.role
-        if project_id is None and requested_project:
-            if not user.is_superuser:
-                raise errors.Forbidden("Only superusers may choose a project per request")
-            if s.get(Project, requested_project) is None:
-                # Not an empty project: rows created "in" it would belong to no project at all.
-                raise errors.NotFound(f"Project {requested_project} not found (header {PROJECT_HEADER})")
-            project_id = requested_project
-        elif project_id is not None and not user.is_superuser:
-            # A demoted or removed member loses the rights their older tokens carried.
-            member_role = s.scalar(select(Membership.role).where(
-                Membership.project_id == project_id, Membership.user_id == user.id))
-            if member_role is None:
-                raise errors.Unauthenticated("The token's user is no longer a member of its project",
-                                             code="membership_revoked")
-            if ROLE_RANK[member_role] < ROLE_RANK[role]:
-                role = member_role
-        stale = tok.last_used_at is None or now - tok.last_used_at > _LAST_USED_RESOLUTION
-        principal = Principal(user_id=user.id, username=user.username, token_id=tok.id, role=role,
-                              is_superuser=user.is_superuser, project_id=project_id)
-        expires_at = tok.expires_at
-    if stale:  # bounded write rate: at most once a minute per token
-        with session_scope() as s:
-            s.execute(update(ApiToken).where(ApiToken.id == principal.token_id).values(last_used_at=now))
-    return principal, expires_at
+    if not _resolver:
+        raise RuntimeError("no token resolver is registered: the identity service (hackboot.identity) is not loaded")
+    return _resolver[0](token, requested_project)
 
 
 # Declares the bearer scheme in the OpenAPI document (securitySchemes + each operation's `security`);

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hackboot.core import errors, quotas
-from hackboot.core.auth import ROLE_RANK, Principal, forget_cached_tokens, project_role
+from hackboot.core.auth import ROLE_RANK, Principal, forget_cached_tokens
 from hackboot.core.config import get_settings
 from hackboot.core.crypto import hash_password, hash_token, new_secret, verify_password
 from hackboot.core.db import session_scope, utcnow
@@ -21,6 +21,7 @@ from hackboot.core.ids import new_id
 from hackboot.events.service import emit
 from hackboot.identity import throttle
 from hackboot.identity.models import ORG_ROLES, ApiToken, Membership, Organisation, Project, User
+from hackboot.identity.principals import project_role
 
 TOKEN_PREFIX = "hbk_"
 ADMIN_USERNAME = "admin"
