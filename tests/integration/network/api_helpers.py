@@ -19,9 +19,9 @@ def unique(prefix: str) -> str:
 def project_client(cloud: Cloud, **limits: int) -> Client:
     """A fresh project (its quotas as a new project gets them, raised by `limits`), the admin acting in it."""
     admin = cloud.admin_client_unscoped()
-    project = admin.projects.create(unique("net"))  # type: ignore[attr-defined]
+    project = admin.projects.create(unique("net"))
     for resource, limit in limits.items():
-        admin.projects.set_quota(project["id"], resource, limit)  # type: ignore[attr-defined]
+        admin.projects.set_quota(project["id"], resource, limit)
     client = cloud.client(project=project["id"])
     client.project_id = project["id"]  # type: ignore[attr-defined]
     return client
@@ -43,14 +43,14 @@ def expect_error(status: int, fn: Callable[..., Any], *args: Any, code: str | No
 def quota(client: Client, resource: str) -> dict[str, Any]:
     admin = client
     rows = admin.projects.quotas(client.project_id)  # type: ignore[attr-defined]
-    return next(q for q in rows if q["resource"] == resource)  # type: ignore[no-any-return]
+    return next(q for q in rows if q["resource"] == resource)
 
 
 def vpc_with_subnet(client: Client, cidr: str = "10.20.0.0/16", subnet_cidr: str = "10.20.1.0/24", *,
                     public: bool = False, internet_gateway: bool = False,
                     zone: str = "PAR1-a") -> tuple[dict[str, Any], dict[str, Any]]:
-    vpc = client.vpcs.create(unique("vpc"), cidr, internet_gateway=internet_gateway)  # type: ignore[attr-defined]
-    subnet = client.subnets.create(vpc["id"], subnet_cidr, zone=zone, public=public)  # type: ignore[attr-defined]
+    vpc = client.vpcs.create(unique("vpc"), cidr, internet_gateway=internet_gateway)
+    subnet = client.subnets.create(vpc["id"], subnet_cidr, zone=zone, public=public)
     return vpc, subnet
 
 

@@ -41,15 +41,15 @@ def test_50_concurrent_interfaces_on_a_28_get_the_12_free_addresses_once(any_clo
     c = project_client(any_cloud)
     _, subnet = vpc_with_subnet(c, "10.50.0.0/16", "10.50.7.0/28")
     results = burst(any_cloud, c.project_id, 50,  # type: ignore[attr-defined]
-                    lambda cl, i: cl.network_interfaces.create(subnet["id"]))  # type: ignore[attr-defined]
+                    lambda cl, i: cl.network_interfaces.create(subnet["id"]))
     assert outcome(results) == {"ok": 12, "409 subnet_full": 38}, outcome(results)
     made = [r for r in results if not isinstance(r, ApiError)]
     addresses = [r["private_ip"] for r in made]
     assert sorted(addresses, key=ipaddress.ip_address) == [f"10.50.7.{i}" for i in range(3, 15)]
     assert len({r["mac"] for r in made}) == 12
-    listed = c.network_interfaces.list(subnet_id=subnet["id"])  # type: ignore[attr-defined]
+    listed = c.network_interfaces.list(subnet_id=subnet["id"])
     assert sorted(n["id"] for n in listed) == sorted(r["id"] for r in made)
-    assert c.subnets.get(subnet["id"])["available_ips"] == 0  # type: ignore[attr-defined]
+    assert c.subnets.get(subnet["id"])["available_ips"] == 0
     assert quota(c, "network_interfaces")["used"] == 12  # the refused ones claimed nothing
 
 
@@ -58,45 +58,45 @@ def test_concurrent_first_uses_make_one_default_vpc(any_cloud: Cloud) -> None:
 
     def first_use(cl: Client, i: int) -> Any:
         if i % 2:
-            return cl.vpcs.default()["id"]  # type: ignore[attr-defined]
-        return cl.network_interfaces.create(zone="PAR1-b")["vpc_id"]  # type: ignore[attr-defined]
+            return cl.vpcs.default()["id"]
+        return cl.network_interfaces.create(zone="PAR1-b")["vpc_id"]
 
     results = burst(any_cloud, c.project_id, 12, first_use)  # type: ignore[attr-defined]
     assert not [r for r in results if isinstance(r, ApiError)], results
     assert len(set(results)) == 1
-    defaults = c.vpcs.list(is_default=True)  # type: ignore[attr-defined]
+    defaults = c.vpcs.list(is_default=True)
     assert [v["id"] for v in defaults] == [results[0]]
-    assert len(c.subnets.list(vpc_id=results[0])) == 3  # type: ignore[attr-defined]
-    assert len(c.security_groups.list(vpc_id=results[0])) == 1  # type: ignore[attr-defined]
+    assert len(c.subnets.list(vpc_id=results[0])) == 3
+    assert len(c.security_groups.list(vpc_id=results[0])) == 1
     assert quota(c, "vpcs")["used"] == 1
 
 
 def test_concurrent_overlapping_subnets_one_wins(any_cloud: Cloud) -> None:
     c = project_client(any_cloud)
-    vpc = c.vpcs.create("racy", "10.51.0.0/16")  # type: ignore[attr-defined]
+    vpc = c.vpcs.create("racy", "10.51.0.0/16")
     cidrs = ["10.51.0.0/24", "10.51.0.0/25", "10.51.0.128/25", "10.51.0.0/23", "10.51.0.64/26"] * 2
     results = burst(any_cloud, c.project_id, len(cidrs),  # type: ignore[attr-defined]
-                    lambda cl, i: cl.subnets.create(vpc["id"], cidrs[i]))  # type: ignore[attr-defined]
+                    lambda cl, i: cl.subnets.create(vpc["id"], cidrs[i]))
     made = [r for r in results if not isinstance(r, ApiError)]
     assert all(r.status == 409 and r.code == "overlapping_cidr" for r in results if isinstance(r, ApiError))
     nets = [ipaddress.ip_network(r["cidr"]) for r in made]
     assert made and all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:]), nets
-    assert len(c.subnets.list(vpc_id=vpc["id"])) == len(made)  # type: ignore[attr-defined]
+    assert len(c.subnets.list(vpc_id=vpc["id"])) == len(made)
 
 
 def test_a_flood_of_rules_stops_at_the_per_group_quota(any_cloud: Cloud) -> None:
     c = project_client(any_cloud, security_group_rules=10)
     vpc, _ = vpc_with_subnet(c, "10.52.0.0/16", "10.52.1.0/24")
-    group = c.security_groups.create(vpc["id"], "flood")  # type: ignore[attr-defined]  # 1 rule (egress)
+    group = c.security_groups.create(vpc["id"], "flood")  # 1 rule (egress)
     results = burst(any_cloud, c.project_id, 30,  # type: ignore[attr-defined]
-                    lambda cl, i: cl.security_groups.add_rule(group["id"], "ingress", "tcp",  # type: ignore[attr-defined]
+                    lambda cl, i: cl.security_groups.add_rule(group["id"], "ingress", "tcp",
                                                               port_min=1000 + i, cidr="0.0.0.0/0"))
     assert outcome(results) == {"ok": 9, "403 quota_exceeded": 21}, outcome(results)
-    assert len(c.security_groups.rules(group["id"])) == 10  # type: ignore[attr-defined]
+    assert len(c.security_groups.rules(group["id"])) == 10
     # the same rule from many requests at once: one is added, the others are duplicates
-    other = c.security_groups.create(vpc["id"], "dups")  # type: ignore[attr-defined]
+    other = c.security_groups.create(vpc["id"], "dups")
     results = burst(any_cloud, c.project_id, 8,  # type: ignore[attr-defined]
-                    lambda cl, i: cl.security_groups.add_rule(other["id"], "ingress", "tcp",  # type: ignore[attr-defined]
+                    lambda cl, i: cl.security_groups.add_rule(other["id"], "ingress", "tcp",
                                                               port_min=22, cidr="0.0.0.0/0"))
     assert outcome(results) == {"ok": 1, "409 duplicate_rule": 7}, outcome(results)
 
@@ -104,9 +104,9 @@ def test_a_flood_of_rules_stops_at_the_per_group_quota(any_cloud: Cloud) -> None
 def test_concurrent_floating_ips_are_distinct(any_cloud: Cloud) -> None:
     c = project_client(any_cloud, floating_ips=12)
     results = burst(any_cloud, c.project_id, 16,  # type: ignore[attr-defined]
-                    lambda cl, i: cl.floating_ips.allocate())  # type: ignore[attr-defined]
+                    lambda cl, i: cl.floating_ips.allocate())
     assert outcome(results) == {"ok": 12, "403 quota_exceeded": 4}, outcome(results)
     addresses = {r["address"] for r in results if not isinstance(r, ApiError)}
     assert len(addresses) == 12
-    for fip in c.floating_ips.list():  # type: ignore[attr-defined]
-        c.floating_ips.release(fip["id"])  # type: ignore[attr-defined]
+    for fip in c.floating_ips.list():
+        c.floating_ips.release(fip["id"])

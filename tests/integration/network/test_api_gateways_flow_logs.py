@@ -36,45 +36,45 @@ def cloud_db(cloud: Cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
 def test_floating_ip_allocate_attach_detach_release(cloud: Cloud) -> None:
     c = project_client(cloud, floating_ips=3)
     vpc, public = vpc_with_subnet(c, "10.40.0.0/16", "10.40.1.0/24", public=True)
-    private = c.subnets.create(vpc["id"], "10.40.2.0/24")  # type: ignore[attr-defined]
-    web = c.network_interfaces.create(public["id"])  # type: ignore[attr-defined]
-    app = c.network_interfaces.create(private["id"])  # type: ignore[attr-defined]
+    private = c.subnets.create(vpc["id"], "10.40.2.0/24")
+    web = c.network_interfaces.create(public["id"])
+    app = c.network_interfaces.create(private["id"])
 
-    fip = c.floating_ips.allocate(description="web")  # type: ignore[attr-defined]
+    fip = c.floating_ips.allocate(description="web")
     address = ipaddress.ip_address(fip["address"])
     assert address in POOL and str(address) not in ("203.0.113.0", "203.0.113.1", "203.0.113.255")
     assert fip["region_id"] == "PAR1" and fip["network_interface_id"] is None
-    assert c.floating_ips.get(fip["address"])["id"] == fip["id"]  # type: ignore[attr-defined]
-    before = c.vpcs.get(vpc["id"])["desired_version"]  # type: ignore[attr-defined]
-    attached = c.floating_ips.attach(fip["id"], web["id"])  # type: ignore[attr-defined]
+    assert c.floating_ips.get(fip["address"])["id"] == fip["id"]
+    before = c.vpcs.get(vpc["id"])["desired_version"]
+    attached = c.floating_ips.attach(fip["id"], web["id"])
     assert attached["network_interface_id"] == web["id"] and attached["vpc_id"] == vpc["id"]
-    assert c.vpcs.get(vpc["id"])["desired_version"] > before  # type: ignore[attr-defined]
-    assert c.network_interfaces.get(web["id"])["public_ip"] == fip["address"]  # type: ignore[attr-defined]
-    assert c.floating_ips.attach(fip["id"], web["id"])["id"] == fip["id"]  # type: ignore[attr-defined]  # idempotent
-    second = c.floating_ips.allocate()  # type: ignore[attr-defined]
+    assert c.vpcs.get(vpc["id"])["desired_version"] > before
+    assert c.network_interfaces.get(web["id"])["public_ip"] == fip["address"]
+    assert c.floating_ips.attach(fip["id"], web["id"])["id"] == fip["id"]  # idempotent
+    second = c.floating_ips.allocate()
     assert second["address"] != fip["address"]
-    expect_error(409, c.floating_ips.attach, fip["id"], app["id"], code="already_attached")  # type: ignore[attr-defined]
-    expect_error(409, c.floating_ips.attach, second["id"], web["id"], code="already_attached")  # type: ignore[attr-defined]
+    expect_error(409, c.floating_ips.attach, fip["id"], app["id"], code="already_attached")
+    expect_error(409, c.floating_ips.attach, second["id"], web["id"], code="already_attached")
     # a private subnet reaches the internet only through the VPC's internet gateway
-    expect_error(409, c.floating_ips.attach, second["id"], app["id"], code="no_internet_route")  # type: ignore[attr-defined]
-    c.vpcs.update(vpc["id"], internet_gateway=True)  # type: ignore[attr-defined]
-    c.floating_ips.attach(second["id"], app["id"])  # type: ignore[attr-defined]
-    expect_error(409, c.vpcs.update, vpc["id"], internet_gateway=False, code="in_use")  # type: ignore[attr-defined]
-    expect_error(409, c.floating_ips.release, fip["id"], code="in_use")  # type: ignore[attr-defined]
-    c.floating_ips.detach(second["id"])  # type: ignore[attr-defined]
-    c.vpcs.update(vpc["id"], internet_gateway=False)  # type: ignore[attr-defined]
-    expect_error(409, c.floating_ips.detach, second["id"], code="not_attached")  # type: ignore[attr-defined]
-    assert [f["id"] for f in c.floating_ips.list(attached=True)] == [fip["id"]]  # type: ignore[attr-defined]
+    expect_error(409, c.floating_ips.attach, second["id"], app["id"], code="no_internet_route")
+    c.vpcs.update(vpc["id"], internet_gateway=True)
+    c.floating_ips.attach(second["id"], app["id"])
+    expect_error(409, c.vpcs.update, vpc["id"], internet_gateway=False, code="in_use")
+    expect_error(409, c.floating_ips.release, fip["id"], code="in_use")
+    c.floating_ips.detach(second["id"])
+    c.vpcs.update(vpc["id"], internet_gateway=False)
+    expect_error(409, c.floating_ips.detach, second["id"], code="not_attached")
+    assert [f["id"] for f in c.floating_ips.list(attached=True)] == [fip["id"]]
 
-    c.floating_ips.allocate()  # type: ignore[attr-defined]
-    expect_error(403, c.floating_ips.allocate, code="quota_exceeded")  # type: ignore[attr-defined]
-    expect_error(409, c.floating_ips.allocate, region="MAD1", code="region_not_operational")  # type: ignore[attr-defined]
+    c.floating_ips.allocate()
+    expect_error(403, c.floating_ips.allocate, code="quota_exceeded")
+    expect_error(409, c.floating_ips.allocate, region="MAD1", code="region_not_operational")
     # an interface deleted with a floating IP it did not bring: the address is detached, not released
-    c.network_interfaces.delete(web["id"])  # type: ignore[attr-defined]
-    kept = c.floating_ips.get(fip["id"])  # type: ignore[attr-defined]
+    c.network_interfaces.delete(web["id"])
+    kept = c.floating_ips.get(fip["id"])
     assert kept["network_interface_id"] is None and kept["vpc_id"] is None
-    c.floating_ips.release(fip["id"])  # type: ignore[attr-defined]
-    expect_error(404, c.floating_ips.get, fip["id"])  # type: ignore[attr-defined]
+    c.floating_ips.release(fip["id"])
+    expect_error(404, c.floating_ips.get, fip["id"])
     assert quota(c, "floating_ips")["used"] == 2
     assert events_of(c, fip["id"]) == ["network.floating_ip.allocated", "network.floating_ip.attached",
                                        "network.floating_ip.detached", "network.floating_ip.released"]
@@ -90,32 +90,32 @@ def test_floating_ips_and_nat_gateways_have_hourly_list_prices(cloud: Cloud) -> 
 def test_nat_gateways(cloud: Cloud) -> None:
     c = project_client(cloud)
     vpc, public = vpc_with_subnet(c, "10.41.0.0/16", "10.41.1.0/24", public=True)
-    private = c.subnets.create(vpc["id"], "10.41.2.0/24", zone="PAR1-b")  # type: ignore[attr-defined]
-    expect_error(409, c.nat_gateways.create, private["id"], code="subnet_not_public")  # type: ignore[attr-defined]
-    nat = c.nat_gateways.create(public["id"], name="out")  # type: ignore[attr-defined]
+    private = c.subnets.create(vpc["id"], "10.41.2.0/24", zone="PAR1-b")
+    expect_error(409, c.nat_gateways.create, private["id"], code="subnet_not_public")
+    nat = c.nat_gateways.create(public["id"], name="out")
     assert nat["id"].startswith("nat-") and nat["vpc_id"] == vpc["id"] and nat["status"] == "pending"
     assert nat["private_ip"] == "10.41.1.3" and ipaddress.ip_address(nat["public_ip"]) in POOL
-    fip = c.floating_ips.get(nat["floating_ip_id"])  # type: ignore[attr-defined]
+    fip = c.floating_ips.get(nat["floating_ip_id"])
     assert fip["nat_gateway_id"] == nat["id"]
-    expect_error(409, c.floating_ips.release, fip["id"], code="in_use")  # type: ignore[attr-defined]
-    expect_error(409, c.floating_ips.detach, fip["id"], code="in_use")  # type: ignore[attr-defined]
-    expect_error(409, c.subnets.update, public["id"], public=False, code="in_use")  # type: ignore[attr-defined]
-    expect_error(409, c.subnets.delete, public["id"], code="in_use")  # type: ignore[attr-defined]
-    assert c.subnets.get(public["id"])["available_ips"] == 251  # type: ignore[attr-defined]
+    expect_error(409, c.floating_ips.release, fip["id"], code="in_use")
+    expect_error(409, c.floating_ips.detach, fip["id"], code="in_use")
+    expect_error(409, c.subnets.update, public["id"], public=False, code="in_use")
+    expect_error(409, c.subnets.delete, public["id"], code="in_use")
+    assert c.subnets.get(public["id"])["available_ips"] == 251
 
-    own = c.floating_ips.allocate()  # type: ignore[attr-defined]
-    nat2 = c.nat_gateways.create(public["id"], floating_ip=own["address"])  # type: ignore[attr-defined]
+    own = c.floating_ips.allocate()
+    nat2 = c.nat_gateways.create(public["id"], floating_ip=own["address"])
     assert nat2["public_ip"] == own["address"]
-    expect_error(409, c.nat_gateways.create, public["id"], floating_ip=own["id"], code="in_use")  # type: ignore[attr-defined]
-    assert {n["id"] for n in c.nat_gateways.list(vpc_id=vpc["id"])} == {nat["id"], nat2["id"]}  # type: ignore[attr-defined]
+    expect_error(409, c.nat_gateways.create, public["id"], floating_ip=own["id"], code="in_use")
+    assert {n["id"] for n in c.nat_gateways.list(vpc_id=vpc["id"])} == {nat["id"], nat2["id"]}
 
-    c.nat_gateways.delete(nat["id"])  # type: ignore[attr-defined]
-    expect_error(404, c.floating_ips.get, fip["id"])  # type: ignore[attr-defined]  # allocated for it: released
-    c.nat_gateways.delete(nat2["id"])  # type: ignore[attr-defined]
-    assert c.floating_ips.get(own["id"])["nat_gateway_id"] is None  # type: ignore[attr-defined]  # the project's: kept
-    assert c.subnets.get(public["id"])["available_ips"] == 252  # type: ignore[attr-defined]
+    c.nat_gateways.delete(nat["id"])
+    expect_error(404, c.floating_ips.get, fip["id"])  # allocated for it: released
+    c.nat_gateways.delete(nat2["id"])
+    assert c.floating_ips.get(own["id"])["nat_gateway_id"] is None  # the project's: kept
+    assert c.subnets.get(public["id"])["available_ips"] == 252
     assert events_of(c, nat["id"]) == ["network.nat_gateway.created", "network.nat_gateway.deleted"]
-    c.subnets.delete(public["id"])  # type: ignore[attr-defined]
+    c.subnets.delete(public["id"])
 
 
 def test_flow_logs_and_their_records(cloud: Cloud, cloud_db: None) -> None:
@@ -123,16 +123,16 @@ def test_flow_logs_and_their_records(cloud: Cloud, cloud_db: None) -> None:
 
     c = project_client(cloud)
     vpc, subnet = vpc_with_subnet(c, "10.42.0.0/16", "10.42.1.0/24", public=True)
-    a = c.network_interfaces.create(subnet["id"])  # type: ignore[attr-defined]
-    b = c.network_interfaces.create(subnet["id"])  # type: ignore[attr-defined]
-    whole = c.flow_logs.create(vpc["id"], name="all")  # type: ignore[attr-defined]
-    rejects = c.flow_logs.create(b["id"], traffic_type="REJECT")  # type: ignore[attr-defined]
-    by_subnet = c.flow_logs.create(subnet["id"], traffic_type="ACCEPT")  # type: ignore[attr-defined]
+    a = c.network_interfaces.create(subnet["id"])
+    b = c.network_interfaces.create(subnet["id"])
+    whole = c.flow_logs.create(vpc["id"], name="all")
+    rejects = c.flow_logs.create(b["id"], traffic_type="REJECT")
+    by_subnet = c.flow_logs.create(subnet["id"], traffic_type="ACCEPT")
     assert (whole["resource_type"], rejects["resource_type"], by_subnet["resource_type"]) == (
         "vpc", "network_interface", "subnet")
-    expect_error(422, c.flow_logs.create, "i-123abc")  # type: ignore[attr-defined]
-    expect_error(404, c.flow_logs.create, "vpc-nope")  # type: ignore[attr-defined]
-    expect_error(422, c.flow_logs.create, vpc["id"], traffic_type="SOME")  # type: ignore[attr-defined]
+    expect_error(422, c.flow_logs.create, "i-123abc")
+    expect_error(404, c.flow_logs.create, "vpc-nope")
+    expect_error(422, c.flow_logs.create, vpc["id"], traffic_type="SOME")
 
     # a day ago (the server's own retention purge must not take them while the test runs)
     t0 = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).replace(second=0, microsecond=0)
@@ -151,13 +151,13 @@ def test_flow_logs_and_their_records(cloud: Cloud, cloud_db: None) -> None:
     ]
     # the VPC's log takes all 3, b's log the reject, the subnet's log the 2 accepts; the unknown port nothing
     assert service.ingest_flows(flows) == 6
-    records = c.flow_logs.records(whole["id"])  # type: ignore[attr-defined]
+    records = c.flow_logs.records(whole["id"])
     assert [r["dst_port"] for r in records] == [443, 22, 5353]
-    assert [r["action"] for r in c.flow_logs.records(rejects["id"])] == ["REJECT"]  # type: ignore[attr-defined]
-    assert [r["dst_port"] for r in c.flow_logs.records(by_subnet["id"])] == [443, 5353]  # type: ignore[attr-defined]
+    assert [r["action"] for r in c.flow_logs.records(rejects["id"])] == ["REJECT"]
+    assert [r["dst_port"] for r in c.flow_logs.records(by_subnet["id"])] == [443, 5353]
 
     def ports(**filters: object) -> list[int]:
-        return [r["dst_port"] for r in c.flow_logs.records(whole["id"], **filters)]  # type: ignore[attr-defined]
+        return [r["dst_port"] for r in c.flow_logs.records(whole["id"], **filters)]
 
     assert ports(action="REJECT") == [22]
     assert ports(since=(t0 + dt.timedelta(minutes=5)).isoformat()) == [22, 5353]
@@ -174,13 +174,13 @@ def test_flow_logs_and_their_records(cloud: Cloud, cloud_db: None) -> None:
     expect_error(422, c.get, f"/v1/flow-logs/{whole['id']}/records", action="DROP")
 
     # deleting the interface takes its flow log; the records go with the retention purge
-    c.network_interfaces.delete(b["id"])  # type: ignore[attr-defined]
-    expect_error(404, c.flow_logs.get, rejects["id"])  # type: ignore[attr-defined]
+    c.network_interfaces.delete(b["id"])
+    expect_error(404, c.flow_logs.get, rejects["id"])
     assert quota(c, "flow_logs")["used"] == 2
     purged = service.purge_flow_records(now=t0 + dt.timedelta(days=30, minutes=7))
     assert purged >= 1 + 3  # the deleted log's record, and what is older than 30 days (t0, t0 + 5 min) in both
     assert ports() == [5353]
-    assert [r["dst_port"] for r in c.flow_logs.records(by_subnet["id"])] == [5353]  # type: ignore[attr-defined]
-    c.flow_logs.delete(whole["id"])  # type: ignore[attr-defined]
-    assert [f["id"] for f in c.flow_logs.list(vpc_id=vpc["id"])] == [by_subnet["id"]]  # type: ignore[attr-defined]
+    assert [r["dst_port"] for r in c.flow_logs.records(by_subnet["id"])] == [5353]
+    c.flow_logs.delete(whole["id"])
+    assert [f["id"] for f in c.flow_logs.list(vpc_id=vpc["id"])] == [by_subnet["id"]]
     assert "network.flow_log.deleted" in events_of(c, whole["id"])
