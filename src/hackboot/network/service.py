@@ -326,8 +326,10 @@ def create_vpc(p: Principal, *, name: str, cidr: str, region: str | None = None,
     with _change() as tx:
         s = tx.s
         region_id = _region(s, region)
-        _vpc_name_free(s, p.project, region_id, name)
+        # the claim first: its row lock queues concurrent creations of the project, so the name check
+        # below sees a VPC another request just made (PostgreSQL; SQLite serialises writers anyway)
         quotas.claim(s, p.project, "vpcs", 1)
+        _vpc_name_free(s, p.project, region_id, name)
         vpc = None
         for _ in range(5):
             vpc = _insert_vpc(s, project_id=p.project, region_id=region_id, name=name, description=description,

@@ -110,3 +110,12 @@ def test_concurrent_floating_ips_are_distinct(any_cloud: Cloud) -> None:
     assert len(addresses) == 12
     for fip in c.floating_ips.list():
         c.floating_ips.release(fip["id"])
+
+
+def test_concurrent_vpcs_of_one_name_make_one(any_cloud: Cloud) -> None:
+    c = project_client(any_cloud)
+    results = burst(any_cloud, c.project_id, 5,
+                    lambda cl, i: cl.vpcs.create("same", f"10.{60 + i}.0.0/16"))
+    assert outcome(results) == {"ok": 1, "409 already_exists": 4}, outcome(results)
+    assert [v["name"] for v in c.vpcs.list()] == ["same"]
+    assert quota(c, "vpcs")["used"] == 1  # the refused ones gave their claim back
