@@ -114,7 +114,7 @@ def test_concurrent_floating_ips_are_distinct(any_cloud: Cloud) -> None:
 
 def test_concurrent_vpcs_of_one_name_make_one(any_cloud: Cloud) -> None:
     c = project_client(any_cloud)
-    results = burst(any_cloud, c.project_id, 5,
+    results = burst(any_cloud, c.project_id, 5,  # type: ignore[attr-defined]
                     lambda cl, i: cl.vpcs.create("same", f"10.{60 + i}.0.0/16"))
     assert outcome(results) == {"ok": 1, "409 already_exists": 4}, outcome(results)
     assert [v["name"] for v in c.vpcs.list()] == ["same"]
