@@ -104,11 +104,11 @@ def set_public_access(body: PublicAccessIn, p: Member) -> PublicAccessOut:
     return PublicAccessOut(project_id=p.project, block_public_access=body.block_public_access)
 
 
-def _bucket_out(b: Bucket, usage: dict[str, object]) -> BucketOut:
+def _bucket_out(b: Bucket, usage: service.BucketUsage) -> BucketOut:
     out = BucketOut.model_validate(b)
-    out.objects = int(usage["objects"])  # type: ignore[call-overload]
-    out.bytes = int(usage["bytes"])  # type: ignore[call-overload]
-    out.bytes_by_storage_class = dict(usage["by_class"])  # type: ignore[call-overload]
+    out.objects = usage.objects
+    out.bytes = usage.bytes
+    out.bytes_by_storage_class = dict(usage.by_class)
     return out
 
 

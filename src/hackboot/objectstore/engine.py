@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import anyio
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import UnaryExpression, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 import hackboot.models  # noqa: F401 - every table, so foreign keys to projects resolve
@@ -521,7 +521,23 @@ def _latest(s: Session, bucket_id: str, key: str) -> ObjectVersion | None:
     return s.scalar(_Q_LATEST, {"b": bucket_id, "k": key})
 
 
-def check_lock(v: ObjectVersion, bypass_governance: bool, now: dt.datetime | None = None) -> None:
+class _Version(Protocol):
+    """What the lock and precondition checks read of a version: an ObjectVersion, or a Core row of the hot
+    path's selects (same column names)."""
+
+    @property
+    def delete_marker(self) -> bool: ...
+    @property
+    def etag(self) -> str: ...
+    @property
+    def lock_mode(self) -> str | None: ...
+    @property
+    def lock_until(self) -> dt.datetime | None: ...
+    @property
+    def legal_hold(self) -> bool: ...
+
+
+def check_lock(v: _Version, bypass_governance: bool, now: dt.datetime | None = None) -> None:
     now = now or utcnow()
     if v.legal_hold:
         raise S3Error("AccessDenied", "Access Denied because object protected by object lock (legal hold)")
@@ -546,7 +562,7 @@ def _promote_latest(s: Session, bucket_id: str, key: str) -> None:
                                                                                  noncurrent_since=None))
 
 
-def _check_conditions(cur: ObjectVersion | None, if_match: str | None, if_none_match: str | None) -> None:
+def _check_conditions(cur: _Version | None, if_match: str | None, if_none_match: str | None) -> None:
     live = cur if cur is not None and not cur.delete_marker else None
     if if_none_match is not None:
         if if_none_match.strip() != "*":
@@ -721,15 +737,21 @@ def _read_engine() -> Any:
     return _reader[1]
 
 
-def version_row(bucket_id: str, key: str, version_id: str | None) -> Any:
-    """One version as a read-only row (attribute access like the ORM object), Core only: GET's hot path."""
+def version_row(bucket_id: str, key: str, version_id: str | None) -> ObjectVersion | None:
+    """One version as a read-only row, Core only: GET's hot path.
+
+    Typed as the model because the row (a select of the whole table) has every column attribute of it;
+    it is read only, though, with no relationships: callers never assign to it or add it to a session.
+    """
     with _read_engine().connect() as conn:
         if version_id is None:
-            return conn.execute(_Q_LATEST_FULL, {"b": bucket_id, "k": key}).first()
-        return conn.execute(_Q_VERSION_FULL, {"b": bucket_id, "k": key, "v": version_id}).first()
+            row = conn.execute(_Q_LATEST_FULL, {"b": bucket_id, "k": key}).first()
+        else:
+            row = conn.execute(_Q_VERSION_FULL, {"b": bucket_id, "k": key, "v": version_id}).first()
+    return cast("ObjectVersion | None", row)
 
 
-async def get_version_row(bucket_id: str, key: str, version_id: str | None) -> Any:
+async def get_version_row(bucket_id: str, key: str, version_id: str | None) -> ObjectVersion | None:
     # SQLite point reads take microseconds and never wait on writers (WAL): a thread hop would cost
     # more than the read. A networked database is read from a worker thread.
     if _read_engine().dialect.name == "sqlite":
@@ -788,10 +810,10 @@ def q_list_objects(s: Session, bucket_id: str, prefix: str, delimiter: str, afte
     """Keys in order with common prefixes; `after` is exclusive. O(page) index range scans."""
     base = select(*OBJECT_COLUMNS).where(ObjectVersion.bucket_id == bucket_id)
     if versions:
-        order = (ObjectVersion.key, ObjectVersion.id.desc())
+        order: tuple[UnaryExpression[Any], ...] = (ObjectVersion.key.asc(), ObjectVersion.id.desc())
     else:
         base = base.where(ObjectVersion.is_latest.is_(True), ObjectVersion.delete_marker.is_(False))
-        order = (ObjectVersion.key,)
+        order = (ObjectVersion.key.asc(),)
     upper = next_after(prefix) if prefix else None
     if upper:
         base = base.where(ObjectVersion.key < upper)
@@ -873,8 +895,17 @@ def q_version_row_id(s: Session, bucket_id: str, key: str, version_id: str) -> i
                                                    ObjectVersion.version_id == version_id))
 
 
-def q_bucket_usage(s: Session, bucket_ids: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {b: {"objects": 0, "bytes": 0, "by_class": {}} for b in bucket_ids}
+@dataclass
+class BucketUsage:
+    """What a bucket's current objects and noncurrent versions hold (delete markers hold nothing)."""
+
+    objects: int = 0
+    bytes: int = 0
+    by_class: dict[str, int] = field(default_factory=dict)  # storage class → bytes
+
+
+def q_bucket_usage(s: Session, bucket_ids: list[str]) -> dict[str, BucketUsage]:
+    out = {b: BucketUsage() for b in bucket_ids}
     if not bucket_ids:
         return out
     rows = s.execute(select(ObjectVersion.bucket_id, ObjectVersion.storage_class, func.count(), func.sum(
@@ -882,9 +913,9 @@ def q_bucket_usage(s: Session, bucket_ids: list[str]) -> dict[str, dict[str, Any
         .group_by(ObjectVersion.bucket_id, ObjectVersion.storage_class)).all()
     for bid, cls, n, total in rows:
         u = out[bid]
-        u["objects"] += int(n)
-        u["bytes"] += int(total or 0)
-        u["by_class"][cls] = u["by_class"].get(cls, 0) + int(total or 0)
+        u.objects += int(n)
+        u.bytes += int(total or 0)
+        u.by_class[cls] = u.by_class.get(cls, 0) + int(total or 0)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select
@@ -210,7 +211,8 @@ def apply_bucket(bucket_id: str, rules: list[dict[str, Any]]) -> dict[str, int]:
             for up in ups:
                 if up.key.startswith(rule["prefix"]) and _due(up.created_at, rule["abort_days"], None, now):
                     try:
-                        dead = engine.write_sync(lambda s, u=up: engine.tx_abort_upload(s, bucket_id, u.id, None))
+                        dead = engine.write_sync(partial(engine.tx_abort_upload, bucket_id=bucket_id,
+                                                         upload_id=up.id, key=None))
                         engine.delete_blob_data(dead)
                         stats["aborted"] += 1
                     except S3Error:

@@ -147,7 +147,7 @@ async def _send(send: Send, req: Req, resp: Response) -> None:
     await send({"type": "http.response.start", "status": resp.status, "headers": headers})
     if req.method == "HEAD":
         if not isinstance(body, bytes):
-            await body.aclose()  # type: ignore[attr-defined]
+            await body.aclose()
         await send({"type": "http.response.body", "body": b""})
         return
     if isinstance(body, bytes):
@@ -157,7 +157,7 @@ async def _send(send: Send, req: Req, resp: Response) -> None:
         async for piece in body:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
     finally:
-        await body.aclose()  # type: ignore[attr-defined]
+        await body.aclose()
     await send({"type": "http.response.body", "body": b""})
 
 

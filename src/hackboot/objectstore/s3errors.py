@@ -7,6 +7,8 @@ signature code and the protocol layer can all raise S3 errors. Rendering an erro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # code → HTTP status
 STATUS: dict[str, int] = {
     "AccessDenied": 403, "AccountProblem": 403, "AllAccessDisabled": 403,
@@ -52,6 +54,14 @@ class S3Error(Exception):
 # --- errors raised from more than one place -------------------------------------------------------
 # `extra` keyword arguments become elements of the error document, as with S3Error itself.
 
+def _error(code: str, message: str, extra: Mapping[str, str], headers: dict[str, str] | None = None) -> S3Error:
+    """S3Error(code, message, headers=headers, **extra), with `extra` passed on as the elements it holds (a
+    key named like one of S3Error's parameters stays an element)."""
+    error = S3Error(code, message, headers=headers)
+    error.extra.update(extra)
+    return error
+
+
 def access_denied() -> S3Error:
     return S3Error("AccessDenied", "Access Denied")
 
@@ -66,11 +76,11 @@ def method_not_allowed(headers: dict[str, str] | None = None) -> S3Error:
 
 
 def no_such_bucket(**extra: str) -> S3Error:
-    return S3Error("NoSuchBucket", "The specified bucket does not exist", **extra)
+    return _error("NoSuchBucket", "The specified bucket does not exist", extra)
 
 
 def no_such_key(headers: dict[str, str] | None = None, **extra: str) -> S3Error:
-    return S3Error("NoSuchKey", "The specified key does not exist.", headers=headers, **extra)
+    return _error("NoSuchKey", "The specified key does not exist.", extra, headers)
 
 
 def no_such_version(key: str, version_id: str) -> S3Error:
@@ -82,12 +92,12 @@ def invalid_version_id(argument_name: str) -> S3Error:
 
 
 def invalid_part_number(**extra: str) -> S3Error:
-    return S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive",
-                   ArgumentName="partNumber", **extra)
+    return _error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive",
+                  {"ArgumentName": "partNumber", **extra})
 
 
 def precondition_failed(**extra: str) -> S3Error:
-    return S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold", **extra)
+    return _error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold", extra)
 
 
 def no_lock_configuration() -> S3Error:
@@ -95,8 +105,7 @@ def no_lock_configuration() -> S3Error:
 
 
 def invalid_access_key_id(**extra: str) -> S3Error:
-    return S3Error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.",
-                   **extra)
+    return _error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.", extra)
 
 
 def insufficient_storage() -> S3Error:

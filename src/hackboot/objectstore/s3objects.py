@@ -16,7 +16,8 @@ import email.utils
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
@@ -220,12 +221,12 @@ def requested_checksum(req: Req) -> tuple[str | None, str | None, bool]:
             raise S3Error("InvalidRequest", f"The value specified in the x-amz-trailer header is not supported: "
                                             f"{trailer}")
         return alg, None, True
-    alg = req.headers.get("x-amz-sdk-checksum-algorithm") or req.headers.get("x-amz-checksum-algorithm")
-    if alg:
-        if alg.upper() not in checksums.ALGORITHMS:
+    named = req.headers.get("x-amz-sdk-checksum-algorithm") or req.headers.get("x-amz-checksum-algorithm")
+    if named:
+        if named.upper() not in checksums.ALGORITHMS:
             raise S3Error("InvalidRequest", "Checksum algorithm provided is unsupported. Please try again with any "
                                             "of the valid types: [CRC32, CRC32C, CRC64NVME, SHA1, SHA256]")
-        return alg.upper(), None, False
+        return named.upper(), None, False
     return None, None, False
 
 
@@ -468,8 +469,8 @@ async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
     out = {"etag": sink.etag} | sse_headers(sse_info)
     if b.versioning:
         out["x-amz-version-id"] = result.version_id
-    if checksum:
-        out[f"x-amz-checksum-{alg.lower()}"] = checksum[alg]  # type: ignore[union-attr]
+    if checksum and alg is not None:  # a checksum is only ever computed for an algorithm
+        out[f"x-amz-checksum-{alg.lower()}"] = checksum[alg]
     return Response(200, out)
 
 
@@ -583,7 +584,7 @@ def _part_range(v: ObjectVersion, number: int) -> tuple[int, int]:
     raise S3Error("InvalidPartNumber", "The requested partnumber is not satisfiable", status=416)
 
 
-async def stream_object(v: ObjectVersion, start: int, end: int, key: bytes | None) -> AsyncIterator[bytes]:
+async def stream_object(v: ObjectVersion, start: int, end: int, key: bytes | None) -> AsyncGenerator[bytes, None]:
     """Plaintext bytes [start, end) of a version, read chunk by chunk (memory stays flat)."""
     if v.data is not None:
         data = v.data
@@ -598,8 +599,7 @@ async def stream_object(v: ObjectVersion, start: int, end: int, key: bytes | Non
         lo, hi = max(start, offset), min(end, offset + size)
         if lo < hi:
             if key is not None:
-                gen = sse.decrypt_range(lambda o, n, _b=blob_id: be.read(_b, o, n), key, segno, size,
-                                        lo - offset, hi - offset)
+                gen = sse.decrypt_range(partial(be.read, blob_id), key, segno, size, lo - offset, hi - offset)
                 async for piece in _iter_in_threads(gen):
                     yield piece
             else:
@@ -797,9 +797,9 @@ async def delete_objects(req: Req, b: BucketInfo) -> Response:
     out = []
     for i, (k, vid) in enumerate(items):
         if i in errors:
-            e = errors[i]
-            out.append(f"<Error>{tag('Key', k)}{tag('VersionId', vid) if vid else ''}{tag('Code', e.code)}"
-                       f"{tag('Message', e.message)}</Error>")
+            err = errors[i]
+            out.append(f"<Error>{tag('Key', k)}{tag('VersionId', vid) if vid else ''}{tag('Code', err.code)}"
+                       f"{tag('Message', err.message)}</Error>")
         elif not quiet:
             r = results[i]
             extra = ""
@@ -982,7 +982,7 @@ async def upload_part(req: Req, b: BucketInfo, key: str) -> Response:
         if payload_sha is not None:
             req.check_payload_sha(payload_sha.hexdigest())
         checksum = verify_checksums(req, sink, md5, alg, expected, trailer)
-        if checksum and up.checksum_algorithm and alg != up.checksum_algorithm:
+        if checksum and alg is not None and up.checksum_algorithm and alg != up.checksum_algorithm:
             raise S3Error("InvalidRequest", f"Checksum Type mismatch occurred, expected checksum Type: "
                                             f"{up.checksum_algorithm.lower()}, actual checksum Type: {alg.lower()}")
         assert sink.blob_id is not None
@@ -996,8 +996,8 @@ async def upload_part(req: Req, b: BucketInfo, key: str) -> Response:
     if dead:
         await engine.blocking(engine.delete_blob_data, dead)
     h = {"etag": sink.etag} | sse_headers(up.sse)
-    if checksum:
-        h[f"x-amz-checksum-{alg.lower()}"] = checksum[alg]  # type: ignore[union-attr]
+    if checksum and alg is not None:  # a checksum is only ever computed for an algorithm
+        h[f"x-amz-checksum-{alg.lower()}"] = checksum[alg]
     return Response(200, h)
 
 
@@ -1187,9 +1187,9 @@ async def put_retention(req: Req, b: BucketInfo, key: str) -> Response:
 
     def change(v: ObjectVersion) -> dict[str, Any]:
         now = utcnow()
-        active = v.lock_mode is not None and v.lock_until is not None and v.lock_until > now
-        if active:
-            weaker = new_mode is None or new_until is None or new_until < v.lock_until  # type: ignore[operator]
+        lock_until = v.lock_until
+        if v.lock_mode is not None and lock_until is not None and lock_until > now:  # an active retention
+            weaker = new_mode is None or new_until is None or new_until < lock_until
             if v.lock_mode == "COMPLIANCE" and (weaker or new_mode != "COMPLIANCE"):
                 raise S3Error("AccessDenied", "Access Denied: a COMPLIANCE retention can only be extended")
             if v.lock_mode == "GOVERNANCE" and (weaker or new_mode != v.lock_mode) and not bypass:
@@ -1238,7 +1238,7 @@ async def get_attributes(req: Req, b: BucketInfo, key: str) -> Response:
     return Response(200, h, doc("GetObjectAttributesResponse", inner))
 
 
-_SUB: dict[str, dict[str, Any]] = {
+_SUB: dict[str, dict[str, Callable[[Req, BucketInfo, str], Awaitable[Response]]]] = {
     "tagging": {"GET": get_object_tagging, "PUT": put_object_tagging, "DELETE": delete_object_tagging},
     "acl": {"GET": get_object_acl, "PUT": put_object_acl},
     "retention": {"GET": get_retention, "PUT": put_retention},

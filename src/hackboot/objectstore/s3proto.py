@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -37,7 +37,8 @@ from hackboot.objectstore.s3xml import doc, esc, parse, tag
 XML = {"content-type": "application/xml"}
 _RID_PREFIX = uuid.uuid4().hex[:6].upper()  # request ids: per-process prefix + counter (no syscall per request)
 _rid_counter = itertools.count(1)
-Body = bytes | AsyncIterator[bytes]
+# A streamed body is an async generator: the sender closes it (aclose) when the client goes or on HEAD.
+Body = bytes | AsyncGenerator[bytes, None]
 
 
 @dataclass

@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -93,7 +93,10 @@ def get_block_public_access(project_id: str) -> bool:
         return engine.project_blocks_public(s, project_id)
 
 
-def bucket_usage(s: Session, buckets: list[Bucket]) -> dict[str, dict[str, Any]]:
+BucketUsage = engine.BucketUsage
+
+
+def bucket_usage(s: Session, buckets: list[Bucket]) -> dict[str, BucketUsage]:
     return engine.q_bucket_usage(s, [b.id for b in buckets])
 
 
@@ -162,7 +165,8 @@ def multipart_cleanup_step() -> int:
         stale = [(u.bucket_id, u.id) for u in s.scalars(select(Upload).where(Upload.created_at < cutoff).limit(500))]
     for bucket_id, upload_id in stale:
         try:
-            dead = engine.write_sync(lambda s, b=bucket_id, u=upload_id: engine.tx_abort_upload(s, b, u, None))
+            dead = engine.write_sync(partial(engine.tx_abort_upload, bucket_id=bucket_id, upload_id=upload_id,
+                                             key=None))
             engine.delete_blob_data(dead)
         except Exception:
             log.exception("could not abort stale upload %s", upload_id)
