@@ -35,8 +35,9 @@ import random
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import CursorResult, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from hackboot.catalog.models import Allocation, Host, Inventory, allocatable
@@ -226,9 +227,10 @@ def _pick_devices(session: Session, host_id: str, rc: str, count: int, inventory
 
 
 def _cas(session: Session, host_id: str, generation: int) -> bool:
-    result = session.execute(update(Host).where(Host.id == host_id, Host.generation == generation)
-                             .values(generation=generation + 1))
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    # An UPDATE's result is a CursorResult (it has the row count); Session.execute is typed for any statement.
+    result = cast("CursorResult[Any]", session.execute(
+        update(Host).where(Host.id == host_id, Host.generation == generation).values(generation=generation + 1)))
+    return result.rowcount == 1
 
 
 @dataclass
@@ -259,11 +261,11 @@ def place(session: Session, req: Request) -> Placement:
     excluded: set[str] = set()
     for attempt in range(1, MAX_ATTEMPTS + 1):
         # (1) hosts with their generation, read before any usage
-        hosts = [tuple(r) for r in session.execute(
+        hosts = session.execute(
             select(Host.id, Host.name, Host.zone_id, Host.generation)
-            .where(Host.zone_id.in_(req.zone_ids), Host.status == "up"))]
+            .where(Host.zone_id.in_(req.zone_ids), Host.status == "up")).tuples().all()
         hosts = [h for h in hosts if h[0] not in excluded]
-        scored, shortfalls = _candidates(session, req, wanted, hosts)  # type: ignore[arg-type]
+        scored, shortfalls = _candidates(session, req, wanted, hosts)
         if not scored:
             raise errors.NoCapacity(
                 f"No capacity for {req.consumer_id}: {_describe_shortfall(wanted, shortfalls, len(hosts))}")
@@ -273,7 +275,7 @@ def place(session: Session, req: Request) -> Placement:
         else:
             pick = scored[0][1]
         host = next(h for h in hosts if h[0] == pick)
-        host_id, host_name, zone_id, generation = host  # type: ignore[misc]
+        host_id, host_name, zone_id, generation = host
         if not _cas(session, host_id, generation):
             log.debug("generation conflict on %s (attempt %d)", host_name, attempt)
             continue  # someone claimed there since our read: re-read everything

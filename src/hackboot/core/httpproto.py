@@ -57,6 +57,8 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
         self._head_too_large = ""
         self._head_timer: asyncio.TimerHandle | None = None
 
+    # uvicorn's base narrows asyncio's BaseTransport to the Transport the event loop gives a stream
+    # protocol; this override keeps its signature, and so its (deliberate) override error.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()

@@ -7,7 +7,9 @@ The claim runs in the caller's transaction, so a failed create releases it too.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, String, select, update
+from typing import Any, cast
+
+from sqlalchemy import BigInteger, CursorResult, String, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from hackboot.core import errors
@@ -55,13 +57,14 @@ def claim(session: Session, project_id: str, resource: str, amount: int) -> None
     """Take `amount` units or raise QuotaExceeded; part of the caller's transaction."""
     if amount <= 0:
         return
-    result = session.execute(
+    # An UPDATE's result is a CursorResult (it has the row count); Session.execute is typed for any statement.
+    result = cast("CursorResult[Any]", session.execute(
         update(QuotaUsage)
         .where(QuotaUsage.project_id == project_id, QuotaUsage.resource == resource,
                QuotaUsage.used + amount <= QuotaUsage.limit)
         .values(used=QuotaUsage.used + amount)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    ))
+    if result.rowcount != 1:
         row = session.get(QuotaUsage, (project_id, resource))
         if row is None:
             raise errors.QuotaExceeded(f"Project has no quota for '{resource}'")

@@ -244,9 +244,10 @@ def run_qemu_img(args: list[str], *, cwd: Path, secrets: dict[str, str] | None =
             objects += ["--object", f"secret,id={secret_id},file=/dev/fd/{r},format=raw"]
         argv = privsep.limited_argv([exe, args[0], *objects, *args[1:]], address_space=address_space,
                                     cpu_seconds=cpu_seconds)
-        switch = {} if account.is_current else {"user": account.uid, "group": account.gid, "extra_groups": []}
+        switch = not account.is_current  # None: run as we are (subprocess's defaults)
         return subprocess.run(argv, cwd=cwd, env=_TOOL_ENV, pass_fds=tuple(fds), capture_output=True, text=True,
-                              timeout=timeout, check=False, **switch)  # type: ignore[call-overload]
+                              timeout=timeout, check=False, user=account.uid if switch else None,
+                              group=account.gid if switch else None, extra_groups=[] if switch else None)
     except subprocess.TimeoutExpired:
         raise ImageRejected(f"qemu-img took over {timeout:.0f}s on the image") from None
     finally:

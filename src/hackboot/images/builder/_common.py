@@ -65,7 +65,8 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, what: str | None = None, **kwa
     args = [str(c) for c in cmd]
     log.debug("running: %s", " ".join(args))
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, check=False, **kwargs)
+        proc: subprocess.CompletedProcess[str] = subprocess.run(args, capture_output=True, text=True, check=False,
+                                                                **kwargs)
     except FileNotFoundError:
         raise ImageBuildError(f"{args[0]}: command not found") from None
     if proc.returncode != 0:
@@ -136,7 +137,9 @@ def is_up_to_date(out_dir: Path, name: str) -> bool:
         for key in ("disk", "kernel", "initrd"):
             if not (out_dir / manifest[key]).is_file():
                 return False
-        return (out_dir / manifest["disk"]).stat().st_size == manifest["size"]
+        disk: Path = out_dir / manifest["disk"]
+        size: object = manifest["size"]  # whatever the JSON holds: only the same number matches
+        return disk.stat().st_size == size
     except (KeyError, TypeError):
         return False
 

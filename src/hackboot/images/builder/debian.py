@@ -80,7 +80,8 @@ class Mirror:
 
 
 def _deb822_stanzas(text: str) -> list[dict[str, str]]:
-    stanzas, current = [], {}
+    stanzas: list[dict[str, str]] = []
+    current: dict[str, str] = {}
     for line in text.splitlines():
         if line.startswith("#"):
             continue
