@@ -52,6 +52,7 @@ from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.core.workers import Loop
 from hackboot.events.service import emit
+from hackboot.images import service as images_service
 
 log = logging.getLogger("hackboot.compute")
 
@@ -427,6 +428,9 @@ def image_in_use(s: Session, image_id: str) -> bool:
     """True while a live instance boots from `image_id` (its disk is an overlay on the image file)."""
     return s.scalar(select(Instance.id).where(Instance.image_id == image_id, Instance.status != DELETED)
                     .limit(1)) is not None
+
+
+images_service.register_in_use_check(image_in_use)
 
 
 def host_names(s: Session, host_ids: set[str | None]) -> dict[str, str]:

@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,31 @@ def image_file(image: Image) -> Path:
     return store().path(image.file_name or f"{image.id}.{image.disk_format}")
 
 
+# Who may still use an image's file: other services register a check (compute: instances whose disk
+# is an overlay on it). Images imports none of them.
+InUseCheck = Callable[[Session, str], bool]
+_in_use_checks: list[InUseCheck] = []
+
+
+def register_in_use_check(check: InUseCheck) -> Callable[[], None]:
+    """`check(session, image_id)` says whether the image is in use (in the caller's transaction); an image in
+    use by any check cannot be deleted, nor a superseded built-in file removed. Returns an unregister."""
+    if check not in _in_use_checks:
+        _in_use_checks.append(check)
+
+    def unregister() -> None:
+        if check in _in_use_checks:
+            _in_use_checks.remove(check)
+
+    return unregister
+
+
 def _in_use(session: Session, image_id: str) -> bool | None:
-    """Ask compute whether instances use the image; None when compute cannot answer (yet)."""
-    try:
-        from hackboot.compute.service import image_in_use
-    except (ImportError, AttributeError):
+    """Whether a registered check says the image is in use; None when no check is registered (nobody can say)."""
+    checks = list(_in_use_checks)
+    if not checks:
         return None
-    return bool(image_in_use(session, image_id))
+    return any(check(session, image_id) for check in checks)
 
 
 # --- reading ---------------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ A real SQLite database migrated with Alembic and real qemu-img; no server proces
 from __future__ import annotations
 
 import subprocess
-import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,21 +146,28 @@ def test_quota_claimed_by_snapshot_records(project: str) -> None:
         service.create_snapshot_record(s, project, "two", "i-1")
 
 
-def test_delete_asks_compute_whether_the_image_is_in_use(project: str, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_delete_asks_the_registered_checks_whether_the_image_is_in_use(project: str) -> None:
     admin = _admin(project)
     image = service.create_image(admin, name="busy", disk_format="raw")
-    fake = types.ModuleType("hackboot.compute.service")
-    fake.image_in_use = lambda session, image_id: image_id == image.id  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "hackboot.compute.service", fake)
-    with pytest.raises(errors.Conflict) as err:
-        service.delete_image(admin, image.id)
-    assert err.value.code == "image_in_use"
-    monkeypatch.setitem(sys.modules, "hackboot.compute.service", types.ModuleType("hackboot.compute.service"))
-    service.delete_image(admin, image.id)  # compute without image_in_use yet: not in use
+    busy = {image.id}
+    unregister = service.register_in_use_check(lambda session, image_id: image_id in busy)
+    try:
+        with pytest.raises(errors.Conflict) as err:
+            service.delete_image(admin, image.id)
+        assert err.value.code == "image_in_use"
+        busy.clear()
+        service.delete_image(admin, image.id)  # no check says it is in use any more
+    finally:
+        unregister()
     with session_scope(write=False) as s:
         gone = s.get(Image, image.id)
         assert gone is not None and gone.status == "deleted"
+
+
+def test_compute_registers_its_check() -> None:
+    from hackboot.compute import service as compute
+
+    assert compute.image_in_use in service._in_use_checks
 
 
 def test_janitor_requeues_dead_uploads_and_removes_orphans(project: str, monkeypatch: pytest.MonkeyPatch) -> None:
