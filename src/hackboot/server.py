@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib
 import logging
 import os
@@ -20,6 +19,7 @@ from fastapi import APIRouter, FastAPI
 
 from hackboot.core.app import build_app
 from hackboot.core.config import get_settings
+from hackboot.core.privsep import die_with_parent
 from hackboot.core.workers import Loop, Workers
 
 log = logging.getLogger("hackboot.server")
@@ -109,14 +109,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when the parent dies (even by SIGKILL)."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl
-        os._exit(1)
-
-
 def _fork_api_workers(count: int, sock: socket.socket) -> list[int]:
     """Extra API processes sharing the listening socket: the kernel spreads connections.
 
@@ -131,7 +123,7 @@ def _fork_api_workers(count: int, sock: socket.socket) -> list[int]:
         if pid == 0:
             code = 0
             try:
-                _die_with_parent()
+                die_with_parent()
                 server = _server(create_app(), settings.api_host, settings.api_port)
                 _run(server.serve(sockets=[sock]))
             except BaseException:

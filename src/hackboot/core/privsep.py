@@ -84,14 +84,26 @@ def run_unprivileged(argv: list[str], *, address_space: int = 2 * 1024**3, cpu_s
                           capture_output=True, text=True, timeout=timeout, check=False, **switch)  # type: ignore[arg-type]
 
 
-def die_with_parent() -> None:
-    """`preexec_fn` for helper processes: SIGKILL them when the thread that started them dies.
+# Recorded in a process just before it forks, so its child knows who its parent was: a child whose
+# parent is already another process (init, a subreaper) was orphaned before it could ask for the signal.
+# (Comparing with pid 1 alone would kill the children of a server that runs as pid 1 in a container.)
+_forked_by = [0]
+os.register_at_fork(before=lambda: _forked_by.__setitem__(0, os.getpid()))
 
-    A block helper killed with its agent would otherwise live on as an orphan (holding images open).
-    Set after subprocess has switched user (a credential change clears the setting), so it sticks.
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (even by SIGKILL); exit if it already has.
+
+    Used as the `preexec_fn` of helper processes (a block helper killed with its agent would otherwise
+    live on as an orphan, holding images open; the setting follows the *thread* that started it) and
+    by the server's forked API workers. Set after subprocess has switched user (a credential change
+    clears the setting), so it sticks.
     """
     import ctypes
     import signal
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = _forked_by[0]
+    if (os.getppid() != parent) if parent else (os.getppid() == 1):  # the parent died before prctl
+        os._exit(1)
