@@ -124,7 +124,7 @@ class LocalQcow2Harness(BlockHarness):
         from hackboot.volumes.storage import LocalQcow2Driver, new_file_name
 
         self._new_file_name = new_file_name
-        self.driver = LocalQcow2Driver(self.scratch / "pool", self.scratch / "qsd")
+        self.driver = LocalQcow2Driver(self.scratch / "pool")
 
     def layer_name(self, volume_id: str) -> str:
         return f"{volume_id}/{self._new_file_name()}"

@@ -107,6 +107,7 @@ from hackboot.compute.driver import (
 )
 from hackboot.compute.nic import NicBackend, nic_from_dict
 from hackboot.core.privsep import Account, give_to, unprivileged_account
+from hackboot.core.qmpchild import file_nodes, wait_job
 
 log = logging.getLogger(__name__)
 
@@ -657,21 +658,6 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     tmp.replace(path)
-
-
-def file_nodes(tree: Any) -> list[dict[str, Any]]:
-    """The ``{"driver": "file", "filename": <path>}`` nodes of blockdev-add arguments (at any depth)."""
-    found: list[dict[str, Any]] = []
-    if isinstance(tree, dict):
-        name = tree.get("filename")
-        if tree.get("driver") == "file" and isinstance(name, str) and not name.startswith("/dev/fdset/"):
-            found.append(tree)
-        for value in tree.values():
-            found += file_nodes(value)
-    elif isinstance(tree, list):
-        for value in tree:
-            found += file_nodes(value)
-    return found
 
 
 def guest_launch(account: Account, spec: GuestSpec) -> tuple[list[str], dict[str, Any]]:
@@ -1592,27 +1578,26 @@ class QemuDriver(ComputeDriver):
         directory): ``dest`` is created here and handed to it as an fd by :meth:`qmp`'s
         ``blockdev-add``.  The temporary nodes are removed whatever happens.
         """
-        from hackboot.compute.offline import BlockJobError, virtual_size, wait_job
-
         execute = self.monitor(instance_id)
         job = "snap-" + os.urandom(4).hex()
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.close(fd)
         added: list[str] = []
         try:
-            size = virtual_size(execute, "disk0")
+            nodes = {n["node-name"]: n for n in execute("query-named-block-nodes", {"flat": True})}
+            if "disk0" not in nodes:
+                raise DriverError(f"{instance_id}: the guest has no root disk node")
+            size = int(nodes["disk0"]["image"]["virtual-size"])
             execute("blockdev-add", {"driver": "file", "node-name": f"{job}-f", "filename": str(dest)})
             added.insert(0, f"{job}-f")
             execute("blockdev-create", {"job-id": f"{job}-c",
                                         "options": {"driver": "qcow2", "file": f"{job}-f", "size": size}})
-            wait_job(execute, f"{job}-c", 120)
+            wait_job(execute, f"{job}-c", 120, DriverError)
             execute("blockdev-add", {"driver": "qcow2", "node-name": f"{job}-t", "file": f"{job}-f"})
             added.insert(0, f"{job}-t")
             execute("blockdev-backup", {"job-id": job, "device": "disk0", "target": f"{job}-t", "sync": "full",
                                         "auto-dismiss": False})
-            wait_job(execute, job, timeout)
-        except BlockJobError as exc:
-            raise DriverError(f"{instance_id}: live disk copy failed: {exc}") from None
+            wait_job(execute, job, timeout, DriverError)
         finally:
             for node in added:
                 with contextlib.suppress(DriverError):

@@ -48,15 +48,14 @@ import secrets
 import shutil
 import struct
 import subprocess
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hackboot.core.privsep import die_with_parent
+from hackboot.compute.driver import hotplug_port_id
+from hackboot.core.qmpchild import QmpChild, wait_job
 from hackboot.volumes.driver import (
     BackupExport,
     BlockStorageDriver,
@@ -80,8 +79,7 @@ GiB = 1024**3
 KEY_SECRET_ID = "hbkey"
 LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=hbkey,encrypt.cipher-alg=aes-256,encrypt.cipher-mode=xts," \
             "encrypt.iter-time=50"
-HOTPLUG_PORTS = 8  # pcie-root-ports added to every guest for volumes (hbvp0 … hbvp7)
-PORT_CHASSIS_BASE = 200
+HOTPLUG_PORTS = 8  # hot-plug ports a guest gets for volumes (GuestSpec.hotplug_ports): slot n is port n
 VOLUME_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -332,15 +330,15 @@ def serial_for(volume_id: str) -> str:
 
 
 def port_id(slot: int) -> str:
-    return f"hbvp{slot}"
+    """The guest's hot-plug port a volume in ``slot`` is plugged into (the compute contract names them)."""
+    return hotplug_port_id(slot)
 
 
 def hotplug_port_args() -> list[str]:
-    """QEMU arguments adding the pcie-root-ports volumes are hot-plugged into (q35 root bus is not hot-pluggable)."""
-    args: list[str] = []
-    for i in range(HOTPLUG_PORTS):
-        args += ["-device", f"pcie-root-port,id={port_id(i)},chassis={PORT_CHASSIS_BASE + i},bus=pcie.0"]
-    return args
+    """The QEMU arguments of the ports volumes use (what ``GuestSpec.hotplug_ports = HOTPLUG_PORTS`` adds)."""
+    from hackboot.compute.qemu import hotplug_port_args as qemu_port_args
+
+    return qemu_port_args(HOTPLUG_PORTS)
 
 
 def chain_definition(pool: Pool, v: VolumeView, *, secret: str | None = None, top_read_only: bool | None = None,
@@ -476,22 +474,7 @@ class Graph:
         with contextlib.suppress(Exception):  # a concluded job left by a crash
             self.x("job-dismiss", {"id": job_id})
         self.x(command, {**args, "auto-dismiss": False})
-        deadline = time.monotonic() + timeout
-        while True:
-            jobs = {j["id"]: j for j in self.x("query-jobs", None)}
-            job = jobs.get(job_id)
-            if job is None:
-                return
-            if job["status"] == "concluded":
-                self.x("job-dismiss", {"id": job_id})
-                if job.get("error"):
-                    raise StorageError(f"{command} failed: {job['error']}")
-                return
-            if time.monotonic() > deadline:
-                with contextlib.suppress(Exception):
-                    self.x("job-cancel", {"id": job_id, "force": True})
-                raise StorageError(f"{command} did not finish within {timeout:.0f}s")
-            time.sleep(0.05)
+        wait_job(self.x, job_id, timeout, StorageError)
 
     # --- attach / detach -----------------------------------------------------------------------
 
@@ -552,61 +535,21 @@ class Graph:
 
 # ------------------------------------------------------------------------------------------ storage daemon
 
-class StorageDaemon:
-    """A private ``qemu-storage-daemon`` with a QMP monitor, for graph work on detached volumes."""
+class StorageDaemon(QmpChild):
+    """A private ``qemu-storage-daemon`` with a QMP monitor, for graph work on detached volumes.
 
-    _lock = threading.Lock()
+    Runs as root: the pool's files are root's, 0600 (volumes are written by guests, but their
+    qcow2 metadata only through QEMU's own code, as in the guest's process).
+    """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.qmp: Any = None
+    name = "storage daemon"
+    error = StorageError
 
-    def __enter__(self) -> Graph:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+    def argv(self, monitor_fd: int) -> list[str]:
+        return ["qemu-storage-daemon", "--chardev", f"socket,id=m,fd={monitor_fd}", "--monitor", "chardev=m"]
 
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.dir = Path(tempfile.mkdtemp(prefix="qsd-", dir=self.run_dir))
-        sock = self.dir / "qmp.sock"
-        self.proc = subprocess.Popen(  # dies with the agent (PR_SET_PDEATHSIG): no orphan holds image locks
-            ["qemu-storage-daemon", "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
-             "--monitor", "chardev=m"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "stderr.log", "wb"), preexec_fn=die_with_parent)
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = (self.dir / "stderr.log").read_text(errors="replace")[-400:]
-                self._cleanup()
-                raise StorageError(f"qemu-storage-daemon did not start: {err}")
-            time.sleep(0.02)
-        self.qmp = QEMUMonitorProtocol(str(sock))
-        self.qmp.connect()
+    def graph(self) -> Graph:
         return Graph(self.execute)
-
-    def execute(self, command: str, args: dict[str, Any] | None) -> Any:
-        resp = self.qmp.cmd_raw(command, args)
-        if "error" in resp:
-            raise StorageError(f"QMP {command} failed: {resp['error'].get('desc', resp['error'])}")
-        return resp.get("return")
-
-    def _cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self.qmp is not None:
-                with contextlib.suppress(Exception):
-                    self.qmp.cmd_raw("quit", None)
-                with contextlib.suppress(Exception):
-                    self.qmp.close()
-            if self.proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(30)
-        finally:
-            self._cleanup()
 
 
 # ------------------------------------------------------------------------------------------ operations
@@ -689,13 +632,12 @@ def scratch_dir(pool: Pool, name: str) -> Iterator[Path]:
 class LocalQcow2Driver(BlockStorageDriver):
     """:class:`~hackboot.volumes.driver.BlockStorageDriver` over qcow2 files in a local pool.
 
-    ``root``: the pool (``<root>/<volume id>/<file>``); ``run_dir``: where short-lived storage
-    daemons keep their files (offline graph work).
+    ``root``: the pool (``<root>/<volume id>/<file>``). Graph work on a volume no guest has open runs in
+    a short-lived :class:`StorageDaemon`.
     """
 
-    def __init__(self, root: Path, run_dir: Path | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.pool = Pool(Path(root))
-        self.run_dir = Path(run_dir) if run_dir is not None else self.pool.root / ".qsd"
 
     @staticmethod
     def _check_id(volume_id: str) -> str:
@@ -785,7 +727,8 @@ class LocalQcow2Driver(BlockStorageDriver):
                 with contextlib.suppress(Exception):  # a node we added ourselves stays until deleted
                     g.x("blockdev-del", {"node-name": node_name(vid, frozen)})
             else:
-                with StorageDaemon(self.run_dir) as d:
+                with StorageDaemon() as daemon:
+                    d = daemon.graph()
                     d.open_chain(self.pool, VolumeView(vid, child, volume.key))
                     stream_into(self.pool, vid, child, frozen, volume.key, d, child)
 
@@ -810,7 +753,8 @@ class LocalQcow2Driver(BlockStorageDriver):
             _run(["qemu-img", "resize", "-q", "-f", "raw", str(self.pool.path(volume.active)), str(size_bytes)],
                  "Cannot grow the volume")
         else:
-            with StorageDaemon(self.run_dir) as d:
+            with StorageDaemon() as daemon:
+                d = daemon.graph()
                 d.open_chain(self.pool, volume)
                 resize(self.pool, volume, size_bytes, d)
 
