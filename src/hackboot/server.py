@@ -73,21 +73,6 @@ def background_loops() -> list[Loop]:
     return loops
 
 
-# Services that announce changes of desired state through their own `on_change` hook rather than by
-# calling `core.reconcile.notify`: forwarded to the ChangeNotifier (kind, and whether to send datagrams:
-# compute's service sends its own), so agents on other machines wake at once on PostgreSQL (NOTIFY).
-CHANGE_HOOKS = {"compute": ("instance", False), "volumes": ("volume", True)}
-
-
-def bridge_changes() -> None:
-    from hackboot.core import reconcile
-
-    for service, (kind, sockets) in CHANGE_HOOKS.items():
-        svc = _optional(f"hackboot.{service}.service")
-        if svc is not None and hasattr(svc, "on_change"):
-            reconcile.bridge(kind, svc.on_change, sockets=sockets)
-
-
 def _run(coro: Any) -> None:
     """Run on uvloop when installed (uvicorn[standard] brings it): noticeably faster I/O."""
     try:
@@ -162,7 +147,6 @@ def serve() -> None:
     from hackboot.core.db import dispose_engine
 
     dispose_engine()  # no connection may cross a fork
-    bridge_changes()  # before forking: API workers inherit it
     api_socket = _bind(settings.api_host, settings.api_port)
     children = _fork_api_workers(max(0, settings.api_workers - 1), api_socket)
     workers = Workers()

@@ -287,7 +287,6 @@ class Agent:
 
     def _boot(self) -> None:
         # before registering: no change is missed once the host exists
-        reconcile.bridge(self.reconciler.kind, service.on_change, sockets=False)  # the service sends datagrams
         reconcile.notifier.listen_socket(self.name, self._stop)
         self.probe()
         delay = 1.0

@@ -14,13 +14,9 @@ a newer request (e.g. a delete issued while a reboot was running).
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import hashlib
 import logging
-import socket
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +41,7 @@ from hackboot.compute.models import (
     KeyPair,
     ServerGroup,
 )
-from hackboot.core import errors, quotas
+from hackboot.core import errors, quotas, reconcile
 from hackboot.core.auth import Principal
 from hackboot.core.config import get_settings
 from hackboot.core.db import session_scope, utcnow
@@ -58,46 +54,10 @@ log = logging.getLogger("hackboot.compute")
 
 GROUP_POLICIES = ("affinity", "anti-affinity")
 
-# --- change notification: agents on this machine wake up at once instead of waiting for their poll ----
-#
-# Polling the database is the contract (it works across machines and survives anything); these are
-# only latency shortcuts. In-process listeners cover an agent in the same process; agents on the
-# same machine (the local agent of `serve`, whose API may run in forked worker processes, and extra
-# agents sharing the state dir) each bind a datagram socket in `<state_dir>/wake/`, and a change
-# sends them the host id. A lost datagram costs at most one poll interval.
-
-_listeners: list[Callable[[str | None], None]] = []
-_listeners_lock = threading.Lock()
-
-
-def wake_dir() -> Path:
-    return get_settings().state_dir.absolute() / "wake"
-
-
-def on_change(callback: Callable[[str | None], None]) -> None:
-    """Register `callback(host_id)` called after a committed change of desired state (this process)."""
-    with _listeners_lock:
-        _listeners.append(callback)
-
-
-def _notify(host_id: str | None) -> None:
-    with _listeners_lock:
-        callbacks = list(_listeners)
-    for cb in callbacks:
-        try:
-            cb(host_id)
-        except Exception:  # a listener never breaks a request
-            log.exception("compute change listener failed")
-    try:
-        sockets = [p for p in wake_dir().iterdir() if p.suffix == ".sock"]
-    except OSError:
-        return
-    payload = (host_id or "*").encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        for path in sockets:
-            with contextlib.suppress(OSError):  # agent gone or its queue full: it will poll
-                sock.sendto(payload, str(path))
+# The reconcile channel of instances (core.reconcile; keys: host ids). After committing a change of
+# desired state, `reconcile.notify(KIND, host_id)` wakes the host's agent at once (in this process,
+# on this machine by datagram, elsewhere by PostgreSQL NOTIFY); its poll is the backstop.
+KIND = "instance"
 
 
 def _now_ts() -> float:
@@ -384,7 +344,7 @@ def create_instance(p: Principal, req: CreateRequest) -> Instance:
         emit(s, "instance.created", resource_type="instance", resource_id=inst.id, project_id=project,
              actor=p.user_id, data={"name": inst.name, "flavor": flavor.id, "image": image.id,
                                     "host": placement.host_name, "zone": placement.zone_id})
-    _notify(inst.host_id)
+    reconcile.notify(KIND, inst.host_id)
     return inst
 
 
@@ -519,7 +479,7 @@ def instance_action(p: Principal, ref: str, action: str, *, hard: bool = False, 
              actor=p.user_id, data={"hard": hard} if action == "reboot" else (
                  {"flavor": inst.flavor_id} if action == "resize" else {}))
         host_id = inst.host_id
-    _notify(host_id)
+    reconcile.notify(KIND, host_id)
     return inst, extra
 
 
@@ -541,7 +501,7 @@ def delete_instance(p: Principal, ref: str) -> Instance:
             emit(s, "instance.delete", resource_type="instance", resource_id=inst.id, project_id=inst.project_id,
                  actor=p.user_id)
         host_id = inst.host_id
-    _notify(host_id)
+    reconcile.notify(KIND, host_id)
     return inst
 
 

@@ -40,8 +40,8 @@ What the loop guarantees:
 * **resync**: :meth:`Reconciler.resync` runs every ``resync_interval`` seconds in its own
   thread (compare observed and desired state of idle objects, clean up orphans).
 
-``core`` imports no service: services call :func:`notify` (or bridge their own change hooks with
-:func:`bridge`), and agents subclass :class:`Reconciler`.
+``core`` imports no service: services call :func:`notify` after committing, and agents subclass
+:class:`Reconciler`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ log = logging.getLogger("hackboot.reconcile")
 
 Listener = Callable[[str | None], None]
 ANY_KIND = "*"
-_SEP = "\x1f"  # kind / key separator in a wake-up datagram (a bare key is understood as "any kind")
+_SEP = "\x1f"  # kind / key separator in a wake-up datagram
 
 
 def channel(kind: str) -> str:
@@ -100,7 +100,6 @@ class ChangeNotifier:
         self._db_kinds: set[str] = set()
         self._db_thread: threading.Thread | None = None
         self._db_stop = threading.Event()
-        self._bridged: set[str] = set()
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -151,9 +150,8 @@ class ChangeNotifier:
                 except OSError:
                     break
                 kind, sep, key = data.partition(_SEP)
-                if not sep:  # a bare key (compute's service sends host ids): any kind
-                    kind, key = ANY_KIND, data
-                self.dispatch(kind, None if key in ("*", "") else key)
+                if sep:
+                    self.dispatch(kind, None if key in ("*", "") else key)
             sock.close()
             path.unlink(missing_ok=True)
 
@@ -250,22 +248,9 @@ class ChangeNotifier:
         except Exception as exc:
             log.debug("NOTIFY %s failed: %s", kind, exc)
 
-    def bridge(self, kind: str, on_change: Callable[[Listener], object], *, sockets: bool = True) -> None:
-        """Forward a service's own change hook (`on_change(callback(key))`) to :meth:`notify`, once per process.
-
-        For services that signal changes through a module-level ``on_change`` registry rather than
-        calling :func:`notify` themselves. `sockets=False` when the service already sends datagrams.
-        """
-        with self._lock:
-            if kind in self._bridged:
-                return
-            self._bridged.add(kind)
-        on_change(lambda key: self.notify(kind, key, sockets=sockets))
-
 
 notifier = ChangeNotifier()
 notify = notifier.notify
-bridge = notifier.bridge
 
 
 @dataclass

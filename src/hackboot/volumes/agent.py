@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from hackboot.compute.driver import Capability
-from hackboot.core import reconcile
 from hackboot.core.config import get_settings
 from hackboot.core.reconcile import Reconciler
 from hackboot.volumes import lifecycle, service, storage, tiers
@@ -171,7 +170,6 @@ class VolumeAgent(Reconciler):
 
     def start(self) -> None:
         self.scope = self.host_id
-        reconcile.bridge(self.kind, service.on_change)
         super().start()
 
     def list_ids(self) -> Iterable[str]:

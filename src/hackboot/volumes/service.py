@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from hackboot.core import errors, quotas
+from hackboot.core import errors, quotas, reconcile
 from hackboot.core.auth import Principal
 from hackboot.core.config import get_settings
 from hackboot.core.crypto import seal, unseal
@@ -52,25 +50,9 @@ LIVE_ATTACHMENT = ("attaching", "attached", "detaching")
 KEY_CONTEXT = b"volume-key:"
 S3_CONTEXT = b"volume-backup-s3:"
 
-# --- change notification (an in-process agent wakes at once) ----------------------------------------
-
-_listeners: list[Callable[[str | None], None]] = []
-_listeners_lock = threading.Lock()
-
-
-def on_change(callback: Callable[[str | None], None]) -> None:
-    with _listeners_lock:
-        _listeners.append(callback)
-
-
-def _notify(host_id: str | None) -> None:
-    with _listeners_lock:
-        callbacks = list(_listeners)
-    for cb in callbacks:
-        try:
-            cb(host_id)
-        except Exception:
-            log.exception("volume change listener failed")
+# The reconcile channel of volumes (core.reconcile; keys: host ids): `reconcile.notify(KIND, host_id)`
+# after committing a change of desired state wakes the host's volume agent at once.
+KIND = "volume"
 
 
 def _emit(s: Session, v: Volume, verb: str, actor: str, **data: Any) -> None:
@@ -242,7 +224,7 @@ def create_volume(p: Principal, req: CreateRequest) -> Volume:
         s.flush()
         _emit(s, v, "created", p.user_id, size_gb=size, tier=tier.name, zone=zone_id, encrypted=v.encrypted,
               source=source_type, source_id=source_id)
-    _notify(v.host_id)
+    reconcile.notify(KIND, v.host_id)
     return v
 
 
@@ -307,7 +289,7 @@ def update_volume(p: Principal, ref: str, *, tier: str | None = None, descriptio
                    previous=v.tier)
             v.tier = t.name
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return v
 
 
@@ -335,7 +317,7 @@ def resize_volume(p: Principal, ref: str, size_gb: int) -> Volume:
                                     code="no_capacity") from None
         v.size_gb = size_gb
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return v
 
 
@@ -359,7 +341,7 @@ def delete_volume(p: Principal, ref: str) -> Volume:
                                   "delete them first", code="has_dependents")
         _start(s, v, lifecycle.DELETE, p.user_id, verb="deleting")
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return v
 
 
@@ -402,7 +384,7 @@ def attach_volume(p: Principal, ref: str, instance_ref: str, mode: str | None = 
         _start(s, v, lifecycle.ATTACH, p.user_id, {"attachment_id": att.id}, verb="attaching",
                instance_id=inst.id, mode=mode)
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return v
 
 
@@ -427,7 +409,7 @@ def detach_volume(p: Principal, ref: str, instance_ref: str | None = None, force
         att.state = "detaching"
         att.force = force
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return v
 
 
@@ -467,7 +449,7 @@ def create_snapshot(p: Principal, ref: str, name: str | None, kind: str = "user"
         _start(s, v, lifecycle.SNAPSHOT, p.user_id, {"snapshot_id": snap.id, "new_active": snap_new_active(v)},
                verb="snapshotting", snapshot_id=snap.id, snapshot=name)
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return snap
 
 
@@ -509,7 +491,7 @@ def delete_snapshot(p: Principal, ref: str, snap_ref: str) -> VolumeSnapshot:
                snapshot_id=snap.id, snapshot=snap.name)
         snap.status = "deleting"
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return snap
 
 
@@ -526,7 +508,7 @@ def revert_volume(p: Principal, ref: str, snap_ref: str) -> Volume:
         _start(s, v, lifecycle.REVERT, p.user_id, {"snapshot_id": snap.id, "new_active": snap_new_active(v)},
                verb="reverting", snapshot_id=snap.id, snapshot=snap.name)
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return v
 
 
@@ -689,7 +671,7 @@ def create_backup(p: Principal, ref: str, *, bucket: str | None = None, kind: st
                                                     "new_active": snap_new_active(v)},
                verb="backing_up", backup_id=bid, kind=backup.kind)
         host = v.host_id
-    _notify(host)
+    reconcile.notify(KIND, host)
     return backup
 
 
