@@ -7,43 +7,55 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI
 
+from hackboot.catalog import api as catalog_api
+from hackboot.catalog import service as catalog_service
+from hackboot.compute import api as compute_api
+from hackboot.compute import service as compute_service
+from hackboot.compute.agent import start_local_agent
 from hackboot.core.app import build_app
 from hackboot.core.config import get_settings
+from hackboot.core.migrate import upgrade
 from hackboot.core.privsep import die_with_parent
 from hackboot.core.workers import Loop, Workers
+from hackboot.events import api as events_api
+from hackboot.events import service as events_service
+from hackboot.identity import api as identity_api
+from hackboot.identity import service as identity_service
+from hackboot.images import api as images_api
+from hackboot.images import service as images_service
+from hackboot.network import api as network_api
+from hackboot.network import service as network_service
+from hackboot.objectstore import api as objectstore_api
+from hackboot.objectstore import service as objectstore_service
+from hackboot.objectstore.s3app import create_s3_app
+from hackboot.volumes import api as volumes_api
+from hackboot.volumes import service as volumes_service
 
 log = logging.getLogger("hackboot.server")
 
-# Each service exposes `router` in api.py; optional ones are skipped until they exist.
-SERVICES = ["identity", "events", "catalog", "compute", "images", "volumes", "network", "objectstore"]
-
-
-def _optional(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            return None
-        raise
+# Every service's routes, in the order they are matched and documented.
+ROUTERS: list[APIRouter] = [identity_api.router, events_api.router, catalog_api.router, compute_api.router,
+                            images_api.router, volumes_api.router, network_api.router, objectstore_api.router]
+# Idempotent seeds, run at start after migrations.
+SEEDS: list[Callable[[], object]] = [catalog_service.seed, images_service.seed]
+# Background loops of the control plane (the host agents' reconcilers are started by the agents).
+LOOPS: list[Callable[[], list[Loop]]] = [events_service.loops, catalog_service.loops, compute_service.loops,
+                                         images_service.loops, volumes_service.loops, network_service.loops,
+                                         objectstore_service.loops]
 
 
 def routers() -> list[APIRouter]:
-    found = []
-    for service in SERVICES:
-        api = _optional(f"hackboot.{service}.api")
-        if api is not None and hasattr(api, "router"):
-            found.append(api.router)
-    return found
+    return list(ROUTERS)
 
 
 def create_app() -> FastAPI:
@@ -51,26 +63,16 @@ def create_app() -> FastAPI:
 
 
 def prepare() -> str | None:
-    """Migrate, seed the catalog, create the admin once. Returns a new admin password or None."""
-    from hackboot.core.migrate import upgrade
-    from hackboot.identity.service import bootstrap
-
+    """Migrate, seed the catalog and images, create the admin once. Returns a new admin password or None."""
     settings = get_settings()
     upgrade(settings.effective_database_url)
-    for service in SERVICES:
-        svc = _optional(f"hackboot.{service}.service")
-        if svc is not None and hasattr(svc, "seed"):
-            svc.seed()
-    return bootstrap(settings.state_dir)
+    for seed in SEEDS:
+        seed()
+    return identity_service.bootstrap(settings.state_dir)
 
 
 def background_loops() -> list[Loop]:
-    loops: list[Loop] = []
-    for service in SERVICES:
-        svc = _optional(f"hackboot.{service}.service")
-        if svc is not None and hasattr(svc, "loops"):
-            loops.extend(svc.loops())
-    return loops
+    return [loop for service_loops in LOOPS for loop in service_loops()]
 
 
 def _run(coro: Any) -> None:
@@ -154,14 +156,9 @@ def serve() -> None:
         for loop in background_loops():
             workers.start(loop)
     if settings.run_local_agent:
-        agent = _optional("hackboot.compute.agent")
-        if agent is not None and hasattr(agent, "start_local_agent"):
-            agent.start_local_agent(workers)
+        start_local_agent(workers)
     api = _server(create_app(), settings.api_host, settings.api_port)
-    servers = [api]
-    s3 = _optional("hackboot.objectstore.s3app")
-    if s3 is not None:
-        servers.append(_server(s3.create_s3_app(), settings.s3_host, settings.s3_port, s3=True))
+    servers = [api, _server(create_s3_app(), settings.s3_host, settings.s3_port, s3=True)]
 
     async def main() -> None:
         # Each uvicorn server catches SIGINT/SIGTERM for itself only: when one stops, stop all.

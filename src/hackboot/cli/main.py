@@ -7,7 +7,6 @@ allowed, 5 conflict or quota, 6 server unreachable or failing, 7 timed out waiti
 from __future__ import annotations
 
 import atexit
-import importlib
 import logging
 import os
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from hackboot.cli import identity
+from hackboot.cli import catalog, compute, events, identity, images, network, s3, volumes
 from hackboot.cli.context import state
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -125,13 +124,8 @@ Next steps:
 """, err=False)
 
 
-identity.register(app)
-for _module in ("catalog", "events", "compute", "images", "volumes", "network", "s3"):
-    try:
-        importlib.import_module(f"hackboot.cli.{_module}").register(app)
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"hackboot.cli.{_module}":
-            raise
+for _commands in (identity, catalog, events, compute, images, volumes, network, s3):
+    _commands.register(app)
 
 
 if __name__ == "__main__":

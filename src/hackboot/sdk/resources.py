@@ -1,20 +1,17 @@
-"""Resource groups attached to `Client`; each service adds its own module and registers it here."""
+"""Resource groups attached to `Client`; each service adds its own module and lists it here."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hackboot.sdk import catalog, compute, events, identity, images, network, s3, volumes
+
 if TYPE_CHECKING:
     from hackboot.sdk.client import Client
 
+GROUPS = (identity, catalog, events, compute, images, volumes, network, s3)
+
 
 def attach(client: Client) -> None:
-    from hackboot.sdk import identity
-
-    identity.attach(client)
-    for module in ("catalog", "events", "compute", "images", "volumes", "network", "s3"):
-        try:
-            mod = __import__(f"hackboot.sdk.{module}", fromlist=["attach"])
-        except ModuleNotFoundError:
-            continue
-        mod.attach(client)
+    for module in GROUPS:
+        module.attach(client)
