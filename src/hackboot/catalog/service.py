@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, func, inspect, or_, select, text
+from sqlalchemy import Select, and_, column, exists, func, inspect, or_, select, table, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -362,22 +362,24 @@ _CATALOG_TABLES = {"regions", "zones", "flavors", "prices", "hosts", "inventorie
 def flavor_references(s: Session, flavor_id: str, metadata: Any = None) -> dict[str, int]:
     """Rows of other services that name this flavor: every table with a `flavor_id` column.
 
-    Generic on purpose: the catalog does not import compute (or billing…) to know who uses a
-    flavor, and a service added later is covered without touching this code.
+    Generic on purpose: the catalog imports no other service (compute, billing…) to know who uses a
+    flavor; it asks the database for its tables (or looks at `metadata`'s), so a service added later
+    is covered without touching this code.
     """
-    if metadata is None:
-        import hackboot.models  # noqa: F401 - registers every service's tables
-        from hackboot.core.db import Base
-
-        metadata = Base.metadata
-    existing = set(inspect(s.connection()).get_table_names())
+    inspector = inspect(s.connection())
+    existing = set(inspector.get_table_names())
+    if metadata is not None:
+        tables = [t for t in metadata.sorted_tables if "flavor_id" in t.c and t.name in existing]
+    else:
+        tables = [table(name, column("flavor_id")) for name in sorted(existing)
+                  if any(c["name"] == "flavor_id" for c in inspector.get_columns(name))]
     counts: dict[str, int] = {}
-    for table in metadata.sorted_tables:
-        if table.name in _CATALOG_TABLES or "flavor_id" not in table.c or table.name not in existing:
+    for t in tables:
+        if t.name in _CATALOG_TABLES:
             continue
-        n = s.scalar(select(func.count()).select_from(table).where(table.c.flavor_id == flavor_id)) or 0
+        n = s.scalar(select(func.count()).select_from(t).where(t.c.flavor_id == flavor_id)) or 0
         if n:
-            counts[table.name] = int(n)
+            counts[t.name] = int(n)
     return counts
 
 

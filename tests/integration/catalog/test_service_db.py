@@ -74,6 +74,8 @@ def test_flavor_references_finds_any_table_with_a_flavor_id(fresh_db: str) -> No
         with session_scope(write=False) as s:
             assert service.flavor_references(s, "t3.small", meta) == {"catalog_test_widgets": 1}
             assert service.flavor_references(s, "t3.micro", meta) == {}
+            # without metadata: the database's own tables (instances included), nothing imported
+            assert service.flavor_references(s, "t3.small") == {"catalog_test_widgets": 1}
     finally:
         meta.drop_all(get_engine())
 
