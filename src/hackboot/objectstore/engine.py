@@ -30,7 +30,7 @@ import anyio
 from sqlalchemy import UnaryExpression, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-import hackboot.models  # noqa: F401 - every table, so foreign keys to projects resolve
+import hackboot.identity.models  # noqa: F401 - projects, so the foreign keys to them resolve
 from hackboot.core import quotas
 from hackboot.core.auth import auth_epoch, forget_cached_tokens
 from hackboot.core.config import get_settings
@@ -244,16 +244,20 @@ async def load_credential(access_key: str) -> Cred | None:
     return get_credential(access_key) if access_key in _creds else await blocking(get_credential, access_key)
 
 
+_service_key_checks: list[Callable[[Session, S3Credential], bool]] = []
+
+
+def register_service_key_check(check: Callable[[Session, S3Credential], bool]) -> None:
+    """Services that hold keys for a project itself register how to recognise them (block storage does)."""
+    if check not in _service_key_checks:
+        _service_key_checks.append(check)
+
+
 def _is_service_key(s: Session, row: S3Credential) -> bool:
     """A key a service holds for the project itself, not for a person: block storage's backup key (made
     once, by whichever member first backed up; its secret never leaves the server). The project's
     backups must not stop when that member leaves, so no membership applies to it."""
-    try:
-        from hackboot.volumes.models import BackupCredential
-    except ImportError:  # a deployment without block storage
-        return False
-    link = s.get(BackupCredential, row.project_id)
-    return link is not None and link.credential_id == row.id
+    return any(check(s, row) for check in _service_key_checks)
 
 
 def _holder_rights(s: Session, row: S3Credential) -> tuple[bool, bool]:

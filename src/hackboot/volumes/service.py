@@ -29,6 +29,8 @@ from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.core.workers import Loop
 from hackboot.events.service import emit
+from hackboot.objectstore import engine as objectstore_engine
+from hackboot.objectstore.models import S3Credential
 from hackboot.volumes import lifecycle, storage, tiers
 from hackboot.volumes.models import (
     AVAILABLE,
@@ -541,6 +543,15 @@ def ensure_backup_credential(project_id: str, user_id: str) -> None:
             s.add(BackupCredential(project_id=project_id, credential_id=issued.credential.id,
                                    access_key=issued.credential.access_key,
                                    secret_sealed=seal(issued.secret_key.encode(), S3_CONTEXT + project_id.encode())))
+
+
+def _is_backup_key(s: Session, credential: S3Credential) -> bool:
+    """The project's backup key is the service's, not its creator's: membership does not apply to it."""
+    link = s.get(BackupCredential, credential.project_id)
+    return link is not None and link.credential_id == credential.id
+
+
+objectstore_engine.register_service_key_check(_is_backup_key)
 
 
 def backup_credential(project_id: str) -> tuple[str, str] | None:
