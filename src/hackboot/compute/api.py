@@ -260,4 +260,4 @@ def snapshot(ref: RefPath, p: Member, body: SnapshotIn | None = None) -> dict[st
     _, image = service.instance_action(p, ref, "snapshot", snapshot_name=body.name if body else None)
     fields = ("id", "name", "status", "disk_format", "visibility", "project_id", "source_instance_id",
               "created_at")
-    return {f: getattr(image, f) for f in fields if hasattr(image, f)}
+    return {f: getattr(image, f) for f in fields}

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from hackboot.catalog import service as catalog_service
 from hackboot.catalog.models import Flavor, Host, Region, Zone
 from hackboot.compute import imagesource, lifecycle, scheduler
 from hackboot.compute.models import (
@@ -223,22 +224,9 @@ def _flavor(s: Session, ref: str) -> Flavor:
 
 
 def _check_zone(s: Session, zone: Zone) -> None:
-    """Conflict region_not_operational unless the zone and its region accept new instances."""
-    try:
-        from hackboot.catalog import service as catalog_service  # type: ignore[attr-defined]
-    except ImportError:
-        catalog_service = None
-    if catalog_service is not None and hasattr(catalog_service, "placeable_zone"):
-        catalog_service.placeable_zone(s, zone.id)
-        return
-    region = s.get(Region, zone.region_id)
-    if region is None or region.status != "operational":
-        state = region.status if region else "unknown"
-        raise errors.Conflict(f"Region {zone.region_id} is {state}: it does not accept new instances",
-                              code="region_not_operational")
-    if zone.status != "operational":
-        raise errors.Conflict(f"Zone {zone.id} is {zone.status}: it does not accept new instances",
-                              code="region_not_operational")
+    """Conflict region_not_operational (or zone_not_operational) unless the zone and its region accept new
+    instances."""
+    catalog_service.placeable_zone(s, zone.id)
 
 
 def _zones(s: Session, zone: str | None, region: str | None) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from hackboot.catalog import service as catalog_service
 from hackboot.core import errors, quotas, reconcile
 from hackboot.core.auth import Principal
 from hackboot.core.config import get_settings
@@ -116,12 +117,7 @@ def _zone(s: Session, zone: str | None) -> str:
     z = s.get(Zone, zone_id)
     if z is None:
         raise _invalid("zone", f"Zone {zone_id} does not exist")
-    try:
-        from hackboot.catalog import service as catalog_service
-
-        catalog_service.placeable_zone(s, z.id)
-    except ImportError:  # pragma: no cover
-        pass
+    catalog_service.placeable_zone(s, z.id)
     return z.id
 
 
