@@ -137,7 +137,7 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several API processes: add up every process's samples.
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
         return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
 

@@ -79,9 +79,11 @@ def run_unprivileged(argv: list[str], *, address_space: int = 2 * 1024**3, cpu_s
     The files it reads or writes must be readable/writable by that account (see `give_to`).
     """
     acct = account or unprivileged_account()
-    switch = {} if acct.is_current else {"user": acct.uid, "group": acct.gid, "extra_groups": []}
-    return subprocess.run(limited_argv(argv, address_space=address_space, cpu_seconds=cpu_seconds),
-                          capture_output=True, text=True, timeout=timeout, check=False, **switch)  # type: ignore[arg-type]
+    limited = limited_argv(argv, address_space=address_space, cpu_seconds=cpu_seconds)
+    if acct.is_current:
+        return subprocess.run(limited, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(limited, capture_output=True, text=True, timeout=timeout, check=False,
+                          user=acct.uid, group=acct.gid, extra_groups=[])
 
 
 # Recorded in a process just before it forks, so its child knows who its parent was: a child whose

@@ -196,9 +196,9 @@ class ChangeNotifier:
                                 self.dispatch(kind, None)
                         by_channel = {channel(k): k for k in listening}
                         for n in conn.notifies(timeout=1.0):
-                            kind = by_channel.get(n.channel)
-                            if kind is not None:
-                                self.dispatch(kind, n.payload or None)
+                            notified = by_channel.get(n.channel)
+                            if notified is not None:
+                                self.dispatch(notified, n.payload or None)
             except Exception as exc:
                 if self._db_stop.is_set():
                     return
