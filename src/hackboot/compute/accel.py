@@ -238,10 +238,12 @@ def boot_probe(
         "-serial", "stdio",
     ]  # fmt: skip
     account = unprivileged_account()
-    switch: dict[str, object] = {}
+    user: int | None = None
+    group: int | None = None
+    extra_groups: list[int] | None = None
     if not account.is_current:
-        groups = [os.stat("/dev/kvm").st_gid] if accel == "kvm" and os.path.exists("/dev/kvm") else []
-        switch = {"user": account.uid, "group": account.gid, "extra_groups": groups}
+        user, group = account.uid, account.gid
+        extra_groups = [os.stat("/dev/kvm").st_gid] if accel == "kvm" and os.path.exists("/dev/kvm") else []
     # If our process dies mid-probe (agent killed, test timeout), a hung KVM guest
     # would otherwise spin forever: have the kernel SIGKILL it when we go away.
     setpriv = shutil.which("setpriv")
@@ -251,7 +253,8 @@ def boot_probe(
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd="/", pass_fds=(kernel_fd, initrd_fd), **switch,  # type: ignore[arg-type]
+            start_new_session=True, cwd="/", pass_fds=(kernel_fd, initrd_fd),
+            user=user, group=group, extra_groups=extra_groups,
         )  # fmt: skip
     finally:
         os.close(kernel_fd)

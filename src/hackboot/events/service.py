@@ -161,7 +161,7 @@ def get_event(f: EventFilter, event_id: str) -> Event:
     if not _ID_RE.match(event_id):
         raise errors.NotFound(f"Event {event_id[:64]!r} not found")
     with session_scope(write=False) as s:
-        event = s.scalar(f.apply(select(Event)).where(Event.id == event_id))
+        event: Event | None = s.scalar(f.apply(select(Event)).where(Event.id == event_id))
         if event is None:
             raise errors.NotFound(f"Event {event_id} not found")
         return event

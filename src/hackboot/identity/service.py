@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -332,7 +332,7 @@ def create_user(p: Principal, username: str, password: str | None, email: str, s
         return user
 
 
-def user_query(s: Session, p: Principal):  # type: ignore[no-untyped-def]
+def user_query(s: Session, p: Principal) -> Select[User]:
     """Superusers: everyone. Organisation owners/admins: their organisation. Others: themselves and
     the members of the token's project."""
     me = s.get(User, p.user_id)
@@ -348,7 +348,7 @@ def user_query(s: Session, p: Principal):  # type: ignore[no-untyped-def]
 
 
 def get_user(s: Session, p: Principal, user_id: str) -> User:
-    user = s.scalar(user_query(s, p).where(User.id == user_id))
+    user: User | None = s.scalar(user_query(s, p).where(User.id == user_id))
     if user is None:
         raise errors.NotFound(f"User {user_id} not found")
     return user
@@ -399,13 +399,13 @@ def change_password(p: Principal, user_id: str, old_password: str | None, new_pa
         throttle.succeeded(username, source)
     new_hash = hash_password(new_password)  # outside the write transaction: scrypt is slow on purpose
     with session_scope() as s:
-        user = s.get(User, user_id)
-        if user is None:
+        target = s.get(User, user_id)
+        if target is None:
             raise errors.NotFound(f"User {user_id} not found")
-        user.password_hash = new_hash
-        s.execute(update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.name == "login",
+        target.password_hash = new_hash
+        s.execute(update(ApiToken).where(ApiToken.user_id == target.id, ApiToken.name == "login",
                                          ApiToken.revoked_at.is_(None), ApiToken.id != p.token_id)
                   .values(revoked_at=utcnow()))
-        emit(s, "user.password_changed", resource_type="user", resource_id=user.id, project_id=None,
+        emit(s, "user.password_changed", resource_type="user", resource_id=target.id, project_id=None,
              actor=p.user_id)
     forget_cached_tokens()

@@ -149,7 +149,7 @@ def resolve_image(session: Session, project_id: str, ref: str) -> Image:
     ``active``, raises NotFound. Runs in the caller's transaction.
     """
     base = visible_query(project_id)
-    img = session.scalar(base.where(Image.id == ref))
+    img: Image | None = session.scalar(base.where(Image.id == ref))
     if img is None:
         candidates = list(session.scalars(base.where(Image.name == ref).order_by(Image.id)))
         active = [i for i in candidates if i.status == "active"]

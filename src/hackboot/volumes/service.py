@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from hackboot.catalog import service as catalog_service
@@ -227,7 +227,7 @@ def create_volume(p: Principal, req: CreateRequest) -> Volume:
 
 
 def volume_query(p: Principal, *, status: str | None = None, name: str | None = None, zone: str | None = None,
-                 tier: str | None = None):  # type: ignore[no-untyped-def]
+                 tier: str | None = None) -> Select[Volume]:
     stmt = select(Volume).where(Volume.project_id == p.project)
     stmt = stmt.where(Volume.status == status) if status else stmt.where(Volume.status != DELETED)
     if name:
@@ -593,7 +593,7 @@ def ensure_backup_bucket(project_id: str, name: str, actor: str) -> None:
     """The bucket a backup goes to: the project's own, created for the project when missing."""
     from hackboot.objectstore import engine
     from hackboot.objectstore.s3buckets import validate_bucket_name
-    from hackboot.objectstore.s3xml import S3Error
+    from hackboot.objectstore.s3errors import S3Error
 
     try:
         validate_bucket_name(name)
@@ -864,9 +864,9 @@ def enforce_retention(now: dt.datetime | None = None) -> dict[str, int]:
             pass  # busy: next round
     for _project_id, bid in remote_ids:
         with session_scope() as s:
-            b = s.get(VolumeBackup, bid)
-            if b is not None and b.status == "available":
-                b.status = "deleting"
+            expired_backup = s.get(VolumeBackup, bid)
+            if expired_backup is not None and expired_backup.status == "available":
+                expired_backup.status = "deleting"
                 remote += 1
     return {"local": local, "remote": remote}
 
