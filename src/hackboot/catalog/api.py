@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 
 RegionStatus = Literal["operational", "maintenance", "planned", "retired"]
 HostStatus = Literal["up", "down", "disabled"]
-PriceKind = Literal["flavor", "volume", "object_storage", "transfer"]
+PriceKind = Literal["flavor", "volume", "object_storage", "transfer", "network"]
 FlavorId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,31}$", max_length=32)]
 Family = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,15}$")]
 GpuModel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")]  # flavors.gpu_model
@@ -246,7 +246,7 @@ class PriceOut(Out):
 class PriceIn(Body):
     amount_eur: float = Field(ge=0, le=999_999, description="EUR, excluding VAT, per unit")  # NUMERIC(12, 6)
     unit: Literal["hour", "GB-month", "GB"] | None = Field(None, description="Checked against the sku's kind")
-    kind: PriceKind | None = Field(None, description="Inferred from the sku (flavor id, volume:, s3:, transfer:)")
+    kind: PriceKind | None = Field(None, description="Inferred from the sku (flavor id, volume:, s3:, transfer:, network:)")
     description: Description | None = None
 
 

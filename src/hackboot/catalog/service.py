@@ -56,8 +56,9 @@ SKU_PREFIXES: dict[str, tuple[str, str]] = {
     "volume:": ("volume", "GB-month"),
     "s3:": ("object_storage", "GB-month"),
     "transfer:": ("transfer", "GB"),
+    "network:": ("network", "hour"),
 }
-PRICE_KINDS = ("flavor", "volume", "object_storage", "transfer")
+PRICE_KINDS = ("flavor", "volume", "object_storage", "transfer", "network")
 
 
 def _actor(p: Principal | None) -> str:

@@ -108,6 +108,9 @@ def test_price_list_kinds_filters_and_pagination(admin: Client) -> None:
     assert s3 >= {"s3:STANDARD", "s3:STANDARD_IA", "s3:GLACIER", "s3:INTELLIGENT_TIERING"}
     flavor_prices = admin.prices.list(kind="flavor")
     assert all(p["unit"] == "hour" for p in flavor_prices)
+    network = {p["sku"]: p for p in admin.prices.list(kind="network")}
+    assert set(network) >= {"network:floating-ip", "network:nat-gateway"}
+    assert all(p["unit"] == "hour" for p in network.values())
     assert [p["sku"] for p in admin.prices.list(sku="s3:GLACIER")] == ["s3:GLACIER"]
     seen, cursor = [], None
     while True:
