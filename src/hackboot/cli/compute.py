@@ -168,6 +168,10 @@ def instance_create(
     user_data: Path = typer.Option(None, "--user-data", help="cloud-init user data file (#cloud-config…)"),
     server_group: str = typer.Option(None, "--server-group", help="Server group name or id"),
     placement: str = typer.Option(None, "--placement", help="spread (default) or pack"),
+    subnet: str = typer.Option(None, "--subnet", help="Subnet of its VPC NIC (default: the default VPC's)"),
+    security_group: list[str] = typer.Option(None, "--security-group", "-g",
+                                             help="Security group (repeat for several; default: the VPC's default)"),
+    private_ip: str = typer.Option(None, "--private-ip", help="Its address in the subnet (default: the lowest free)"),
     wait: bool = typer.Option(False, "--wait", "-w", help="Wait until ACTIVE (non-zero exit on ERROR)"),
     timeout: float = typer.Option(600, "--timeout", help="Seconds to wait"),
     output: str = OutputOpt,
@@ -182,10 +186,35 @@ def instance_create(
     client = _client()
     with api_errors():
         inst = client.instances.create(name, flavor=flavor, image=image, keypair=key, zone=zone, region=region,
-                                       user_data=data, server_group=server_group, placement=placement)
+                                       user_data=data, server_group=server_group, placement=placement,
+                                       subnet=subnet, security_groups=security_group or None, private_ip=private_ip)
     if wait:
         inst = _wait(client, inst, ("ACTIVE",), timeout, "Creating")
     render(inst, output, INSTANCE_COLUMNS if output == "table" else None)
+
+
+NIC_COLUMNS = ["device_index", "id", "name", "private_ip", "public_ip", "subnet_id", "mac", "status"]
+
+
+@instance_app.command("nic-list")
+def instance_nic_list(name: str, output: str = OutputOpt) -> None:
+    """The instance's network interfaces (device 0: the primary one, made with it)."""
+    with api_errors():
+        render(_client().instances.interfaces(name), output, NIC_COLUMNS)
+
+
+@instance_app.command("nic-attach")
+def instance_nic_attach(name: str, nic: str, output: str = OutputOpt) -> None:
+    """Attach a network interface (`hackboot nic create`); a running guest gets it hot-plugged."""
+    with api_errors():
+        render(_client().instances.attach_interface(name, nic), output)
+
+
+@instance_app.command("nic-detach")
+def instance_nic_detach(name: str, nic: str, output: str = OutputOpt) -> None:
+    """Detach a secondary network interface (unplugged from a running guest; the interface stays)."""
+    with api_errors():
+        render(_client().instances.detach_interface(name, nic), output)
 
 
 @instance_app.command("list")

@@ -473,9 +473,27 @@ class Agent:
 
         try:
             return cloudinit.build_seed_iso(self.seed_path(w.id), instance_id=w.id, hostname=w.name,
-                                            ssh_public_keys=w.public_keys, user_data=w.user_data)
+                                            ssh_public_keys=w.public_keys, user_data=w.user_data,
+                                            network_config=self.network_config(w))
         except (OSError, RuntimeError, ValueError) as exc:
             raise BuildError(f"Cannot write the cloud-init seed on host {self.name}: {exc}") from None
+
+    def network_config(self, w: Work) -> str | None:
+        """cloud-init network config (v2) when the instance has VPC interfaces: each by its MAC with DHCP, the
+        primary one's router as the default route; the management NIC (user-mode, SSH forward only) with
+        DHCP but neither its routes nor its DNS. Images without cloud-init (tiny) order NICs instead."""
+        import yaml
+
+        nics = service.guest_interfaces(w.id)
+        if not nics:
+            return None
+        ethernets: dict[str, Any] = {}
+        for i, nic in enumerate(nics):
+            ethernets[f"vpc{i}"] = {"match": {"macaddress": nic["mac"]}, "dhcp4": True,
+                                    **({} if i == 0 else {"dhcp4-overrides": {"use-routes": False}})}
+        ethernets["mgmt"] = {"match": {"macaddress": mac_for(w.id)}, "dhcp4": True,
+                             "dhcp4-overrides": {"use-routes": False, "use-dns": False}}
+        return str(yaml.safe_dump({"version": 2, "ethernets": ethernets}, sort_keys=False))
 
     def guest_spec(self, w: Work, port: int) -> Any:
         from hackboot.compute.driver import GuestSpec

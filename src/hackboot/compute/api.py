@@ -135,6 +135,11 @@ class InstanceIn(Body):
                                   description="cloud-init user data (#cloud-config is validated)")
     server_group: Ref | None = None
     placement: Literal["spread", "pack"] = "spread"
+    subnet: Ref | None = Field(None, description="Subnet of the primary interface (id or name; the instance is "
+                                                 "placed in its zone). Default: the default VPC's subnet of the zone")
+    security_groups: list[Ref] | None = Field(None, max_length=5, description="Default: the VPC's default group")
+    private_ip: str | None = Field(None, max_length=15, pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$",
+                                   description="IPv4 address in the subnet; default: its lowest free address")
 
     @field_validator("user_data")
     @classmethod
@@ -191,7 +196,9 @@ def create_instance(body: InstanceIn, p: Member, response: Response) -> Instance
     """Create a virtual machine: placed now, built by its host's agent (poll until ACTIVE)."""
     inst = service.create_instance(p, service.CreateRequest(
         name=body.name, flavor=body.flavor, image=body.image, keypair=body.keypair, zone=body.zone,
-        region=body.region, user_data=body.user_data, server_group=body.server_group, weigher=body.placement))
+        region=body.region, user_data=body.user_data, server_group=body.server_group, weigher=body.placement,
+        subnet=body.subnet, security_groups=body.security_groups,
+        private_ip=body.private_ip))
     response.headers["Location"] = f"/v1/instances/{inst.id}"
     return _one(inst)
 
@@ -235,6 +242,45 @@ def instance_action(ref: RefPath, body: ActionIn, p: Member) -> InstanceOut:
 def delete_instance(ref: RefPath, p: Member) -> InstanceOut:
     """Delete: the agent removes the guest, its disks and ports; the allocation and quota are freed."""
     return _one(service.delete_instance(p, ref))
+
+
+class InterfaceAttachIn(Body):
+    network_interface: Ref = Field(description="Network interface id or name (free, in the instance's zone)")
+    device_index: int | None = Field(None, ge=1, le=7, description="Default: the lowest free (0 is the primary)")
+
+
+class InstanceInterfaceOut(Out):
+    id: str
+    name: str
+    vpc_id: str
+    subnet_id: str
+    mac: str
+    private_ip: str
+    device_index: int | None
+    status: str
+    security_groups: list[str]
+    public_ip: str | None
+
+
+@router.get("/instances/{ref}/network-interfaces", response_model=list[InstanceInterfaceOut], tags=["instances"])
+def list_instance_interfaces(ref: RefPath, p: Viewer) -> list[InstanceInterfaceOut]:
+    """The instance's network interfaces in device order (0: the primary one, made with it)."""
+    return [InstanceInterfaceOut.model_validate(n) for n in service.instance_interfaces(p, ref)]
+
+
+@router.post("/instances/{ref}/network-interfaces", status_code=202, response_model=InstanceInterfaceOut,
+             tags=["instances"])
+def attach_instance_interface(ref: RefPath, body: InterfaceAttachIn, p: Member) -> InstanceInterfaceOut:
+    """Attach a network interface; a running guest gets the NIC hot-plugged (202: see the interface's status)."""
+    return InstanceInterfaceOut.model_validate(
+        service.attach_interface(p, ref, body.network_interface, body.device_index))
+
+
+@router.delete("/instances/{ref}/network-interfaces/{interface}", status_code=202,
+               response_model=InstanceInterfaceOut, tags=["instances"])
+def detach_instance_interface(ref: RefPath, interface: RefPath, p: Member) -> InstanceInterfaceOut:
+    """Detach a secondary interface (unplugged from a running guest); the primary one goes with the instance."""
+    return InstanceInterfaceOut.model_validate(service.detach_interface(p, ref, interface))
 
 
 class ConsoleOut(Body):

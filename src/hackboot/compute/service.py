@@ -61,6 +61,53 @@ GROUP_POLICIES = ("affinity", "anti-affinity")
 KIND = "instance"
 
 
+class Networking:
+    """What the network service does for instances, registered by it (:func:`register_networking`):
+    compute owns instances, the network service their interfaces, and the network service already
+    depends on compute (its NIC backends), so compute reaches it through these hooks. Each works in the
+    caller's transaction and adds the ids of what changed to `changed`; :meth:`notify` after the commit.
+    Without a registration instances have no interfaces (their guests only the management NIC)."""
+
+    def subnet_zone(self, s: Session, p: Principal, subnet: str) -> str:
+        """The zone of one of the caller's subnets (the instance is placed there)."""
+        raise NotImplementedError
+
+    def create_primary(self, s: Session, p: Principal, inst: Instance, *, subnet: str | None,
+                       security_groups: list[str] | None, private_ip: str | None, changed: set[str]) -> None:
+        """The instance's primary interface (device 0), made with it, on `subnet` or the default VPC's."""
+        raise NotImplementedError
+
+    def release(self, s: Session, instance_id: str, actor: str, changed: set[str]) -> None:
+        """The instance is deleted: its primary interface goes, the others are detached."""
+        raise NotImplementedError
+
+    def attach(self, s: Session, p: Principal, inst: Instance, interface: str, device_index: int | None,
+               changed: set[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def detach(self, s: Session, p: Principal, inst: Instance, interface: str, changed: set[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def interfaces(self, s: Session, instance_id: str) -> list[dict[str, Any]]:
+        """The instance's interfaces in device order (``id``, ``mac``, ``private_ip``, ``device_index``…)."""
+        raise NotImplementedError
+
+    def notify(self, changed: set[str]) -> None:
+        raise NotImplementedError
+
+
+_networking: Networking | None = None
+
+
+def register_networking(hooks: Networking) -> None:
+    global _networking
+    _networking = hooks
+
+
+def networking() -> Networking | None:
+    return _networking
+
+
 def _now_ts() -> float:
     return utcnow().timestamp()
 
@@ -210,6 +257,9 @@ class CreateRequest:
     user_data: str | None = None
     server_group: str | None = None
     weigher: str = "spread"
+    subnet: str | None = None  # default: the default VPC's subnet of the zone it is placed in
+    security_groups: list[str] | None = None  # default: the VPC's default group
+    private_ip: str | None = None
 
 
 def _flavor(s: Session, ref: str) -> Flavor:
@@ -300,7 +350,21 @@ def create_instance(p: Principal, req: CreateRequest) -> Instance:
                                               Instance.status != DELETED)):
             raise errors.Conflict(f"An instance named '{req.name}' already exists in this project",
                                   code="already_exists")
-        zone_ids = _zones(s, req.zone, req.region)
+        net = _networking
+        changed: set[str] = set()
+        zone_ref = req.zone
+        if req.subnet is not None:
+            if net is None:
+                raise errors.ValidationFailed("This cloud has no VPC networking: subnet cannot be given",
+                                              errors=[{"loc": ["body", "subnet"], "msg": "no networking"}])
+            zone_ref = net.subnet_zone(s, p, req.subnet)  # the instance goes where its subnet is
+            if req.zone is not None and req.zone != zone_ref:
+                raise errors.ValidationFailed(f"Subnet {req.subnet} is in zone {zone_ref}, not {req.zone}",
+                                              errors=[{"loc": ["body", "zone"], "msg": "not the subnet's zone"}])
+        elif net is None and (req.security_groups or req.private_ip):
+            raise errors.ValidationFailed("This cloud has no VPC networking: security_groups and private_ip "
+                                          "cannot be given", errors=[{"loc": ["body"], "msg": "no networking"}])
+        zone_ids = _zones(s, zone_ref, req.region)
         wanted = _resources(flavor)
         too_big = scheduler.largest_fit(s, zone_ids, wanted)
         if too_big is not None:
@@ -329,9 +393,14 @@ def create_instance(p: Principal, req: CreateRequest) -> Instance:
             timings={"created": created_ts, "scheduled": _now_ts()}, created_by=p.user_id)
         s.add(inst)
         s.flush()
+        if net is not None:  # in this transaction: no instance without its interface, nor the reverse
+            net.create_primary(s, p, inst, subnet=req.subnet, security_groups=req.security_groups,
+                               private_ip=req.private_ip, changed=changed)
         emit(s, "instance.created", resource_type="instance", resource_id=inst.id, project_id=project,
              actor=p.user_id, data={"name": inst.name, "flavor": flavor.id, "image": image.id,
                                     "host": placement.host_name, "zone": placement.zone_id})
+    if net is not None:
+        net.notify(changed)  # the VPC first: its host builds the port while the guest's disk is made
     reconcile.notify(KIND, inst.host_id)
     return inst
 
@@ -395,7 +464,11 @@ def _release_quota(s: Session, inst: Instance) -> None:
     quotas.release(s, inst.project_id, "gpus", inst.gpu_count)
 
 
-def _mark_deleted(s: Session, inst: Instance, actor: str, reason: str = "") -> None:
+def _mark_deleted(s: Session, inst: Instance, actor: str, reason: str = "") -> set[str]:
+    """Returns the network changes to notify after the commit."""
+    changed: set[str] = set()
+    if _networking is not None:
+        _networking.release(s, inst.id, actor, changed)
     scheduler.free(s, inst.id)
     _release_quota(s, inst)
     inst.status = DELETED
@@ -408,6 +481,12 @@ def _mark_deleted(s: Session, inst: Instance, actor: str, reason: str = "") -> N
         inst.status_reason = reason
     emit(s, "instance.deleted", resource_type="instance", resource_id=inst.id, project_id=inst.project_id,
          actor=actor, data={"name": inst.name})
+    return changed
+
+
+def _notify_network(changed: set[str]) -> None:
+    if _networking is not None and changed:
+        _networking.notify(changed)
 
 
 def instance_action(p: Principal, ref: str, action: str, *, hard: bool = False, flavor: str | None = None,
@@ -472,16 +551,17 @@ def instance_action(p: Principal, ref: str, action: str, *, hard: bool = False, 
 
 
 def delete_instance(p: Principal, ref: str) -> Instance:
+    changed: set[str] = set()
     with session_scope() as s:
         inst = get_instance(s, p, ref, lock=True)
         lifecycle.check("delete", inst.id, inst.status, inst.task_state)
         host = s.get(Host, inst.host_id) if inst.host_id else None
         if host is None:
-            _mark_deleted(s, inst, p.user_id)  # never placed: nothing to clean on any host
+            changed = _mark_deleted(s, inst, p.user_id)  # never placed: nothing to clean on any host
         elif host.status == "down":
             # The host's agent is gone: free the resources now; when the agent comes back it
             # destroys guests whose instance is DELETED (orphans) before doing anything else.
-            _mark_deleted(s, inst, p.user_id, reason=f"Deleted while host {host.name} was down")
+            changed = _mark_deleted(s, inst, p.user_id, reason=f"Deleted while host {host.name} was down")
         else:
             inst.task_state = lifecycle.DELETING
             inst.desired_power = "off"
@@ -489,8 +569,59 @@ def delete_instance(p: Principal, ref: str) -> Instance:
             emit(s, "instance.delete", resource_type="instance", resource_id=inst.id, project_id=inst.project_id,
                  actor=p.user_id)
         host_id = inst.host_id
+    _notify_network(changed)
     reconcile.notify(KIND, host_id)
     return inst
+
+
+def _require_networking() -> Networking:
+    if _networking is None:
+        raise errors.Conflict("This cloud has no VPC networking", code="no_networking")
+    return _networking
+
+
+def instance_interfaces(p: Principal, ref: str) -> list[dict[str, Any]]:
+    net = _require_networking()
+    with session_scope(write=False) as s:
+        inst = get_instance(s, p, ref)
+        return net.interfaces(s, inst.id)
+
+
+def attach_interface(p: Principal, ref: str, interface: str, device_index: int | None = None) -> dict[str, Any]:
+    """Attach one of the project's interfaces to the instance; a running guest gets the NIC hot-plugged by
+    its host's network agent (202: the interface's status says when)."""
+    net = _require_networking()
+    changed: set[str] = set()
+    with session_scope() as s:
+        inst = get_instance(s, p, ref, lock=True)
+        if inst.status == DELETED or inst.task_state == lifecycle.DELETING:
+            raise errors.Conflict(f"Instance {inst.name} is being deleted", code="instance_deleted")
+        out = net.attach(s, p, inst, interface, device_index, changed)
+        emit(s, "instance.interface_attached", resource_type="instance", resource_id=inst.id,
+             project_id=inst.project_id, actor=p.user_id, data={"network_interface": out["id"]})
+    net.notify(changed)
+    return out
+
+
+def detach_interface(p: Principal, ref: str, interface: str) -> dict[str, Any]:
+    """Detach a secondary interface (the primary one goes with the instance); unplugged from a running guest."""
+    net = _require_networking()
+    changed: set[str] = set()
+    with session_scope() as s:
+        inst = get_instance(s, p, ref, lock=True)
+        out = net.detach(s, p, inst, interface, changed)
+        emit(s, "instance.interface_detached", resource_type="instance", resource_id=inst.id,
+             project_id=inst.project_id, actor=p.user_id, data={"network_interface": out["id"]})
+    net.notify(changed)
+    return out
+
+
+def guest_interfaces(instance_id: str) -> list[dict[str, Any]]:
+    """Agent: the instance's interfaces in device order (none without networking)."""
+    if _networking is None:
+        return []
+    with session_scope(write=False) as s:
+        return _networking.interfaces(s, instance_id)
 
 
 def console_log(p: Principal, ref: str, tail_bytes: int) -> tuple[Instance, str]:
@@ -737,8 +868,9 @@ def finish_delete(instance_id: str, action_seq: int) -> bool:
             return True
         if inst.action_seq != action_seq:
             return False
-        _mark_deleted(s, inst, "system")
-        return True
+        changed = _mark_deleted(s, inst, "system")
+    _notify_network(changed)
+    return True
 
 
 def finish_snapshot_task(instance_id: str, action_seq: int, *, status: str, power_state: str, reason: str = "",

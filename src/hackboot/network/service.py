@@ -1559,3 +1559,13 @@ def set_status(kind: str, object_id: str, status: str, reason: str = "") -> bool
         values["status_reason"] = reason[:500]
     with session_scope() as s:
         return bool(s.execute(update(model).where(model.id == object_id).values(**values)).rowcount)  # type: ignore[attr-defined]
+
+
+def _register_with_compute() -> None:
+    """Compute reaches instances' interfaces through hooks (this service depends on compute, not the reverse)."""
+    from hackboot.network import instances
+
+    instances.register()
+
+
+_register_with_compute()

@@ -39,9 +39,12 @@ class Instances(Collection):
 
     def create(self, name: str, *, flavor: str, image: str, keypair: str | None = None, zone: str | None = None,
                region: str | None = None, user_data: str | None = None, server_group: str | None = None,
-               placement: str | None = None, idempotency_key: str | None = None) -> JSONObject:
+               placement: str | None = None, subnet: str | None = None, security_groups: list[str] | None = None,
+               private_ip: str | None = None, idempotency_key: str | None = None) -> JSONObject:
+        """Without `subnet`: on the default VPC's subnet of the zone it is placed in (made on first use)."""
         body = {"name": name, "flavor": flavor, "image": image, "keypair": keypair, "zone": zone, "region": region,
-                "user_data": user_data, "server_group": server_group, "placement": placement}
+                "user_data": user_data, "server_group": server_group, "placement": placement, "subnet": subnet,
+                "security_groups": security_groups, "private_ip": private_ip}
         return as_object(self.c.post(self.path, {k: v for k, v in body.items() if v is not None},
                                      idempotency_key=idempotency_key))
 
@@ -62,6 +65,20 @@ class Instances(Collection):
 
     def delete(self, ref: str) -> JSONObject:
         return as_object(self.c.delete(f"{self.path}/{ref}"))
+
+    def interfaces(self, ref: str) -> list[JSONObject]:
+        """The instance's network interfaces in device order (0: the primary one)."""
+        return [as_object(n) for n in self.c.get(f"{self.path}/{ref}/network-interfaces")]
+
+    def attach_interface(self, ref: str, network_interface: str, device_index: int | None = None) -> JSONObject:
+        """Attach a free interface (hot-plugged into a running guest)."""
+        body: dict[str, Any] = {"network_interface": network_interface}
+        if device_index is not None:
+            body["device_index"] = device_index
+        return as_object(self.c.post(f"{self.path}/{ref}/network-interfaces", body))
+
+    def detach_interface(self, ref: str, network_interface: str) -> JSONObject:
+        return as_object(self.c.delete(f"{self.path}/{ref}/network-interfaces/{network_interface}"))
 
     def console(self, ref: str, tail_bytes: int = 64 * 1024) -> str:
         return str(self.c.get(f"{self.path}/{ref}/console", tail_bytes=tail_bytes)["output"])
