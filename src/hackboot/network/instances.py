@@ -11,12 +11,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hackboot.compute.models import Instance
+from hackboot.compute.models import DELETED, Instance
 from hackboot.compute.service import Networking, register_networking
 from hackboot.core import errors
 from hackboot.core.auth import Principal
+from hackboot.core.db import session_scope
 from hackboot.core.reconcile import notify
 from hackboot.network import service
 from hackboot.network.models import NetworkInterface
@@ -79,6 +81,19 @@ class InstanceNetworking(Networking):
     def notify(self, changed: set[str]) -> None:
         for vpc_id in sorted(changed):
             notify(service.KIND, vpc_id)
+
+
+def release_deleted_instances() -> int:
+    """Backstop: interfaces still attached to deleted instances (deleted by a process in which this service
+    had not registered its hooks, e.g. an agent without the network extension) are released."""
+    changed: set[str] = set()
+    with session_scope() as s:
+        ids = sorted({str(i) for i in s.scalars(select(NetworkInterface.instance_id).where(
+            NetworkInterface.instance_id.in_(select(Instance.id).where(Instance.status == DELETED))))})
+        for instance_id in ids:
+            service.release_instance(s, instance_id, "system", changed)
+    InstanceNetworking().notify(changed)
+    return len(ids)
 
 
 def register() -> None:

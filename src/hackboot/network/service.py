@@ -1470,7 +1470,10 @@ def purge_flow_records(now: dt.datetime | None = None) -> int:
 
 
 def loops() -> list[Loop]:
-    return [Loop("network-flow-retention", purge_flow_records, 3600.0)]
+    from hackboot.network import instances
+
+    return [Loop("network-flow-retention", purge_flow_records, 3600.0),
+            Loop("network-release-deleted-instances", instances.release_deleted_instances, 60.0)]
 
 
 # ==================================================================================================

@@ -369,3 +369,26 @@ def test_two_hosts_reach_each_other_and_the_internet_through_their_own_uplinks(w
     world.converged(vpc["id"], "a")
     wait_for("the VPC gone from host b", lambda: b.driver.observed().vpcs == ())
     assert [v.vpc_id for v in world.agents["a"].driver.observed().vpcs] == [vpc["id"]]
+
+
+def test_interfaces_of_deleted_instances_are_released(world: World) -> None:
+    """The backstop loop: a deleted instance's primary interface goes, its other interfaces are detached
+    (when the instance was deleted where the network hooks were not registered)."""
+    from hackboot.compute.models import DELETED, Instance
+    from hackboot.network.instances import release_deleted_instances
+
+    _vpc, pub, _ = vpc_with_subnets(world, "10.35.0.0/16")
+    primary, extra = world.port("first", pub), world.port("second", pub)
+    iid = f"i-{uuid.uuid4().hex[:12]}"
+    with session_scope() as s:
+        s.add(Instance(id=iid, project_id=world.principal.project, name="gone", flavor_id="VPS-NANO",
+                       image_id="img-x", vcpus=1, memory_mb=128, disk_gb=1, status=DELETED, zone_id=ZONE))
+    for index, nic in enumerate((primary, extra)):
+        with session_scope() as s:
+            service.attach_interface(s, world.principal, nic["id"],
+                                     service.InstanceRef(iid, world.principal.project, ZONE, None), device_index=index)
+    assert release_deleted_instances() == 1
+    assert release_deleted_instances() == 0, "nothing left to release"
+    left = {n["id"]: n for n in world.client.network_interfaces.list(subnet_id=pub["id"])}
+    assert primary["id"] not in left, "the primary interface went with its instance"
+    assert left[extra["id"]]["instance_id"] is None, "the other one is detached and stays"
