@@ -192,6 +192,7 @@ class Agent:
         self._subscription: Any = None
         self._spawn_hooks: list[SpawnHook] = []
         self._start_hooks: list[Callable[[Agent], object]] = []
+        self._vpc_nics = False
         self.reconciler = InstanceReconciler(self)
         self.ready = threading.Event()
         self._load_extensions()
@@ -207,6 +208,11 @@ class Agent:
                             after: Callable[[Any, Any], None] | None = None) -> None:
         """Run `prepare(spec) -> spec` before every guest spawn and `after(driver, spec)` right after it."""
         self._spawn_hooks.append(SpawnHook(prepare, after))
+
+    def enable_vpc_nics(self) -> None:
+        """An extension plugs the instances' VPC interfaces into their guests: seeds then carry a cloud-init
+        network config for them (see :meth:`network_config`)."""
+        self._vpc_nics = True
 
     def register_start_hook(self, hook: Callable[[Agent], object]) -> None:
         """Run `hook(agent)` once the host is registered and its guests adopted (start a reconciler here)."""
@@ -484,6 +490,8 @@ class Agent:
         DHCP but neither its routes nor its DNS. Images without cloud-init (tiny) order NICs instead."""
         import yaml
 
+        if not self._vpc_nics:  # no extension plugs VPC NICs here: the guest has its user-mode NIC only
+            return None
         nics = service.guest_interfaces(w.id)
         if not nics:
             return None

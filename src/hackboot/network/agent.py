@@ -510,6 +510,7 @@ def attach(compute_agent: Any) -> None:
 
     compute_agent.register_spawn_hook(tapnic.prepare_spec, tapnic.after_spawn)
     compute_agent.register_start_hook(start)
+    compute_agent.enable_vpc_nics()
 
 
 def start(compute_agent: Any, options: NetworkAgentOptions | None = None) -> NetworkReconciler:
