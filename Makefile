@@ -27,6 +27,7 @@ images-tiny: deps
 
 lint: deps
 	.venv/bin/ruff check src tests bench
+	.venv/bin/mypy  # strict, on src/hackboot (pyproject.toml [tool.mypy])
 
 bench-smoke: deps images-tiny
 	for b in bench/*.py; do .venv/bin/python $$b --smoke || exit 1; done

@@ -246,7 +246,8 @@ class PriceOut(Out):
 class PriceIn(Body):
     amount_eur: float = Field(ge=0, le=999_999, description="EUR, excluding VAT, per unit")  # NUMERIC(12, 6)
     unit: Literal["hour", "GB-month", "GB"] | None = Field(None, description="Checked against the sku's kind")
-    kind: PriceKind | None = Field(None, description="Inferred from the sku (flavor id, volume:, s3:, transfer:, network:)")
+    kind: PriceKind | None = Field(
+        None, description="Inferred from the sku (flavor id, volume:, s3:, transfer:, network:)")
     description: Description | None = None
 
 

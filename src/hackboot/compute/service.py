@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -406,7 +406,7 @@ def create_instance(p: Principal, req: CreateRequest) -> Instance:
 
 
 def instance_query(p: Principal, *, status: str | None = None, name: str | None = None, zone: str | None = None,
-                   host: str | None = None):  # type: ignore[no-untyped-def]
+                   host: str | None = None) -> Select[Instance]:
     stmt = select(Instance).where(Instance.project_id == p.project)
     stmt = stmt.where(Instance.status == status.upper()) if status else stmt.where(Instance.status != DELETED)
     if name:
@@ -668,11 +668,11 @@ def register_host(name: str, zone_id: str, *, capacity: dict[str, int], reserved
     gpus = [catalog.GpuSpec(model=rc.split(":", 1)[1], count=len(addrs), pci_addresses=list(addrs))
             for rc, addrs in devices.items()]
     view, _created = catalog.register_host(
-        None, name=name, zone_id=zone_id, vcpus=capacity["VCPU"], memory_mb=capacity["MEMORY_MB"],  # type: ignore[arg-type]
+        None, name=name, zone_id=zone_id, vcpus=capacity["VCPU"], memory_mb=capacity["MEMORY_MB"],
         disk_gb=capacity["DISK_GB"], gpus=gpus, facts=facts, reserved=reserved)
     custom = {rc: r for rc, r in ratios.items() if r != 1.0 and not rc.startswith("GPU:")}
     if custom:
-        catalog.update_host(None, view.host.id, allocation_ratio=custom)  # type: ignore[arg-type]
+        catalog.update_host(None, view.host.id, allocation_ratio=custom)
     return str(view.host.id)
 
 
@@ -781,7 +781,7 @@ def finish_task(instance_id: str, action_seq: int, *, status: str, power_state: 
         if desired_power is not None:
             inst.desired_power = desired_power
         if ssh_port is not False:
-            inst.ssh_port = ssh_port  # type: ignore[assignment]
+            inst.ssh_port = ssh_port
             inst.ssh_host = "127.0.0.1" if ssh_port else None
         if accel is not None:
             inst.accel = accel
@@ -852,7 +852,7 @@ def observed(instance_id: str, action_seq: int, *, power_state: str, status: str
         if desired_power is not None:
             inst.desired_power = desired_power
         if ssh_port is not False:
-            inst.ssh_port = ssh_port  # type: ignore[assignment]
+            inst.ssh_port = ssh_port
             inst.ssh_host = "127.0.0.1" if ssh_port else None
         if status is not None and prev != status:
             inst.action_seq += 1
@@ -898,6 +898,8 @@ def reflect_host_health() -> None:
             Instance.host_down_since.is_not(None), Instance.status != DELETED)) if h not in down]
     changes: dict[str, str | None] = {}
     for iid, host_id, reason, since in to_mark:
+        if host_id is None:  # the query asked for hosts that are down: never None
+            continue
         name, last = down[host_id]
         last_s = last.isoformat(timespec="seconds") if last else "never"
         wanted = f"Host {name} is down (no heartbeat since {last_s}); the instance's real state is unknown"
@@ -909,16 +911,16 @@ def reflect_host_health() -> None:
         return
     now = utcnow()
     with session_scope() as s:
-        for iid, reason in changes.items():
+        for iid, new_reason in changes.items():
             inst = _locked(s, iid)
             if inst is None or inst.status == DELETED:
                 continue
-            if reason is None:
+            if new_reason is None:
                 if inst.host_down_since is None:
                     continue  # the agent wrote a newer reason meanwhile
                 inst.status_reason, inst.host_down_since = "", None
             else:
-                inst.status_reason = reason
+                inst.status_reason = new_reason
                 inst.host_down_since = inst.host_down_since or now
 
 
