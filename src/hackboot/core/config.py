@@ -147,6 +147,36 @@ class Settings(BaseSettings):
     agent_extensions: str = Field(default="hackboot.volumes.agent", description=(
         "Agent: comma-separated modules whose `attach(agent)` registers hooks with it (other services' "
         "host-side reconcilers)"))
+    # VPC networking: the data plane of a host (read by the network agent extension).
+    network_underlay_address: str | None = Field(default=None, description=(
+        "Network agent: this host's underlay address with prefix (e.g. `192.0.2.11/24`), the VXLAN source "
+        "other hosts reach; unset = a single host, no VXLAN"))
+    network_underlay_namespace: str | None = Field(default=None, description=(
+        "Network agent: an `hb-` namespace holding the bridge that joins the hosts' underlays (one machine "
+        "playing several hosts); unset = the underlay link is configured by the operator"))
+    network_mtu: PositiveInt = Field(default=1500, description=(
+        "Network agent: underlay MTU (guests get it minus the VXLAN overhead)"))
+    network_uplink_address: str | None = Field(default=None, description=(
+        "Network agent: uplink address with prefix for floating IPs and NAT (e.g. `198.51.100.11/24`); "
+        "unset = no uplink, nothing leaves the VPCs (the safe default)"))
+    network_uplink_gateway: str | None = Field(default=None, description=(
+        "Network agent: the uplink's next hop (needed with `network_uplink_address`)"))
+    network_uplink_namespace: str | None = Field(default=None, description=(
+        "Network agent: an `hb-` namespace playing the outside world at the other end of the uplink (tests, "
+        "demos); unset = the operator's uplink"))
+    network_dns_upstreams: str = Field(default="", description=(
+        "Network agent: comma-separated resolvers the VPCs' DNS forwards other names to (empty = none)"))
+    network_state_dir: Path | None = Field(default=None, description=(
+        "Network agent: its state directory (default: `<agent state dir>/network`)"))
+    network_workers: PositiveInt = Field(default=2, description="Network agent: VPCs worked on at once")
+    network_poll_interval_s: PositiveFloat = Field(default=5.0, description=(
+        "Network agent: seconds between polls of the VPCs' desired versions (wake-ups come sooner)"))
+    network_resync_interval_s: PositiveFloat = Field(default=30.0, description=(
+        "Network agent: seconds between full comparisons of the data plane with the desired state"))
+    network_flow_log_interval_s: PositiveFloat = Field(default=5.0, description=(
+        "Network agent: seconds between moves of flow records from the data plane into the database"))
+    network_port_wait_s: PositiveFloat = Field(default=60.0, description=(
+        "Network agent: how long a guest start waits for its VPC ports to exist"))
     # Block storage.
     volume_min_size_gb: PositiveInt = Field(default=1, description="Smallest volume size in GB")
     volume_max_size_gb: PositiveInt = Field(default=16 * 1024, description=(

@@ -73,9 +73,9 @@ _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _TRAFFIC = {ACCEPT: "accept", REJECT: "reject", ALL: "all"}
 
 
-def _setting(name: str, default: Any) -> Any:
-    """Default of an option: the `network_<name>` setting when the cloud's Settings has it, else `default`."""
-    return Field(default_factory=lambda: getattr(get_settings(), f"network_{name}", default))
+def _setting(name: str) -> Any:
+    """Default of an option: the `network_<name>` setting, read when the options are made."""
+    return Field(default_factory=lambda: getattr(get_settings(), f"network_{name}"))
 
 
 class NetworkAgentOptions(BaseModel):
@@ -88,19 +88,19 @@ class NetworkAgentOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    underlay_address: str | None = _setting("underlay_address", None)  # "192.0.2.11/24": VXLAN source
-    underlay_namespace: str | None = _setting("underlay_namespace", None)
-    mtu: PositiveInt = _setting("mtu", 1500)
-    uplink_address: str | None = _setting("uplink_address", None)  # "198.51.100.11/24"
-    uplink_gateway: str | None = _setting("uplink_gateway", None)  # "198.51.100.1"
-    uplink_namespace: str | None = _setting("uplink_namespace", None)
-    dns_upstreams: str = _setting("dns_upstreams", "")  # comma-separated resolvers for other names
-    state_dir: Path | None = _setting("state_dir", None)  # default: <agent state dir>/network
-    workers: PositiveInt = _setting("workers", 2)
-    poll_interval: PositiveFloat = _setting("poll_interval_s", 5.0)
-    resync_interval: PositiveFloat = _setting("resync_interval_s", 30.0)
-    flow_log_interval: PositiveFloat = _setting("flow_log_interval_s", 5.0)
-    port_wait: PositiveFloat = _setting("port_wait_s", 60.0)  # a guest start waits this long for its ports
+    underlay_address: str | None = _setting("underlay_address")  # "192.0.2.11/24": VXLAN source
+    underlay_namespace: str | None = _setting("underlay_namespace")
+    mtu: PositiveInt = _setting("mtu")
+    uplink_address: str | None = _setting("uplink_address")  # "198.51.100.11/24"
+    uplink_gateway: str | None = _setting("uplink_gateway")  # "198.51.100.1"
+    uplink_namespace: str | None = _setting("uplink_namespace")
+    dns_upstreams: str = _setting("dns_upstreams")  # comma-separated resolvers for other names
+    state_dir: Path | None = _setting("state_dir")  # default: <agent state dir>/network
+    workers: PositiveInt = _setting("workers")
+    poll_interval: PositiveFloat = _setting("poll_interval_s")
+    resync_interval: PositiveFloat = _setting("resync_interval_s")
+    flow_log_interval: PositiveFloat = _setting("flow_log_interval_s")
+    port_wait: PositiveFloat = _setting("port_wait_s")  # a guest start waits this long for its ports
 
     def underlay(self, host: str) -> HostUnderlay:
         uplink = None
