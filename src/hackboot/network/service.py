@@ -401,11 +401,25 @@ def default_subnet(s: Session, project_id: str, region: str | None = None, zone:
                                   code="zone_not_operational")
     else:
         zone = _zone(s, zone, vpc.region_id)
-    subnet = s.scalar(select(Subnet).where(Subnet.vpc_id == vpc.id, Subnet.zone_id == zone)
-                      .order_by(Subnet.public.desc(), Subnet.created_at).limit(1))
+    query = (select(Subnet).where(Subnet.vpc_id == vpc.id, Subnet.zone_id == zone)
+             .order_by(Subnet.public.desc(), Subnet.created_at).limit(1))
+    subnet = s.scalar(query)
     if subnet is None:
-        raise errors.Conflict(f"The default VPC has no subnet in zone {zone}: create one, or name a subnet",
-                              code="no_default_subnet")
+        # A zone opened after the default VPC was made gets its default subnet on first use, as at
+        # first use of the VPC: the next free /20 of the VPC, under the VPC's lock (one winner).
+        tx = Tx(s, changed if changed is not None else set())
+        locked = _lock_vpc(tx, vpc.id)
+        subnet = s.scalar(query.execution_options(populate_existing=True))
+        if subnet is None:
+            taken = [ipaddress.IPv4Network(c) for c in s.scalars(select(Subnet.cidr).where(Subnet.vpc_id == vpc.id))]
+            free = (net for net in ipaddress.IPv4Network(locked.cidr).subnets(new_prefix=DEFAULT_SUBNET_PREFIX)
+                    if not any(net.overlaps(other) for other in taken))
+            net = next(free, None)
+            if net is None:
+                raise errors.Conflict(f"The default VPC has no subnet in zone {zone} and no room for one: create "
+                                      "one, or name a subnet", code="no_default_subnet")
+            subnet = _insert_subnet(tx, locked, net, zone, f"default-{zone.lower()}", "Default subnet of the zone",
+                                    True, actor)
     return subnet
 
 

@@ -4,6 +4,7 @@ state, observed versions, statuses), the floating IP pool's end, and the migrati
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,31 @@ def test_default_subnet_for_compute_and_attaching_interfaces(db: str) -> None:
     service.delete_interface(p, nic.id)
     with session_scope(write=False) as s:
         assert s.get(NetworkInterface, nic.id) is None
+
+
+def test_a_zone_opened_after_the_default_vpc_gets_its_default_subnet_on_first_use(db: str) -> None:
+    from hackboot.catalog.models import Zone
+
+    p = project()
+    with session_scope() as s:
+        first = service.default_subnet(s, p.project, zone="PAR1-a")
+        vpc_id = first.vpc_id
+    with session_scope() as s:
+        s.add(Zone(id="PAR1-z", region_id="PAR1"))
+    changed: set[str] = set()
+    with session_scope() as s:
+        made = service.default_subnet(s, p.project, zone="PAR1-z", changed=changed)
+        made_id, made_cidr = made.id, made.cidr
+        assert made.vpc_id == vpc_id and made.zone_id == "PAR1-z" and made.public
+    assert changed == {vpc_id}
+    with session_scope(write=False) as s:
+        from hackboot.network.models import Subnet
+
+        cidrs = [ipaddress.IPv4Network(c) for c in s.scalars(select(Subnet.cidr).where(Subnet.vpc_id == vpc_id))]
+        assert all(not a.overlaps(b) for i, a in enumerate(cidrs) for b in cidrs[i + 1:])
+    with session_scope() as s:
+        assert service.default_subnet(s, p.project, zone="PAR1-z").id == made_id  # made once
+    assert ipaddress.IPv4Network(made_cidr).subnet_of(ipaddress.IPv4Network(service.DEFAULT_VPC_CIDR))
 
 
 def test_the_agents_view_observed_versions_and_statuses(db: str) -> None:
