@@ -720,7 +720,8 @@ class DriverContract:
             spec = harness.spec(hotplug_ports=1)
             d.spawn(spec)
             for call in (lambda: d.attach_nic(spec.instance_id, self._nic()),
-                         lambda: d.detach_nic(spec.instance_id, "hbnic0"), lambda: d.nics(spec.instance_id)):
+                         lambda: d.detach_nic(spec.instance_id, "hbnic0"), lambda: d.nics(spec.instance_id),
+                         lambda: d.pass_fd(spec.instance_id, "tap-x", 0)):
                 with pytest.raises(Unsupported, match=Capability.HOTPLUG_NIC.value):
                     call()
             return
@@ -734,6 +735,8 @@ class DriverContract:
         a = d.attach_nic(iid, first)
         b = d.attach_nic(iid, second)
         assert a != b and d.nics(iid) == {"nic0": boot_nic, a: first, b: second}
+        with open(os.devnull, "rb") as passed:  # how another service's backend (a tap) reaches the guest
+            d.pass_fd(iid, "hb-contract-fd", passed.fileno())
         with pytest.raises(DriverError) as err:  # both ports are taken
             d.attach_nic(iid, self._nic())
         assert not isinstance(err.value, Unsupported) and "port" in str(err.value)

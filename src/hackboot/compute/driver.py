@@ -776,6 +776,18 @@ class ComputeDriver(abc.ABC):
         self.require(Capability.HOTPLUG_NIC)
         raise NotImplementedError  # pragma: no cover
 
+    def pass_fd(self, instance_id: str, name: str, fd: int) -> None:
+        """Hand the live guest's hypervisor a copy of descriptor ``fd``, known to it as ``name``.
+
+        How a NIC backend opened by another service (a tap in a network namespace) reaches a guest
+        being hot-plugged: the backend's arguments then name the fd (``fd=<name>``). The caller
+        keeps and closes its own ``fd``. Needs :attr:`Capability.HOTPLUG_NIC`.
+        :raises Unsupported:  :raises GuestNotFound:  :raises GuestNotRunning:
+        :raises DriverError: the hypervisor refused it.
+        """
+        self.require(Capability.HOTPLUG_NIC, "passing a descriptor")
+        raise NotImplementedError  # pragma: no cover - a driver declaring HOTPLUG_NIC overrides this
+
     def snapshot_disk(self, instance_id: str, dest: Path, timeout: float = 3600.0) -> None:
         """Copy the root disk of a live guest, as the guest sees it, into a new standalone qcow2 ``dest``.
 

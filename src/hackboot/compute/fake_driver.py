@@ -21,6 +21,7 @@ Test hooks (not part of the contract): :meth:`FakeDriver.simulate_crash`
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Iterable
@@ -60,6 +61,7 @@ class FakeGuest:
     console: bytearray = field(default_factory=bytearray)
     boots: int = 0
     hot_nics: dict[str, tuple[int, NicBackend]] = field(default_factory=dict)  # id -> (port, backend)
+    passed_fds: set[str] = field(default_factory=set)  # names given by pass_fd
 
 
 class FakeHost:
@@ -265,6 +267,15 @@ class FakeDriver(ComputeDriver):
         for _port, nic in g.hot_nics.values():
             nic.release(g.spec.instance_id)
         g.hot_nics.clear()
+
+    def pass_fd(self, instance_id: str, name: str, fd: int) -> None:
+        self.require(Capability.HOTPLUG_NIC, "passing a descriptor")
+        try:
+            os.fstat(fd)  # a real hypervisor would get EBADF from the socket
+        except OSError as exc:
+            raise DriverError(f"{instance_id}: cannot pass fd {fd}: {exc.strerror}") from None
+        with self.host.lock:
+            self._live(instance_id).passed_fds.add(name)
 
     def attach_nic(self, instance_id: str, nic: NicBackend) -> str:
         self.require(Capability.HOTPLUG_NIC)

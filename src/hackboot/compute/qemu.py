@@ -1476,6 +1476,18 @@ class QemuDriver(ComputeDriver):
             return False  # no such port
         return not any(str(p.get("name", "")).startswith("child[") for p in props)
 
+    def pass_fd(self, instance_id: str, name: str, fd: int) -> None:
+        """See :meth:`ComputeDriver.pass_fd`: QMP ``getfd`` with the descriptor as SCM_RIGHTS data."""
+        self.require(Capability.HOTPLUG_NIC, "passing a descriptor")
+        mon = self._require_monitor(instance_id)
+
+        async def getfd() -> None:
+            async with mon.fd_lock:  # the fd sent over the socket belongs to the very next command
+                mon.qmp.send_fd_scm(fd)
+                await mon.execute("getfd", {"fdname": name})
+
+        self._call(getfd())
+
     def attach_nic(self, instance_id: str, nic: NicBackend) -> str:
         """See :meth:`ComputeDriver.attach_nic`: ``netdev_add`` + ``device_add`` on the highest free port.
 

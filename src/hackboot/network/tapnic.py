@@ -116,21 +116,8 @@ def management_nic(nic: UserNetNic) -> ManagementNic:
 
 
 def send_fd(compute_driver: Any, instance_id: str, name: str, fd: int) -> None:
-    """Give QEMU a descriptor it will know as `name` (QMP ``getfd`` with the fd as SCM_RIGHTS data)."""
-    public = getattr(compute_driver, "send_fd", None)
-    if callable(public):
-        public(instance_id, name, fd)
-        return
-    # QemuDriver has no public call for it (yet): its monitor already sends disks' fds over the QMP socket
-    # this way (add-fd), under the lock that keeps an fd and the command that takes it together.
-    monitor = compute_driver._require_monitor(instance_id)
-
-    async def getfd() -> None:
-        async with monitor.fd_lock:
-            monitor.qmp.send_fd_scm(fd)
-            await monitor.execute("getfd", {"fdname": name})
-
-    compute_driver._call(getfd())
+    """Give QEMU a descriptor it will know as `name` (the compute driver contract's `pass_fd`)."""
+    compute_driver.pass_fd(instance_id, name, fd)
 
 
 def plug(compute_driver: Any, network_driver: Any, instance_id: str, port_id: str, mac: str) -> str:
