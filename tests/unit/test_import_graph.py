@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support import import_cycles
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "hackboot"
 
 # Top-level packages of hackboot that are not services, and why they may import services.
@@ -138,42 +140,12 @@ def service_graph(imports: list[Import]) -> dict[tuple[str, str], list[str]]:
 
 
 def cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
-    """Strongly connected components with more than one package (Tarjan), each sorted."""
-    graph: dict[str, list[str]] = {}
+    """Strongly connected components with more than one package, each sorted."""
+    graph: dict[str, set[str]] = {}
     for a, b in edges:
-        graph.setdefault(a, []).append(b)
-        graph.setdefault(b, [])
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return sorted(found)
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+    return import_cycles(graph)
 
 
 # --- the rules -------------------------------------------------------------------------------------
