@@ -167,6 +167,11 @@ class InstanceReconciler(Reconciler):
     def reconcile(self, object_id: str) -> None:
         self.agent.reconcile(object_id)
 
+    def report_failure(self, object_id: str, reason: str, failures: int) -> None:
+        """A task retried with backoff (a delete) keeps failing: the user sees why on the instance."""
+        super().report_failure(object_id, reason, failures)
+        service.note_retrying(object_id, f"Retrying after {failures} failed attempts: {reason}")
+
     def resync(self) -> None:
         self.agent.check_all()
 

@@ -762,6 +762,20 @@ def known_instance_ids(ids: list[str]) -> dict[str, tuple[str, str | None]]:
             select(Instance.id, Instance.status, Instance.host_id).where(Instance.id.in_(ids)))}
 
 
+def note_retrying(instance_id: str, reason: str) -> bool:
+    """Say on a pending instance why its task keeps failing (the agent retries it with backoff).
+
+    Only the reason changes: the task (e.g. DELETING) stays until it succeeds. False when the
+    instance has no task any more (done meanwhile) or is gone.
+    """
+    with session_scope() as s:
+        inst = _locked(s, instance_id)
+        if inst is None or inst.status == DELETED or inst.task_state is None:
+            return False
+        inst.status_reason = reason[:500]
+        return True
+
+
 def finish_task(instance_id: str, action_seq: int, *, status: str, power_state: str, reason: str = "",
                 desired_power: str | None = None, ssh_port: int | bool | None = False, accel: str | None = None,
                 timings: dict[str, Any] | None = None, launched: bool = False, event: str | None = None) -> bool:

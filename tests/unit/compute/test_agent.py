@@ -121,6 +121,29 @@ def test_build_stop_start_reboot_delete(world: dict[str, object], agent: Agent) 
         assert list(s.scalars(select(Allocation).where(Allocation.consumer_id == iid))) == []
 
 
+def test_a_delete_that_keeps_failing_is_retried_and_says_why(world: dict[str, object], agent: Agent,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    iid = create(world)
+    step(agent, iid)
+    service.delete_instance(world["p"], iid)  # type: ignore[arg-type]
+
+    def stuck(w: object) -> None:
+        raise RuntimeError("disk directory is busy")
+
+    monkeypatch.setattr(agent, "delete", stuck)
+    threshold = agent.reconciler.failure_threshold
+    for attempt in range(1, threshold + 1):
+        agent.reconciler._run_reconcile(iid)  # what the reconciler's pool runs, without waiting for backoff
+        inst = get(iid)
+        assert inst.status != "DELETED" and inst.task_state == "deleting"
+        if attempt < threshold:
+            assert "failed attempts" not in inst.status_reason
+    assert inst.status_reason == f"Retrying after {threshold} failed attempts: RuntimeError: disk directory is busy"
+    monkeypatch.undo()
+    agent.reconciler._run_reconcile(iid)
+    assert get(iid).status == "DELETED"
+
+
 def test_spawn_failure_is_a_visible_error(world: dict[str, object], agent: Agent) -> None:
     iid = create(world)
     agent.driver.host.fail_next_spawn = "could not open disk image: Permission denied"
