@@ -416,14 +416,17 @@ class DataplaneContract:
         assert obs.dhcp_running
         [pid] = netns.pids(obs.namespace)  # the only process in the router namespace
         os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            if d.observed().vpcs[0].dhcp_running:
+        # SIGKILL takes effect asynchronously: "running" is only news once the killed pid has left the
+        # namespace (a loaded host can still show it alive right after the kill).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if pid not in netns.pids(obs.namespace) and d.observed().vpcs[0].dhcp_running:
                 break
             supervise = getattr(d, "supervise", None)
             if supervise is not None:
                 supervise()
             time.sleep(0.1)
-        assert d.observed().vpcs[0].dhcp_running, "dnsmasq was restarted"
+        assert pid not in netns.pids(obs.namespace) and d.observed().vpcs[0].dhcp_running, "dnsmasq was restarted"
         world.configure(g, subnets=(pub,))
         assert "10.0.1.10" in sh(g.ns, f"busybox nslookup web.a.internal {pub.dns}").stdout
 
