@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from hackboot.sdk import ApiError
-from tests.security.conftest import Tenant
+from tests.integration.compute.conftest import builtin_images, vm_cloud  # noqa: F401  (fixtures)
+from tests.security.conftest import Tenant, make_tenant, unique
+from tests.support import Cloud
 
 
 def refused(status: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> ApiError:
@@ -118,3 +120,40 @@ def test_a_viewer_changes_nothing(tenant_factory: Callable[..., Tenant]) -> None
     refused(403, v.floating_ips.allocate)
     refused(403, v.flow_logs.create, vpc["id"])
     assert o.network_interfaces.list() == [] and len(o.vpcs.list()) == 1
+
+
+@pytest.mark.qemu
+def test_instance_interface_endpoints_are_scoped_and_checked(vm_cloud: Cloud) -> None:  # noqa: F811
+    """GET/POST/DELETE /v1/instances/{id}/network-interfaces: another project gets 404, a viewer 403, bad
+    input 422, and nothing changes."""
+    owner, intruder = make_tenant(vm_cloud, "member"), make_tenant(vm_cloud, "member")
+    o: Any = owner.client
+    x: Any = intruder.client
+    inst = o.instances.create(unique("nicsec"), flavor="VPS-NANO", image="tiny")
+    path = f"/v1/instances/{inst['id']}/network-interfaces"
+    [primary] = o.get(path)
+    assert primary["device_index"] == 0
+    spare = o.network_interfaces.create(primary["subnet_id"])
+    foreign_vpc = x.vpcs.create("net", "10.77.0.0/16")
+    foreign = x.network_interfaces.create(x.subnets.create(foreign_vpc["id"], "10.77.1.0/24")["id"])
+
+    refused(404, x.get, path)
+    refused(404, x.post, path, {"network_interface": foreign["id"]})
+    refused(404, x.delete, f"{path}/{primary['id']}")
+    refused(404, o.post, path, {"network_interface": foreign["id"]})  # another project's interface
+
+    from hackboot.sdk import Client
+
+    viewer_token = o.post("/v1/tokens", {"project_id": owner.project_id, "role": "viewer", "name": "ro"})["token"]
+    v: Any = Client(o.url, viewer_token)
+    assert [n["id"] for n in v.get(path)] == [primary["id"]]  # a viewer sees
+    refused(403, v.post, path, {"network_interface": spare["id"]})
+    refused(403, v.delete, f"{path}/{spare['id']}")
+
+    refused(422, o.post, path, {"network_interface": spare["id"], "device_index": 0})  # 0 is the primary's
+    refused(422, o.post, path, {"network_interface": spare["id"], "unknown": 1})
+    refused(422, o.post, path, {})
+    assert [n["id"] for n in o.get(path)] == [primary["id"]]
+    assert o.network_interfaces.get(spare["id"])["instance_id"] is None
+    assert x.network_interfaces.get(foreign["id"])["instance_id"] is None
+    o.instances.delete(inst["id"])
