@@ -107,6 +107,12 @@ def delete(name: str, *, kill: bool = True) -> None:
             time.sleep(0.02)
         for pid in victims:
             _signal(pid, signal.SIGKILL)
+    # The kernel tears a deleted namespace's devices down later, on a work queue, so a veth's peer in
+    # another namespace (a guest's side of a port) could outlive this call; deleting the veths first
+    # takes both ends down before we return.
+    with contextlib.suppress(NetnsError):
+        for link in ip_json(name, "link", "show", "type", "veth"):
+            _run(["ip", "-n", name, "link", "del", str(link["ifname"])], check=False)
     proc = _run(["ip", "netns", "delete", name], check=False)
     if proc.returncode != 0 and exists(name):
         raise NetnsError(f"ip netns delete {name} failed: {proc.stderr.strip()}")
