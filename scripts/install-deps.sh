@@ -15,6 +15,7 @@ APT_PACKAGES=(
   nftables conntrack                  # VPC security groups, NAT, flow logs (inside hb- namespaces only)
   dnsmasq-base                        # VPC DHCP + DNS (the binary alone, no system service)
   iperf3                              # network benchmark (bench/network.py); never started as a daemon
+  haproxy                             # load balancers (one per LB, in its hb- namespace; the system service stays unused)
 )
 
 missing=()
@@ -29,6 +30,11 @@ if ((${#missing[@]})); then
   # iperf3 asks whether to start a system daemon: answer no before it asks.
   echo "iperf3 iperf3/start_daemon boolean false" | $SUDO debconf-set-selections 2>/dev/null || true
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # The haproxy package ships a system service; the cloud runs its own HAProxy per load balancer, so a
+  # service this script just installed is switched off again (an operator's existing one is left alone).
+  if [[ " ${missing[*]} " == *" haproxy "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now haproxy.service 2>/dev/null || true
+  fi
 fi
 
 PY=${PYTHON:-python3}
