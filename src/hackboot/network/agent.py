@@ -119,6 +119,28 @@ def tap_attachment(nic: NetworkInterface) -> Attachment:
     return Attachment("tap")
 
 
+# Owners of interfaces other than instances (a load balancer's VIP …), by the prefix of the owner id the
+# interface's ``instance_id`` holds, say how their interfaces are realised on a host. Registered by their
+# own agents, so this service does not know them.
+_owner_attachments: dict[str, AttachmentFor] = {}
+
+
+def register_owner_attachment(owner_prefix: str, attachment_for: AttachmentFor) -> None:
+    """Interfaces whose owner id starts with `owner_prefix` are realised by `attachment_for`."""
+    if owner_prefix.startswith(("i-", "vpc-")) or not owner_prefix.endswith("-"):
+        raise ValueError(f"owner prefix {owner_prefix!r} must end with '-' and not be an instance's")
+    _owner_attachments[owner_prefix] = attachment_for
+
+
+def default_attachment(nic: NetworkInterface) -> Attachment:
+    """A registered owner's attachment for its interfaces; a tap (an instance's) otherwise."""
+    owner = nic.instance_id or ""
+    for prefix, attachment_for in _owner_attachments.items():
+        if owner.startswith(prefix):
+            return attachment_for(nic)
+    return tap_attachment(nic)
+
+
 @dataclass
 class DesiredVpc:
     """The arguments of one ``apply_vpc`` call, and what they were built from."""
@@ -263,7 +285,7 @@ class NetworkReconciler(Reconciler):
     id_prefix = "vpc-"
 
     def __init__(self, *, host_id: str, host_name: str, driver: NetworkDriver,
-                 options: NetworkAgentOptions | None = None, attachment_for: AttachmentFor = tap_attachment,
+                 options: NetworkAgentOptions | None = None, attachment_for: AttachmentFor = default_attachment,
                  stop: threading.Event | None = None, listen: bool = False, compute: Any = None) -> None:
         self.options = options or NetworkAgentOptions()
         super().__init__(scope=host_id, stop=stop, workers=self.options.workers,
