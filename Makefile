@@ -6,8 +6,14 @@ PYTEST_ARGS ?=
 
 .PHONY: up test deps images images-tiny lint bench-smoke clean
 
+# As root, the local host also carries the VPC data plane (it lives in network namespaces, which need root);
+# otherwise instances get only their management NIC. HACKBOOT_AGENT_EXTENSIONS set by the caller wins.
+comma := ,
+UP_EXTENSIONS := hackboot.volumes.agent$(if $(filter 0,$(shell id -u)),$(comma)hackboot.network.agent)
+
 up: deps images
-	.venv/bin/hackboot serve --state-dir $(STATE_DIR)
+	HACKBOOT_AGENT_EXTENSIONS="$${HACKBOOT_AGENT_EXTENSIONS:-$(UP_EXTENSIONS)}" \
+	  .venv/bin/hackboot serve --state-dir $(STATE_DIR)
 
 # Tests reuse the guest images `make up` builds (one cache, one build).
 TEST_ENV := HACKBOOT_IMAGE_CACHE=$(abspath $(IMAGES_DIR)) HACKBOOT_TEST_IMAGE_DIR=$(abspath $(IMAGES_DIR))
