@@ -25,8 +25,9 @@ VPCs and namespaces nobody wants, restarts dead DHCP servers; a separate thread 
 the driver into the control plane (:func:`hackboot.network.service.ingest_flows`).
 
 Where several hosts carry a VPC, its NAT gateway acts on one of them (the host of the lowest host id
-among those with a port in the private subnets it serves) and a floating IP on the host of its port:
-an address is announced on the uplink by exactly one host.
+among those with a port in the private subnets it serves; the other hosts with such ports relay their
+outside traffic to it over VXLAN) and a floating IP on the host of its port: an address is announced on the
+uplink by exactly one host.
 """
 
 from __future__ import annotations
@@ -254,6 +255,19 @@ def build(state: service.VpcState, host_id: str, peers: dict[str, hosts.HostInfo
                               tuple(sorted(subnets[s].cidr for s in served[nat.id] if s in subnets)))
         else:
             out.problems[("nat_gateway", nat.id)] = f"host {host_id} has no uplink"
+    elif underlay:
+        # Local ports a gateway on another host serves: relay their outside traffic to it over VXLAN.
+        for nat in sorted(state.nat_gateways, key=lambda g: g.id):
+            sources = served.get(nat.id, [])
+            users = [n for n in placed if n.subnet_id in sources]
+            if not any(n.host_id == host_id for n in users) or nat.id not in nat_ip:
+                continue
+            peer = peers.get(min(n.host_id or "" for n in users))
+            if peer is not None and peer.underlay_ip:
+                out.nat = NatSpec(nat.id, nat_ip[nat.id],
+                                  tuple(sorted(subnets[s].cidr for s in sources if s in subnets)),
+                                  host_ip=peer.underlay_ip)
+                break
 
     for fl in state.flow_logs:
         port_ids: tuple[str, ...] | None

@@ -183,11 +183,20 @@ class FloatingIpSpec:
 @dataclass(frozen=True)
 class NatSpec:
     """A NAT gateway on this host's router: traffic from `source_cidrs` (private subnets) to the
-    outside leaves with source `public_ip` (ports translated), and nothing comes in unasked."""
+    outside leaves with source `public_ip` (ports translated), and nothing comes in unasked.
+
+    With `host_ip`, the gateway acts on the host with that underlay address instead: this host's router
+    relays the private subnets' traffic for the outside to that host's router over VXLAN (no uplink needed
+    here), and the answers come back the same way."""
 
     id: str
     public_ip: str
     source_cidrs: tuple[str, ...]
+    host_ip: str | None = None
+
+    @property
+    def here(self) -> bool:
+        return self.host_ip is None
 
 
 @dataclass(frozen=True)
@@ -368,6 +377,8 @@ def validate(vpc: VpcSpec, local_ports: Sequence[PortSpec], remote_ports: Sequen
         addr(nat.public_ip, "NAT gateway IP")
         if nat.public_ip in publics:
             raise bad(f"public IP {nat.public_ip} used twice")
+        if nat.host_ip is not None:
+            addr(nat.host_ip, "NAT gateway host")
         for c in nat.source_cidrs:
             if not net(c, "NAT source CIDR").subnet_of(cidr):
                 raise bad(f"NAT source {c} is outside {cidr}")

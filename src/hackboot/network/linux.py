@@ -41,8 +41,9 @@ Removing a security-group rule stops *new* connections; an established one keeps
 (conntrack, as in every stateful cloud firewall). Detaching a floating IP deletes its conntrack entries,
 so it is cut at once.
 
-Limits: the NAT gateway and floating IPs of a VPC act on the host where they are applied (their ports
-must be local there).
+A NAT gateway acts on one host; the other hosts with ports in its private subnets relay those ports'
+outside traffic to that host's router over VXLAN (policy routing, see ``RELAY_HOP``), so only one host
+needs the uplink and the address. A floating IP acts on the host of its port.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import json
 import logging
 import os
 import re
+import socket
 import struct
 import threading
 from collections.abc import Iterator, Sequence
@@ -93,6 +95,12 @@ SVC_IF = "lo"  # holds the subnets' DNS addresses (/32); the router answers ARP 
 RUN_ROOT = Path("/run/hackboot/network")
 TRANSIT_HOST_IP = "169.254.0.1"
 TRANSIT_ROUTER_IP = "169.254.0.2"
+# A NAT gateway acting on another host: this router sends the private subnets' traffic for the outside to a
+# next hop on the VXLAN device whose permanent neighbour entry is that host's router (policy routing table
+# RELAY_TABLE, consulted after the main table minus its default route).
+RELAY_HOP = "169.254.0.3"
+RELAY_TABLE = 100
+RELAY_RULE_PREF = 1000  # and +1
 VXLAN_PORT = 4789
 _PORT_IF_RE = re.compile(r"^p[0-9a-f]{11}$")
 TUNSETIFF = 0x400454CA
@@ -114,6 +122,14 @@ def vpc_tag(vpc_id: str) -> str:
 
 def port_ifname(port_id: str) -> str:
     return "p" + _h(port_id, 11)
+
+
+def gratuitous_arp(mac: bytes, ip: str) -> bytes:
+    """An Ethernet broadcast ARP request for `ip` from `ip` at `mac` (RFC 5227 announcement)."""
+    addr = ipaddress.IPv4Address(ip).packed
+    eth = b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + addr + b"\x00" * 6 + addr
+    return eth + arp
 
 
 def router_mac(vni: int, host_ip: str) -> str:
@@ -277,8 +293,10 @@ class LinuxNetworkDriver(NetworkDriver):
                     raise NetworkDriverError(f"port {p.id}: namespace {p.attachment.namespace} does not exist")
         if remote_ports and not host.ip:
             raise InvalidSpec("remote ports need a host underlay address (VXLAN)")
-        if (floating_ips or nat) and not host.uplink:
+        if (floating_ips or (nat and nat.here)) and not host.uplink:
             raise InvalidSpec("floating IPs and NAT gateways need a host uplink")
+        if nat is not None and not nat.here and not host.ip:
+            raise InvalidSpec("a NAT gateway on another host needs a host underlay address (VXLAN)")
         ns = self.router_ns(vpc.id)
         vdir = self._vpc_dir(vpc.id)
         with self._vpc_lock(vpc.id):
@@ -286,27 +304,32 @@ class LinuxNetworkDriver(NetworkDriver):
             (vdir / "vpc_id").write_text(vpc.id)
             previous = _read_json(vdir / "published.json")
             netns.create(ns)
-            self._converge_links(vpc, ns, local_ports, remote_ports)
+            self._converge_links(vpc, ns, local_ports, remote_ports, nat)
             ifnames = {p.id: port_ifname(p.id) for p in local_ports}
-            text = nft.render_router(vpc, local_ports, ifnames, remote_ports, groups, floating_ips, nat, flow_logs)
+            nat_here = nat if nat is not None and nat.here else None
+            text = nft.render_router(vpc, local_ports, ifnames, remote_ports, groups, floating_ips, nat_here,
+                                     flow_logs)
             if _read(vdir / "router.nft") != text or not self._table_exists(ns, nft.ROUTER_TABLE):
                 netns.nft(ns, text)
                 (vdir / "router.nft").write_text(text)
             self._converge_dhcp(vpc, ns, vdir, local_ports, remote_ports)
-            publics = sorted({f.public_ip for f in floating_ips} | ({nat.public_ip} if nat else set()))
+            publics = sorted({f.public_ip for f in floating_ips} | ({nat_here.public_ip} if nat_here else set()))
+            relay = {nat.host_ip} if nat is not None and nat.host_ip else set()
             published = {"vpc_id": vpc.id, "transit": "t" + vpc_tag(vpc.id), "public_ips": publics,
-                         "peers": sorted({r.host_ip for r in remote_ports})}
-            self._converge_host_routes(published)
+                         "peers": sorted({r.host_ip for r in remote_ports} | relay)}
+            added = self._converge_host_routes(published)
             with self._host_lock:
                 _write_json(vdir / "published.json", published)
                 self._apply_host_table()
+            if added and host.uplink:
+                self._announce(added)
             gone = set(previous.get("public_ips", [])) - set(publics) if previous else set()
             if gone:
                 self._forget_connections(ns, sorted(gone))
             self._converge_flow_logs(vpc.id, ns, bool(flow_logs))
 
     def _converge_links(self, vpc: VpcSpec, ns: str, ports: Sequence[PortSpec],
-                        remote_ports: Sequence[RemotePort]) -> None:
+                        remote_ports: Sequence[RemotePort], nat: NatSpec | None = None) -> None:
         host = self._require_host()
         mtu = host.overlay_mtu
         tag = vpc_tag(vpc.id)
@@ -405,6 +428,12 @@ class LinuxNetworkDriver(NetworkDriver):
             want_routes.add(("unicast", r.ip, nft.VXLAN_IF, ""))
             want_neigh[(r.ip, nft.VXLAN_IF)] = mac
             fdb[mac] = r.host_ip
+        relay_sources: tuple[str, ...] = ()
+        if nat is not None and nat.host_ip is not None:
+            mac = router_mac(vpc.vni, nat.host_ip)
+            want_neigh[(RELAY_HOP, nft.VXLAN_IF)] = mac
+            fdb[mac] = nat.host_ip
+            relay_sources = nat.source_cidrs
         have_routes = set()
         for rt in netns.ip_json(ns, "route", "show", "table", "main"):
             have_routes.add((rt.get("type", "unicast"), rt["dst"], rt.get("dev", ""), rt.get("gateway", "")))
@@ -441,8 +470,37 @@ class LinuxNetworkDriver(NetworkDriver):
             fb += [f"fdb replace {m} dev {nft.VXLAN_IF} dst {ip} self permanent" for m, ip in sorted(fdb.items())
                    if have_fdb.get(m) != ip]
             netns.ip_batch(ns, fb, tool="bridge")
+        self._converge_relay(ns, relay_sources)
 
-    def _converge_host_routes(self, published: dict[str, Any]) -> None:
+    @staticmethod
+    def _converge_relay(ns: str, sources: Sequence[str]) -> None:
+        """Policy routing of the private subnets' outside traffic to the NAT gateway's host (see RELAY_HOP):
+        per source CIDR, the main table without its default route first, then RELAY_TABLE."""
+        want = set()
+        for cidr in sources:
+            want.add((RELAY_RULE_PREF, f"from {cidr} lookup main suppress_prefixlength 0"))
+            want.add((RELAY_RULE_PREF + 1, f"from {cidr} lookup {RELAY_TABLE}"))
+        have = set()
+        for r in netns.ip_json(ns, "rule", "show"):
+            pref = r.get("priority")
+            if pref in (RELAY_RULE_PREF, RELAY_RULE_PREF + 1):
+                src = f"{r.get('src')}/{r.get('srclen', 32)}"
+                table = "main" if pref == RELAY_RULE_PREF else str(RELAY_TABLE)
+                extra = " suppress_prefixlength 0" if pref == RELAY_RULE_PREF else ""
+                have.add((pref, f"from {src} lookup {table}{extra}"))
+        batch = [f"rule del pref {pref} {rule}" for pref, rule in sorted(have - want)]
+        batch += [f"rule add pref {pref} {rule}" for pref, rule in sorted(want - have)]
+        # (`ip route show table N` fails while the table is empty: list them all and pick ours.)
+        routes = [r for r in netns.ip_json(ns, "route", "show", "table", "all")
+                  if str(r.get("table")) == str(RELAY_TABLE)]
+        if want and not routes:
+            batch.append(f"route replace default via {RELAY_HOP} dev {nft.VXLAN_IF} onlink table {RELAY_TABLE}")
+        elif not want and routes:
+            batch.append(f"route flush table {RELAY_TABLE}")
+        netns.ip_batch(ns, batch)
+
+    def _converge_host_routes(self, published: dict[str, Any]) -> list[str]:
+        """Route the VPC's public addresses to its router; returns those routed now."""
         transit = published["transit"]
         have = {rt["dst"] for rt in netns.ip_json(self.host_ns, "route", "show", "dev", transit)
                 if rt.get("gateway") == TRANSIT_ROUTER_IP}
@@ -450,6 +508,25 @@ class LinuxNetworkDriver(NetworkDriver):
         batch = [f"route del {ip} dev {transit}" for ip in sorted(have - want)]
         batch += [f"route replace {ip} via {TRANSIT_ROUTER_IP} dev {transit} onlink" for ip in sorted(want - have)]
         netns.ip_batch(self.host_ns, batch)
+        return sorted(want - have)
+
+    def _announce(self, ips: Sequence[str]) -> None:
+        """Gratuitous ARP on the uplink for public addresses this host starts answering for, so the outside
+        forgets at once the host that answered before (a floating IP or NAT gateway moved between hosts).
+        Best effort: without it the neighbours' ARP caches expire on their own."""
+        try:
+            mac = bytes.fromhex(netns.ip_json(self.host_ns, "link", "show", UPLINK_IF)[0]["address"].replace(":", ""))
+            frames = [gratuitous_arp(mac, ip) for ip in ips]
+
+            def send() -> None:
+                with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+                    sock.bind((UPLINK_IF, 0))
+                    for frame in frames:
+                        sock.send(frame)
+
+            netns.in_thread(self.host_ns, send)
+        except (OSError, netns.NetnsError, IndexError, KeyError, ValueError) as exc:
+            log.warning("cannot announce %s on the uplink: %s", ", ".join(ips), exc)
 
     def _converge_dhcp(self, vpc: VpcSpec, ns: str, vdir: Path, ports: Sequence[PortSpec],
                        remote_ports: Sequence[RemotePort]) -> None:

@@ -500,6 +500,33 @@ class DataplaneContract:
         world.configure(ox, oy, subnets=(pub, priv))
         assert not ping(ox.ns, gb.ip, wait=1)
 
+    def test_nat_gateway_on_another_host_serves_this_hosts_private_ports(self, world: World) -> None:
+        da, db = world.host("a", index=1), world.host("b", uplink=False, index=2)
+        pub, priv = subnets()
+        ga, gb = world.port("na", priv, 10), world.port("nb", priv, 20)
+        spec = vpc()
+        group = default_group(SecurityGroupRule("ingress", "all", cidrs=("0.0.0.0/0",)))
+        ul_a, ul_b = world.underlay("a", index=1), world.underlay("b", uplink=False, index=2)
+        nat = NatSpec("nat-1", "203.0.113.9", (priv.cidr,))
+        da.apply_vpc(spec, [ga.port], [RemotePort(gb.port.id, gb.ip, gb.port.mac, str(ul_b.ip))], groups=[group],
+                     nat=nat)
+        relay = NatSpec("nat-1", "203.0.113.9", (priv.cidr,), host_ip=str(ul_a.ip))
+        db.apply_vpc(spec, [gb.port], [RemotePort(ga.port.id, ga.ip, ga.port.mac, str(ul_a.ip))], groups=[group],
+                     nat=relay)
+        db.apply_vpc(spec, [gb.port], [RemotePort(ga.port.id, ga.ip, ga.port.mac, str(ul_a.ip))], groups=[group],
+                     nat=relay)  # converged: nothing to add twice
+        world.configure(ga, gb, subnets=(pub, priv))
+        outside = world.serve(world.inet, "serve", 9090)
+        world.serve(gb.ns, "serve", 8080)
+        assert connects(gb.ns, INTERNET_IP, 9090), "the port on the host without the gateway reaches out"
+        assert outside.stdout is not None and outside.stdout.readline().split() == ["peer", "203.0.113.9"]
+        assert ping(gb.ns, ga.ip), "traffic inside the VPC still goes straight to its port"
+        assert not connects(world.inet, "203.0.113.9", 8080, timeout=1), "nothing comes in through the NAT IP"
+        # Without the gateway, the relay goes: no way out any more.
+        db.apply_vpc(spec, [gb.port], [RemotePort(ga.port.id, ga.ip, ga.port.mac, str(ul_a.ip))], groups=[group])
+        assert not connects(gb.ns, INTERNET_IP, 9090, timeout=1)
+        assert ping(gb.ns, ga.ip)
+
     # --- convergence -----------------------------------------------------------------------------
 
     def test_apply_is_idempotent_and_hitless_across_a_driver_restart(self, world: World,

@@ -357,12 +357,23 @@ def test_two_hosts_reach_each_other_and_the_internet_through_their_own_uplinks(w
     assert not connects(world.inet, fip["address"], 8080, timeout=1), "detached: unreachable"
 
     # beta's private subnet goes out through a NAT gateway, applied on beta's host b.
-    world.client.nat_gateways.create(pub["id"])
+    nat = world.client.nat_gateways.create(pub["id"])
     world.converged(vpc["id"], "a", "b")
     outside = world.serve(world.inet, "serve", 9090)
     assert connects(beta["ns"], INTERNET_IP, 9090), "the private subnet reaches out through NAT"
-    assert outside.stdout is not None and outside.stdout.readline().split()[0] == "peer"
+    assert outside.stdout is not None and outside.stdout.readline().split() == ["peer", nat["public_ip"]]
     assert not connects(world.inet, beta["private_ip"], 22, timeout=1)
+
+    # A private port on host a too: the gateway acts on one of the two hosts and the other relays its
+    # private ports' outside traffic to it over VXLAN; both leave with the gateway's address.
+    gamma = world.port("gamma", priv)
+    world.place(gamma, "a")
+    world.converged(vpc["id"], "a", "b")
+    world.configure(gamma, priv)
+    for who in (beta, gamma):
+        assert connects(who["ns"], INTERNET_IP, 9090), f"{who['name']} reaches out through the gateway"
+        assert outside.stdout.readline().split() == ["peer", nat["public_ip"]]
+    world.place(gamma, None)
 
     # Host b loses its only port of the VPC: it takes the VPC down; host a keeps it.
     world.place(beta, None)
