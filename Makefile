@@ -16,7 +16,9 @@ up: deps images
 	  .venv/bin/hackboot serve --state-dir $(STATE_DIR)
 
 # Tests reuse the guest images `make up` builds (one cache, one build).
-TEST_ENV := HACKBOOT_IMAGE_CACHE=$(abspath $(IMAGES_DIR)) HACKBOOT_TEST_IMAGE_DIR=$(abspath $(IMAGES_DIR))
+# and, once every test has run, remove the hb- namespaces the run made that a failed test left behind.
+TEST_ENV := HACKBOOT_IMAGE_CACHE=$(abspath $(IMAGES_DIR)) HACKBOOT_TEST_IMAGE_DIR=$(abspath $(IMAGES_DIR)) \
+            HACKBOOT_TEST_REMOVE_NAMESPACES=1
 
 test: deps images-tiny
 	$(TEST_ENV) .venv/bin/python -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)

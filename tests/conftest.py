@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import Cloud, Postgres, make_cloud
+
+_namespaces_before: set[str] = set()
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    """The run's own process (xdist workers have `workerinput`), when `make test` asked for the namespace
+    backstop: it removes *every* namespace made during the run, so a run beside other runs does without it."""
+    return not hasattr(config, "workerinput") and os.environ.get("HACKBOOT_TEST_REMOVE_NAMESPACES") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _is_controller(config):
+        from hackboot.network import netns
+
+        _namespaces_before.update(netns.list_ours())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Backstop after every worker has finished: remove the ``hb-`` namespaces (and the processes in them:
+    dnsmasq, HAProxy, test servers) this run made and a failed or killed test left behind; namespaces that
+    existed before the run (a cloud started with `make up`) are left alone."""
+    if not _is_controller(config):
+        return
+    from hackboot.network import netns
+
+    for name in netns.list_ours():
+        if name not in _namespaces_before:
+            try:
+                netns.delete(name)
+            except (netns.NetnsError, OSError) as exc:
+                print(f"cannot remove namespace {name}: {exc}")
 
 
 @pytest.fixture(scope="session")
