@@ -129,7 +129,8 @@ class Attachment:
 
     ``tap``: a tap device (the guest's QEMU gets it through :meth:`NetworkDriver.open_tap`).
     ``veth``: a veth whose guest end, named `ifname`, is put in namespace `namespace` (``hb-…``, made
-    by the caller) — a namespace stands in for a guest in tests and benchmarks."""
+    by the caller) — a load balancer's VIP, or a namespace standing in for a guest in tests and benchmarks.
+    Until that namespace exists the port is left out (the rest of the VPC is applied; a later apply adds it)."""
 
     kind: Literal["tap", "veth"] = "tap"
     namespace: str | None = None

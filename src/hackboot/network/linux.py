@@ -49,6 +49,7 @@ needs the uplink and the address. A floating IP acts on the host of its port.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import ipaddress
@@ -286,11 +287,16 @@ class LinuxNetworkDriver(NetworkDriver):
                   flow_logs: Sequence[FlowLogSpec] = ()) -> None:
         validate(vpc, local_ports, remote_ports, groups, floating_ips, nat, flow_logs)
         host = self._require_host()
-        for p in local_ports:
-            if p.attachment.kind == "veth":
-                netns.check_name(p.attachment.namespace or "")
-                if not netns.exists(p.attachment.namespace or ""):
-                    raise NetworkDriverError(f"port {p.id}: namespace {p.attachment.namespace} does not exist")
+        # A veth port goes into a namespace its owner makes (a load balancer's): until that exists, the rest
+        # of the VPC is applied without the port (the next apply_vpc adds it).
+        waiting = {p.id for p in local_ports if p.attachment.kind == "veth"
+                   and not netns.exists(netns.check_name(p.attachment.namespace or ""))}
+        if waiting:
+            log.info("ports %s wait for their namespaces", ", ".join(sorted(waiting)))
+            local_ports = [p for p in local_ports if p.id not in waiting]
+            floating_ips = [f for f in floating_ips if f.port_id not in waiting]
+            flow_logs = [dataclasses.replace(fl, port_ids=tuple(i for i in fl.port_ids if i not in waiting))
+                         if fl.port_ids is not None else fl for fl in flow_logs]
         if remote_ports and not host.ip:
             raise InvalidSpec("remote ports need a host underlay address (VXLAN)")
         if (floating_ips or (nat and nat.here)) and not host.uplink:

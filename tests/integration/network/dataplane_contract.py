@@ -304,6 +304,21 @@ class DataplaneContract:
         assert ping(g1.ns, pub.gateway), "the gateway answers"
         assert not ping(g1.ns, "10.0.1.99", wait=1), "no answer for an address with no port"
 
+    def test_a_veth_port_waits_for_its_namespace_without_holding_up_the_vpc(self, world: World) -> None:
+        d = world.host("a")
+        pub, _priv = subnets()
+        a, late = world.port("a", pub, 10), world.port("late", pub, 11)
+        netns.delete(late.ns)  # its owner has not made it yet
+        d.apply_vpc(vpc(), [a.port, late.port], groups=[default_group()])
+        world.configure(a, subnets=(pub,))
+        assert ping(a.ns, pub.gateway), "the rest of the VPC is up"
+        [obs] = d.observed().vpcs
+        assert late.port.id not in obs.port_ids
+        netns.create(late.ns)
+        d.apply_vpc(vpc(), [a.port, late.port], groups=[default_group()])
+        world.configure(late, subnets=(pub,))
+        assert ping(late.ns, a.ip), "the next apply plugs it in"
+
     def test_overlapping_vpcs_are_isolated(self, world: World) -> None:
         d = world.host("a")
         pub, _ = subnets()
