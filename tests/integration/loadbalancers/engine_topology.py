@@ -260,9 +260,10 @@ def tls_probe(ip: str, port: int, server_name: str | None, timeout: float = 5.0)
 def tcp_exchange(ip: str, port: int, payload: bytes = b"ping\n", timeout: float = 5.0) -> tuple[str, bytes]:
     """Connect to a backend's TCP service (through the LB): its greeting line and the echo of `payload`."""
     with socket.create_connection((ip, port), timeout=timeout) as s:
+        # The backend speaks once it has seen the first bytes (to tell a PROXY header from data).
+        s.sendall(payload)
         f = s.makefile("rb")
         greeting = f.readline().decode().strip()
-        s.sendall(payload)
         echo = f.read(len(payload))
         return greeting, echo
 

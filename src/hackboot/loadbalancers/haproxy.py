@@ -1,0 +1,453 @@
+"""HaproxyDriver: one HAProxy 2.6 (Debian's package) per load balancer, in the load balancer's namespace.
+
+Process model. ``haproxy -W`` (master-worker) runs inside the namespace, started in a new session so it
+outlives the agent; its pid file and ``/proc/<pid>/cmdline`` (which names our configuration file) let a
+new driver object adopt it. The master stays root (it re-reads the configuration, certificates and
+bodies on a reload); its workers run as the ``haproxy`` account. A reload is SIGUSR2 to the master: it
+re-executes itself, and in 2.6 its new workers take the listening sockets from the old ones over the
+master's socket pair (no rebinding, so no SYN meets a closed port); the old workers finish what they
+serve (``option idle-close-on-response``: an idle keep-alive connection gets its next request answered
+with ``Connection: close`` instead of being closed under the client), up to ``hard-stop-after``.
+
+Files (``<state_dir>/<lb id>/``, mode 0700, all 0600):
+  ``haproxy.cfg``    the configuration in use (rewritten after a runtime weight/state change, so a later
+                     reload keeps it); a candidate is checked with ``haproxy -c`` before it replaces it;
+  ``certs/``         certificate chain + key per certificate, content-addressed;
+  ``bodies/``        fixed-response bodies;
+  ``state.json``     namespace, the structure digest of the configuration (the spec with member weights
+                     and admin states normalised) and each member's weight/state: what decides between
+                     nothing, the runtime API and a reload;
+  ``master.sock``    the master CLI; ``stats.sock`` the workers' CLI (admin level);
+  ``access.log``     the processes' stdout, where HAProxy writes one record per request/session
+                     (``log stdout``). It is appended to by HAProxy even while the agent is down; the
+                     cursor of a record is the byte offset of its end, and the start of the file is
+                     punched out (``fallocate(PUNCH_HOLE)``) past ``log_keep_bytes``, so offsets stay
+                     valid and the disk used stays bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hackboot.loadbalancers import haproxy_config, haproxy_runtime
+from hackboot.loadbalancers.driver import (
+    AccessLogRecord,
+    Counters,
+    Health,
+    InvalidSpec,
+    LoadBalancerDriver,
+    LoadBalancerDriverError,
+    LoadBalancerSpec,
+    MemberHealth,
+    Stats,
+)
+from hackboot.loadbalancers.haproxy_config import LISTENER_PREFIX, POOL_PREFIX, check_id
+from hackboot.network import netns
+
+log = logging.getLogger(__name__)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+# Runtime API words for the member admin states.
+_RUNTIME_STATE = {"enabled": "ready", "drain": "drain", "disabled": "maint"}
+
+
+class HaproxyDriver(LoadBalancerDriver):
+    def __init__(self, state_dir: Path, *, haproxy: str = "haproxy", log_keep_bytes: int = 8 << 20,
+                 start_timeout_s: float = 20.0) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        self.haproxy = haproxy
+        self.log_keep_bytes = log_keep_bytes
+        self.start_timeout_s = start_timeout_s
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- paths and process discovery -------------------------------------------------------------
+
+    def lb_dir(self, lb_id: str) -> Path:
+        return self.state_dir / check_id("load balancer", lb_id)
+
+    def _lock(self, lb_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(lb_id, threading.Lock())
+
+    def master_pid(self, lb_id: str) -> int | None:
+        """The pid of the load balancer's HAProxy master if it runs (its command line names our
+        configuration file, so a recycled pid is never mistaken for it), else None."""
+        child = self._children.get(lb_id)
+        if child is not None and child.poll() is not None:
+            del self._children[lb_id]  # reaped: it died
+        d = self.lb_dir(lb_id)
+        try:
+            pid = int((d / "haproxy.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _is_ours(pid, d / "haproxy.cfg") else None
+
+    def running(self) -> list[str]:
+        try:
+            names = sorted(p.name for p in self.state_dir.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        return [n for n in names if haproxy_config.ID_RE.match(n) and self.master_pid(n) is not None]
+
+    def _state(self, lb_id: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.lb_dir(lb_id) / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    # --- apply -----------------------------------------------------------------------------------
+
+    def apply(self, spec: LoadBalancerSpec, namespace: str) -> None:
+        netns.check_name(namespace)
+        check_id("load balancer", spec.id)
+        with self._lock(spec.id):
+            self._apply(spec, namespace)
+
+    def _apply(self, spec: LoadBalancerSpec, namespace: str) -> None:
+        d = self.lb_dir(spec.id)
+        rendered = haproxy_config.render(spec, d)
+        structure = hashlib.sha256(
+            haproxy_config.render(haproxy_config.normalized(spec), d).text.encode()).hexdigest()
+        members = {f"{p.id}/{m.id}": [m.weight, m.admin_state] for p in spec.pools for m in p.members}
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o700)
+        cfg = d / "haproxy.cfg"
+        old = self._state(spec.id)
+        pid = self.master_pid(spec.id)
+        current = cfg.read_text() if cfg.exists() else None
+        new_state = {"namespace": namespace, "structure": structure, "members": members}
+        if pid is not None and old.get("namespace") == namespace and current is not None:
+            if current == rendered.text:
+                if old != new_state:
+                    _write(d / "state.json", json.dumps(new_state).encode())
+                return
+            if old.get("structure") == structure and self._apply_runtime(spec.id, old.get("members", {}), members):
+                _write(cfg, rendered.text.encode())
+                _write(d / "state.json", json.dumps(new_state).encode())
+                log.info("load balancer %s: member weights/states changed at runtime", spec.id)
+                return
+        for rel, data in rendered.files.items():
+            path = d / rel
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            if not path.exists() or path.read_bytes() != data:
+                _write(path, data)
+        candidate = d / "haproxy.cfg.new"
+        _write(candidate, rendered.text.encode())
+        check = subprocess.run([self.haproxy, "-c", "-q", "-f", str(candidate)], capture_output=True, text=True,
+                               timeout=60, check=False)
+        if check.returncode != 0:
+            candidate.unlink(missing_ok=True)
+            message = (check.stderr or check.stdout).strip().replace(str(candidate), "haproxy.cfg")
+            raise InvalidSpec(f"HAProxy refused the configuration of {spec.id}: {message[:2000]}")
+        os.replace(candidate, cfg)
+        try:
+            if pid is not None and old.get("namespace") not in (None, namespace):
+                self._stop(spec.id, pid)
+                pid = None
+            if pid is None:
+                self._start(spec.id, namespace)
+            else:
+                self._save_server_state(spec.id, members)
+                self._reload(spec.id, pid)
+        except LoadBalancerDriverError:
+            if current is not None and pid is not None:
+                # The running proxy keeps its old configuration: the file must say so for a later restart.
+                _write(cfg, current.encode())
+            raise
+        _write(d / "state.json", json.dumps(new_state).encode())
+        self._remove_unreferenced(d, set(rendered.files))
+
+    def _apply_runtime(self, lb_id: str, before: dict[str, Any], after: dict[str, list[Any]]) -> bool:
+        """Set changed member weights/admin states through the stats socket; False if it did not take."""
+        sock = self.lb_dir(lb_id) / "stats.sock"
+        for key, (weight, admin) in sorted(after.items()):
+            if before.get(key) == [weight, admin]:
+                continue
+            pool_id, member_id = key.split("/", 1)
+            server = f"{POOL_PREFIX}{pool_id}/{member_id}"
+            for line in (f"set server {server} weight {weight}", f"set server {server} state {_RUNTIME_STATE[admin]}"):
+                try:
+                    answer = haproxy_runtime.command(sock, line).strip()
+                except LoadBalancerDriverError as exc:
+                    log.warning("load balancer %s: runtime change failed (%s): reloading instead", lb_id, exc)
+                    return False
+                if answer:
+                    log.warning("load balancer %s: %r answered %r: reloading instead", lb_id, line, answer)
+                    return False
+        return True
+
+    def _start(self, lb_id: str, namespace: str) -> None:
+        d = self.lb_dir(lb_id)
+        for name in ("haproxy.pid", "master.sock"):
+            (d / name).unlink(missing_ok=True)
+        # A fresh start has no health to carry over.
+        _write(d / "server-state", haproxy_runtime.EMPTY_SERVER_STATE.encode())
+        argv = [self.haproxy, "-W", "-S", f"{d / 'master.sock'},mode,600", "-f", str(d / "haproxy.cfg"),
+                "-p", str(d / "haproxy.pid")]
+        out = os.open(d / "access.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        err = os.open(d / "haproxy.err", os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # A new session: the agent's exit (or its process group's signals) must not stop the proxy.
+            proc = netns.popen(namespace, argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                               start_new_session=True, close_fds=True)
+        finally:
+            os.close(out)
+            os.close(err)
+        self._children[lb_id] = proc
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise LoadBalancerDriverError(f"HAProxy of {lb_id} exited at start ({proc.returncode}): "
+                                              f"{self._errors(lb_id)}")
+            pid = self.master_pid(lb_id)
+            if pid is not None:
+                with contextlib.suppress(LoadBalancerDriverError):
+                    if haproxy_runtime.show_proc(d / "master.sock").workers and (d / "stats.sock").exists():
+                        haproxy_runtime.command(d / "stats.sock", "show info")
+                        log.info("load balancer %s: HAProxy started (master %d) in %s", lb_id, pid, namespace)
+                        return
+            if time.monotonic() > deadline:
+                raise LoadBalancerDriverError(f"HAProxy of {lb_id} did not come up: {self._errors(lb_id)}")
+            time.sleep(0.02)
+
+    def _errors(self, lb_id: str) -> str:
+        try:
+            return (self.lb_dir(lb_id) / "haproxy.err").read_text(errors="replace").strip()[-2000:]
+        except OSError:
+            return ""
+
+    def _save_server_state(self, lb_id: str, members: dict[str, list[Any]]) -> None:
+        """Before a reload: the members the health checks took out, for the new workers to start with.
+
+        New workers otherwise start every server as up and send it traffic until `fall` checks fail.
+        Only that (operational DOWN) is carried over: each kept line's admin state and weights are
+        rewritten from the desired state, so a saved runtime state never overrides the configuration.
+        """
+        path = self.lb_dir(lb_id) / "server-state"
+        try:
+            text = haproxy_runtime.command(self.lb_dir(lb_id) / "stats.sock", "show servers state")
+        except LoadBalancerDriverError as exc:
+            log.warning("load balancer %s: cannot read the server states (%s)", lb_id, exc)
+            text = ""
+        _write(path, haproxy_runtime.down_servers_state(text, _effective_weights(members), POOL_PREFIX).encode())
+
+    def _reload(self, lb_id: str, pid: int) -> None:
+        """Hitless reload through the master; returns once a new worker generation serves."""
+        sock = self.lb_dir(lb_id) / "master.sock"
+        before = haproxy_runtime.show_proc(sock)
+        os.kill(pid, signal.SIGUSR2)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            try:
+                now = haproxy_runtime.show_proc(sock)
+            except LoadBalancerDriverError:
+                continue  # the master is re-executing itself
+            if now.failed_reloads > before.failed_reloads:
+                raise LoadBalancerDriverError(f"HAProxy of {lb_id} refused the reload: {self._errors(lb_id)}")
+            if now.reloads > before.reloads and now.workers and not set(now.workers) & set(before.workers):
+                log.info("load balancer %s: reloaded (workers %s)", lb_id, ",".join(map(str, now.workers)))
+                return
+        raise LoadBalancerDriverError(f"HAProxy of {lb_id} did not finish reloading: {self._errors(lb_id)}")
+
+    def _remove_unreferenced(self, d: Path, keep: set[str]) -> None:
+        for sub in ("certs", "bodies"):
+            with contextlib.suppress(FileNotFoundError):
+                for path in (d / sub).iterdir():
+                    if f"{sub}/{path.name}" not in keep:
+                        path.unlink(missing_ok=True)
+
+    # --- remove ----------------------------------------------------------------------------------
+
+    def remove(self, lb_id: str) -> None:
+        with self._lock(lb_id):
+            d = self.lb_dir(lb_id)
+            pid = self.master_pid(lb_id)
+            if pid is not None:
+                self._stop(lb_id, pid)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _stop(self, lb_id: str, pid: int) -> None:
+        d = self.lb_dir(lb_id)
+        workers: tuple[int, ...] = ()
+        with contextlib.suppress(LoadBalancerDriverError):
+            procs = haproxy_runtime.show_proc(d / "master.sock")
+            workers = procs.workers + procs.old_workers
+        cfg = d / "haproxy.cfg"
+        # SIGTERM to the master is a hard stop: it stops its workers and exits.
+        _signal(pid, signal.SIGTERM)
+        if not _wait_gone(pid, cfg, 10.0, self._children.get(lb_id)):
+            _signal(pid, signal.SIGKILL)
+            _wait_gone(pid, cfg, 5.0, self._children.get(lb_id))
+        for worker in workers:
+            if _is_ours(worker, cfg):
+                _signal(worker, signal.SIGKILL)
+                _wait_gone(worker, cfg, 5.0, None)
+        self._children.pop(lb_id, None)
+
+    # --- observed state --------------------------------------------------------------------------
+
+    def _stats_rows(self, lb_id: str) -> list[dict[str, str]]:
+        if self.master_pid(lb_id) is None:
+            raise LoadBalancerDriverError(f"HAProxy of {lb_id} is not running")
+        return haproxy_runtime.show_stat(self.lb_dir(lb_id) / "stats.sock")
+
+    def health(self, lb_id: str) -> dict[str, MemberHealth]:
+        admin = {key: value[1] for key, value in self._state(lb_id).get("members", {}).items()}
+        out: dict[str, MemberHealth] = {}
+        for row in self._stats_rows(lb_id):
+            px, sv = row.get("pxname", ""), row.get("svname", "")
+            if not px.startswith(POOL_PREFIX) or sv in ("FRONTEND", "BACKEND"):
+                continue
+            pool_id = px[len(POOL_PREFIX):]
+            status = _health(row.get("status", ""), admin.get(f"{pool_id}/{sv}", "enabled"))
+            out[sv] = MemberHealth(member_id=sv, pool_id=pool_id, status=status, reason=_reason(row))
+        return out
+
+    def stats(self, lb_id: str) -> Stats:
+        listeners: dict[str, Counters] = {}
+        pools: dict[str, Counters] = {}
+        members: dict[str, Counters] = {}
+        for row in self._stats_rows(lb_id):
+            px, sv = row.get("pxname", ""), row.get("svname", "")
+            http = row.get("mode") == "http"
+            if px.startswith(LISTENER_PREFIX) and sv == "FRONTEND":
+                listeners[px[len(LISTENER_PREFIX):]] = haproxy_runtime.counters(row, http=http)
+            elif px.startswith(POOL_PREFIX) and sv == "BACKEND":
+                pools[px[len(POOL_PREFIX):]] = haproxy_runtime.counters(row, http=http)
+            elif px.startswith(POOL_PREFIX) and sv != "FRONTEND":
+                members[sv] = haproxy_runtime.counters(row, http=http)
+        return Stats(listeners=listeners, pools=pools, members=members)
+
+    # --- access logs -----------------------------------------------------------------------------
+
+    def access_logs(self, lb_id: str, after: int = 0, limit: int = 1000) -> list[AccessLogRecord]:
+        path = self.lb_dir(lb_id) / "access.log"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        try:
+            self._trim(fd)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return list(_read_records(f, os.fstat(fd).st_size, after, limit, self.log_keep_bytes))
+        finally:
+            os.close(fd)
+
+    def _trim(self, fd: int) -> None:
+        """Free the disk blocks of records older than the last `log_keep_bytes` (offsets are kept)."""
+        st = os.fstat(fd)
+        if st.st_blocks * 512 <= 2 * self.log_keep_bytes:
+            return
+        end = (st.st_size - self.log_keep_bytes) // 4096 * 4096
+        if end > 0 and _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, end) != 0:
+            log.warning("cannot punch the old access log records out: %s", os.strerror(ctypes.get_errno()))
+
+
+def _read_records(f: Any, size: int, after: int, limit: int, keep: int) -> Iterator[AccessLogRecord]:
+    start = max(after, size - keep, 0)
+    f.seek(start)
+    if start > after:
+        skipped = f.readline()  # the records before are gone: resume at the next record boundary
+        start += len(skipped)
+    offset = start
+    produced = 0
+    while produced < limit:
+        line = f.readline()
+        if not line.endswith(b"\n"):
+            return  # the end, or a record being written
+        offset += len(line)
+        record = haproxy_config.parse_access_record(line.decode(errors="replace"), offset)
+        if record is not None:
+            produced += 1
+            yield record
+
+
+def _effective_weights(members: dict[str, list[Any]]) -> dict[str, int]:
+    """`pool/member` → its configured weight, for members that are not disabled (drain: 0)."""
+    return {key: 0 if admin == "drain" else int(weight)
+            for key, (weight, admin) in members.items() if admin != "disabled"}
+
+
+def _health(status: str, admin: str) -> Health:
+    if admin == "disabled" or status.startswith("MAINT"):
+        return "disabled"
+    if admin == "drain" or status.startswith(("DRAIN", "NOLB")):
+        return "drain"
+    if status.startswith("DOWN"):
+        return "down"
+    if status == "no check":
+        return "unchecked"
+    return "up"  # "UP", or "UP 1/3" (failing, not yet taken out)
+
+
+def _reason(row: dict[str, str]) -> str:
+    desc = row.get("check_desc", "")
+    code = row.get("check_code", "")
+    detail = row.get("last_chk", "")
+    parts = [p for p in (desc, code) if p]
+    text = ": ".join(parts)
+    if detail and detail != code:
+        text = f"{text} ({detail})" if text else detail
+    return text
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomically replace `path` with `data`, mode 0600."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _is_ours(pid: int, cfg: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return str(cfg).encode() in cmdline and stat.split(") ", 1)[1][:1] != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(pid: int, cfg: Path, timeout: float, child: subprocess.Popen[bytes] | None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None:
+            child.poll()
+        if not _is_ours(pid, cfg):
+            return True
+        time.sleep(0.02)
+    return False
