@@ -151,6 +151,21 @@ def test_targeted_wake_up_reconciles_that_object_without_listing(running: list[R
     assert r.listed == listed
 
 
+def test_a_targeted_wake_up_while_the_object_is_busy_reconciles_it_again(running: list[Recorder]) -> None:
+    notifier = ChangeNotifier()
+    r = Recorder(poll_interval=30.0, scope="h-1", change_notifier=notifier)
+    r.delay = 0.3
+    running.append(r)
+    r.start()
+    wait_for(lambda: r.listed >= 1)
+    notifier.notify("thing", "t-7", sockets=False, database=False)
+    wait_for(lambda: r.is_busy("t-7"))
+    # The object changes again while it is reconciled (its work may have read the state before the change);
+    # list_ids() does not list it, so only the targeted wake-up can bring it back.
+    notifier.notify("thing", "t-7", sockets=False, database=False)
+    wait_for(lambda: r.count("t-7") == 2, timeout=3.0)
+
+
 def test_wake_up_through_the_datagram_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              running: list[Recorder]) -> None:
     monkeypatch.setattr(reconcile, "wake_dir", lambda: tmp_path / "wake")

@@ -429,7 +429,13 @@ class Reconciler:
         for object_id in dict.fromkeys([*ids, *sorted(targets)]):
             with self._lock:
                 f = self._failures.get(object_id)
-                if object_id in self._busy or (f is not None and now < f.retry_at):
+                if object_id in self._busy:
+                    # A change signalled while the object is being worked on may come after what that work
+                    # read: keep the target, so the pass woken when the work ends reconciles it again.
+                    if object_id in targets:
+                        self._targets.add(object_id)
+                    continue
+                if f is not None and now < f.retry_at:
                     continue
             self.submit(object_id)
 
