@@ -177,6 +177,17 @@ class Settings(BaseSettings):
         "Network agent: seconds between moves of flow records from the data plane into the database"))
     network_port_wait_s: PositiveFloat = Field(default=60.0, description=(
         "Network agent: how long a guest start waits for its VPC ports to exist"))
+    # Load balancers (read by the load-balancer agent extension).
+    loadbalancer_state_dir: Path | None = Field(default=None, description=(
+        "Load-balancer agent: its state directory (default: `<agent state dir>/loadbalancers`)"))
+    loadbalancer_workers: PositiveInt = Field(default=2, description=(
+        "Load-balancer agent: load balancers worked on at once"))
+    loadbalancer_poll_interval_s: PositiveFloat = Field(default=5.0, description=(
+        "Load-balancer agent: seconds between looks for load-balancer work (changes also wake it at once)"))
+    loadbalancer_resync_interval_s: PositiveFloat = Field(default=30.0, description=(
+        "Load-balancer agent: seconds between comparisons of the running proxies with the desired state"))
+    loadbalancer_observe_interval_s: PositiveFloat = Field(default=2.0, description=(
+        "Load-balancer agent: seconds between moves of member health, stats and access logs into the database"))
     # Block storage.
     volume_min_size_gb: PositiveInt = Field(default=1, description="Smallest volume size in GB")
     volume_max_size_gb: PositiveInt = Field(default=16 * 1024, description=(
