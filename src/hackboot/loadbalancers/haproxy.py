@@ -155,11 +155,14 @@ class HaproxyDriver(LoadBalancerDriver):
                 _write(path, data)
         candidate = d / "haproxy.cfg.new"
         _write(candidate, rendered.text.encode())
-        check = subprocess.run([self.haproxy, "-c", "-q", "-f", str(candidate)], capture_output=True, text=True,
+        check = subprocess.run([self.haproxy, "-c", "-f", str(candidate)], capture_output=True, text=True,
                                timeout=60, check=False)
         if check.returncode != 0:
             candidate.unlink(missing_ok=True)
-            message = (check.stderr or check.stdout).strip().replace(str(candidate), "haproxy.cfg")
+            # Paths of this host mean nothing to the tenant who reads the message: relative to the LB's dir.
+            output = (check.stderr + check.stdout).replace(str(candidate), "haproxy.cfg").replace(f"{d}/", "")
+            alerts = [line for line in output.splitlines() if "[ALERT]" in line]
+            message = "\n".join(alerts) if alerts else output.strip()
             raise InvalidSpec(f"HAProxy refused the configuration of {spec.id}: {message[:2000]}")
         os.replace(candidate, cfg)
         try:

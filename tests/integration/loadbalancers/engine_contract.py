@@ -182,6 +182,11 @@ class EngineContract:
         assert health.pool_id == "web" and "500" in health.reason, health
         assert engine.driver.health("lb-health")["b1"].status == "up"
         assert set(engine.names(80, 10)) == {"b1"}
+        # A change that needs a reload keeps it out: the new processes must not start it as healthy.
+        engine.apply(dataclasses.replace(http_lb(topo, "lb-health", pool=pool), listeners=(
+            ListenerSpec("web", "http", 80, "web", idle_timeout_s=20),)))
+        assert set(engine.names(80, 10)) == {"b1"}
+        assert engine.driver.health("lb-health")["b2"].status == "down"
         topo.set_failing("b2", False)
         wait_for(lambda: engine.driver.health("lb-health")["b2"].status == "up", what="b2 back up")
         assert set(engine.names(80, 10)) == {"b1", "b2"}
