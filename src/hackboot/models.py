@@ -7,6 +7,7 @@ from hackboot.core.db import Base
 from hackboot.events import models as events_models  # noqa: F401
 from hackboot.identity import models as identity_models  # noqa: F401
 from hackboot.images import models as images_models  # noqa: F401
+from hackboot.loadbalancers import models as loadbalancers_models  # noqa: F401
 from hackboot.network import hosts as network_hosts  # noqa: F401
 from hackboot.network import models as network_models  # noqa: F401
 from hackboot.objectstore import models as objectstore_models  # noqa: F401

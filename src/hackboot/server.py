@@ -33,6 +33,8 @@ from hackboot.identity import api as identity_api
 from hackboot.identity import service as identity_service
 from hackboot.images import api as images_api
 from hackboot.images import service as images_service
+from hackboot.loadbalancers import api as loadbalancers_api
+from hackboot.loadbalancers import service as loadbalancers_service
 from hackboot.network import api as network_api
 from hackboot.network import service as network_service
 from hackboot.objectstore import api as objectstore_api
@@ -45,13 +47,14 @@ log = logging.getLogger("hackboot.server")
 
 # Every service's routes, in the order they are matched and documented.
 ROUTERS: list[APIRouter] = [identity_api.router, events_api.router, catalog_api.router, compute_api.router,
-                            images_api.router, volumes_api.router, network_api.router, objectstore_api.router]
+                            images_api.router, volumes_api.router, network_api.router, loadbalancers_api.router,
+                            objectstore_api.router]
 # Idempotent seeds, run at start after migrations.
 SEEDS: list[Callable[[], object]] = [catalog_service.seed, images_service.seed]
 # Background loops of the control plane (the host agents' reconcilers are started by the agents).
 LOOPS: list[Callable[[], list[Loop]]] = [events_service.loops, catalog_service.loops, compute_service.loops,
                                          images_service.loops, volumes_service.loops, network_service.loops,
-                                         objectstore_service.loops]
+                                         loadbalancers_service.loops, objectstore_service.loops]
 
 
 def routers() -> list[APIRouter]:

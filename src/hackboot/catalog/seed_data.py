@@ -200,6 +200,11 @@ NETWORK_PRICES: tuple[PriceSeed, ...] = (
     PriceSeed("network:nat-gateway", "network", "hour", 0.045,
               f"{_LIST}, per hour a NAT gateway exists (its floating IP priced apart). {S003} §3.1 (VPC, NAT); "
               "amount ours"),
+    # Load balancers (S003 §3.2 names them, prices nothing): ~18.25 EUR/month per load balancer, whatever its
+    # listeners and pools; an internet-facing one's floating IP is priced apart.
+    PriceSeed("network:load-balancer", "network", "hour", 0.025,
+              f"{_LIST}, per hour a load balancer exists (its floating IP priced apart). {S003} §3.2 Load Balancing; "
+              "amount ours"),
 )
 
 

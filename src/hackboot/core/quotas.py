@@ -37,6 +37,12 @@ DEFAULT_QUOTAS: dict[str, int] = {
     "security_group_rules": 100,  # per security group: `used` shows the project's fullest group
     "floating_ips": 5,
     "flow_logs": 20,
+    # Load balancers (listeners, pools, members: per project, across its load balancers)
+    "load_balancers": 10,
+    "listeners": 50,
+    "pools": 50,
+    "members": 500,
+    "certificates": 50,
 }
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from hackboot.sdk.events import Audit, Events, Webhooks
     from hackboot.sdk.identity import Auth, Projects, Tokens, Users
     from hackboot.sdk.images import Images
+    from hackboot.sdk.loadbalancers import Certificates, LoadBalancers
     from hackboot.sdk.network import (
         FloatingIps,
         FlowLogs,
@@ -123,6 +124,8 @@ class Client:
     floating_ips: FloatingIps
     nat_gateways: NatGateways
     flow_logs: FlowLogs
+    load_balancers: LoadBalancers
+    certificates: Certificates
     s3_credentials: S3Credentials
     buckets: Buckets
 
