@@ -293,6 +293,14 @@ def list_members(ref: str, pool: str, p: Viewer, page: Pagination) -> Page[Membe
         return Page[MemberOut](items=[MemberOut.model_validate(m) for m in rows], next_cursor=nxt)
 
 
+@router.get("/load-balancers/{ref}/pools/{pool}/members/{member_id}", response_model=MemberOut)
+def get_member(ref: str, pool: str, member_id: str, p: Viewer) -> MemberOut:
+    """With its health as the proxy's checks see it."""
+    with session_scope(write=False) as s:
+        found = service.get_pool(s, service.get_lb(s, p, ref), pool)
+        return MemberOut.model_validate(service.get_member(s, found, member_id))
+
+
 @router.patch("/load-balancers/{ref}/pools/{pool}/members/{member_id}", response_model=MemberOut)
 def update_member(ref: str, pool: str, member_id: str, body: MemberPatch, p: Member) -> MemberOut:
     """Weight and drain apply without a reload."""
@@ -446,6 +454,13 @@ def list_rules(ref: str, listener: str, p: Viewer, page: Pagination) -> Page[Rul
         found = service.get_listener(s, service.get_lb(s, p, ref), listener)
         rows, nxt = paginate(s, service.rule_query(found), Rule.id, page)
         return Page[RuleOut](items=[RuleOut.model_validate(r) for r in rows], next_cursor=nxt)
+
+
+@router.get("/load-balancers/{ref}/listeners/{listener}/rules/{rule_id}", response_model=RuleOut)
+def get_rule(ref: str, listener: str, rule_id: str, p: Viewer) -> RuleOut:
+    with session_scope(write=False) as s:
+        found = service.get_listener(s, service.get_lb(s, p, ref), listener)
+        return RuleOut.model_validate(service.get_rule(s, found, rule_id))
 
 
 @router.delete("/load-balancers/{ref}/listeners/{listener}/rules/{rule_id}", status_code=204)

@@ -100,6 +100,9 @@ class LoadBalancers(Resource):
             redirect_url=redirect_url, redirect_code=redirect_code, status_code=status_code,
             content_type=content_type, body=body)))
 
+    def get_rule(self, ref: str, listener: str, rule_id: str) -> JSONObject:
+        return as_object(self.c.get(f"{self.path}/{ref}/listeners/{listener}/rules/{rule_id}"))
+
     def delete_rule(self, ref: str, listener: str, rule_id: str) -> None:
         self.c.delete(f"{self.path}/{ref}/listeners/{listener}/rules/{rule_id}")
 
@@ -135,6 +138,9 @@ class LoadBalancers(Resource):
         return as_object(self.c.post(f"{self.path}/{ref}/pools/{pool}/members", _body(
             port=port, network_interface=network_interface, address=address, weight=weight,
             admin_state=admin_state)))
+
+    def get_member(self, ref: str, pool: str, member_id: str) -> JSONObject:
+        return as_object(self.c.get(f"{self.path}/{ref}/pools/{pool}/members/{member_id}"))
 
     def update_member(self, ref: str, pool: str, member_id: str, *, weight: int | None = None,
                       admin_state: str | None = None) -> JSONObject:

@@ -43,6 +43,12 @@ def test_create_places_a_vip_in_the_subnet_and_a_public_ip_when_internet_facing(
         [lb["id"], internal["id"]])
     assert quota(c, "load_balancers")["used"] == 2
     assert "load_balancer.created" in event_types(c, lb["id"])
+    # a retried create with the same Idempotency-Key is answered with the same load balancer, made once
+    key = unique("idem")
+    once = c.load_balancers.create("retried", subnet["id"], idempotency_key=key)
+    again = c.load_balancers.create("retried", subnet["id"], idempotency_key=key)
+    assert again["id"] == once["id"] and len(c.load_balancers.list(name="retried")) == 1
+    c.load_balancers.delete(once["id"])
     # names are unique in a project
     expect_error(409, c.load_balancers.create, "front", subnet["id"], code="name_in_use")
     renamed = c.load_balancers.update(lb["id"], name="shop", description="renamed")
@@ -55,7 +61,7 @@ def test_create_places_a_vip_in_the_subnet_and_a_public_ip_when_internet_facing(
     expect_error(409, c.load_balancers.create, "exposed", private["id"], internet_facing=True,
                  code="no_internet_route")
     assert c.load_balancers.list(name="exposed") == [] and c.network_interfaces.list(subnet_id=private["id"]) == []
-    assert quota(c, "load_balancers")["used"] == 2
+    assert quota(c, "load_balancers")["used"] == 3  # the two, and the retried one until its proxy is gone
 
 
 def test_delete_takes_listeners_pools_members_and_rules_with_it(cloud: Cloud) -> None:
@@ -177,6 +183,8 @@ def test_pools_members_health_checks_and_in_use_deletes(cloud: Cloud) -> None:
     # drain and weights
     drained = c.load_balancers.drain_member(lb["id"], web["id"], by_ip["id"])
     assert drained["admin_state"] == "drain"
+    assert c.load_balancers.get_member(lb["id"], "web", by_ip["id"]) == drained
+    expect_error(404, c.load_balancers.get_member, lb["id"], tcp["id"], by_ip["id"])  # not that pool's
     assert c.load_balancers.update_member(lb["id"], web["id"], by_ip["id"], weight=0)["weight"] == 0
     members = c.load_balancers.members(lb["id"], web["id"])
     assert [(m["id"], m["admin_state"]) for m in members] == [(by_nic["id"], "enabled"), (by_ip["id"], "drain")]
@@ -222,6 +230,7 @@ def test_rules_match_hosts_and_paths_and_answer_forward_redirect_or_fixed(cloud:
                                       status_code=200, content_type="application/json", body='{"ok": true}\n')
     assert fixed["body"] == '{"ok": true}\n'
     assert [r["priority"] for r in c.load_balancers.rules(lb["id"], listener["id"])] == [10, 20, 30]
+    assert c.load_balancers.get_rule(lb["id"], listener["id"], redirect["id"]) == redirect
     expect_error(409, c.load_balancers.add_rule, lb["id"], listener["id"], 10, "forward", path_prefix="/x",
                  pool="web", code="priority_in_use")
     expect_error(422, c.load_balancers.add_rule, lb["id"], listener["id"], 11, "forward", path_prefix="/x",
