@@ -324,6 +324,17 @@ def security_groups(s: Session, lbs: list[LoadBalancer]) -> dict[str, list[str]]
     return {nic_of[nic_id]: ids for nic_id, ids in groups.items()}
 
 
+def _name_free(s: Session, project_id: str, name: str) -> None:
+    """409 when a load balancer of the project has the name (one being deleted keeps it until it is gone)."""
+    status = s.scalar(select(LoadBalancer.status).where(LoadBalancer.project_id == project_id,
+                                                        LoadBalancer.name == name))
+    if status == DELETING:
+        raise errors.Conflict(f"Load balancer '{name}' is being deleted: its name is free once it is gone",
+                              code="name_in_use")
+    if status is not None:
+        raise errors.Conflict(f"A load balancer is named '{name}' already", code="name_in_use")
+
+
 def create_lb(p: Principal, *, name: str, subnet: str, internet_facing: bool = False,
               security_groups: list[str] | None = None, description: str = "") -> LoadBalancer:
     """A load balancer in `subnet`: its VIP (an interface of the subnet, with a floating IP when internet-facing)
@@ -331,9 +342,7 @@ def create_lb(p: Principal, *, name: str, subnet: str, internet_facing: bool = F
     with _change() as tx:
         s = tx.s
         sub = network.get_subnet(s, p, subnet)
-        if s.scalar(select(LoadBalancer.id).where(LoadBalancer.project_id == p.project,
-                                                  LoadBalancer.name == name)) is not None:
-            raise errors.Conflict(f"A load balancer is named '{name}' already", code="name_in_use")
+        _name_free(s, p.project, name)
         host_id = choose_host(s, sub.zone_id)
         quotas.claim(s, p.project, "load_balancers", 1)
         lb_id = new_id("lb")
@@ -370,9 +379,7 @@ def update_lb(p: Principal, ref: str, *, name: str | None = None, description: s
         lb = _lb_for_write(tx, p, ref)
         changes: dict[str, Any] = {}
         if name is not None and name != lb.name:
-            if tx.s.scalar(select(LoadBalancer.id).where(LoadBalancer.project_id == p.project,
-                                                         LoadBalancer.name == name)) is not None:
-                raise errors.Conflict(f"A load balancer is named '{name}' already", code="name_in_use")
+            _name_free(tx.s, p.project, name)
             lb.name = changes["name"] = name
         if description is not None:
             lb.description = changes["description"] = description

@@ -49,6 +49,7 @@ def test_create_places_a_vip_in_the_subnet_and_a_public_ip_when_internet_facing(
     again = c.load_balancers.create("retried", subnet["id"], idempotency_key=key)
     assert again["id"] == once["id"] and len(c.load_balancers.list(name="retried")) == 1
     c.load_balancers.delete(once["id"])
+    expect_error(409, c.load_balancers.create, "retried", subnet["id"], code="name_in_use", text="being deleted")
     # names are unique in a project
     expect_error(409, c.load_balancers.create, "front", subnet["id"], code="name_in_use")
     renamed = c.load_balancers.update(lb["id"], name="shop", description="renamed")
