@@ -72,6 +72,9 @@ class HaproxyDriver(LoadBalancerDriver):
     def __init__(self, state_dir: Path, *, haproxy: str = "haproxy", log_keep_bytes: int = 8 << 20,
                  start_timeout_s: float = 20.0) -> None:
         self.state_dir = Path(state_dir)
+        if any(c in str(self.state_dir) for c in ",'\"#\\") or any(c.isspace() for c in str(self.state_dir)):
+            # Its paths go into HAProxy's configuration and its -S argument (comma-separated options).
+            raise ValueError(f"state directory {state_dir!r}: no commas, quotes, '#', backslashes or spaces")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.haproxy = haproxy

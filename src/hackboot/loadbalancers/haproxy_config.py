@@ -407,7 +407,8 @@ def _frontend(spec: LoadBalancerSpec, listener: ListenerSpec, cert_paths: dict[s
         # "Connection: close") instead of closing it under a client that may be sending on it.
         out += ["    option idle-close-on-response",
                 "    option forwardfor",
-                f"    http-request set-header X-Forwarded-Proto {proto}"]
+                f"    http-request set-header X-Forwarded-Proto {proto}",
+                "    http-request set-header X-Forwarded-Port %[dst_port]"]
     if listener.redirect_to_https_port is not None:
         port = listener.redirect_to_https_port
         suffix = "" if port == 443 else f":{port}"
@@ -488,7 +489,8 @@ def _server(pool: PoolSpec, m: MemberSpec, check: str) -> str:
     if pool.sticky == "cookie":
         line += f" cookie {cookie_value(m.id)}"
     if pool.proxy_protocol:
-        line += " send-proxy-v2"
+        # Checks carry the header too: a member that requires it would otherwise see them as garbage.
+        line += " send-proxy-v2" + (" check-send-proxy" if check else "")
     if m.admin_state == "disabled":
         line += " disabled"
     return line

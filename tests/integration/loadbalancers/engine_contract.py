@@ -293,8 +293,21 @@ class EngineContract:
         cookie = first.headers["set-cookie"].split(";", 1)[0]
         assert cookie.startswith("SRVID=")
         names = {engine.get(80, headers={"Cookie": cookie}).json()["name"] for _ in range(12)}
-        assert names == {first.json()["name"]}
+        pinned = first.json()["name"]
+        assert names == {pinned}
         assert len(set(engine.names(80, 6))) > 1  # without the cookie, requests spread
+        # Draining the member keeps its sticky clients and takes no new ones.
+        drained = dataclasses.replace(pool, members=tuple(
+            member(topo, n, admin="drain" if n == pinned else "enabled") for n in ("b1", "b2", "b3")))
+        engine.apply(http_lb(topo, "lb-sticky", pool=drained))
+        assert {engine.get(80, headers={"Cookie": cookie}).json()["name"] for _ in range(6)} == {pinned}
+        assert pinned not in engine.names(80, 8)
+        # Disabling it moves them elsewhere.
+        disabled = dataclasses.replace(pool, members=tuple(
+            member(topo, n, admin="disabled" if n == pinned else "enabled") for n in ("b1", "b2", "b3")))
+        engine.apply(http_lb(topo, "lb-sticky", pool=disabled))
+        moved = {engine.get(80, headers={"Cookie": cookie}).json()["name"] for _ in range(6)}
+        assert pinned not in moved
 
     def test_rate_limits(self, engine: Engine, topo: Topology) -> None:
         web = PoolSpec("web", members=(member(topo, "b1"),))
@@ -331,14 +344,16 @@ class EngineContract:
     def test_tcp_listener_and_proxy_protocol(self, engine: Engine, topo: Topology) -> None:
         plain = PoolSpec("plain", "tcp", members=(member(topo, "b1", port=TCP_PORT),),
                          health_check=HealthCheckSpec("tcp", interval_s=0.5))
-        proxied = PoolSpec("proxied", "tcp", members=(member(topo, "b2", port=TCP_PORT),), proxy_protocol=True)
+        proxied = PoolSpec("proxied", "tcp", members=(member(topo, "b2", port=TCP_PORT),), proxy_protocol=True,
+                           health_check=HealthCheckSpec("tcp", interval_s=0.5))
         engine.apply(spec("lb-tcp", [ListenerSpec("plain", "tcp", 9000, "plain"),
                                      ListenerSpec("proxied", "tcp", 9001, "proxied")], [plain, proxied]))
         greeting, echo = topo.in_client(lambda: tcp_exchange(VIP, 9000, b"hello\n"))
         assert (greeting, echo) == ("b1 proxy=none", b"hello\n")
         greeting, echo = topo.in_client(lambda: tcp_exchange(VIP, 9001, b"hello\n"))
         assert greeting.startswith(f"b2 proxy={CLIENT_IP}:") and echo == b"hello\n", greeting
-        wait_for(lambda: engine.driver.health("lb-tcp")["b1"].status == "up", what="tcp check up")
+        wait_for(lambda: {h.status for h in engine.driver.health("lb-tcp").values()} == {"up"},
+                 what="tcp checks up")
 
     # --- changes -----------------------------------------------------------------------------------
 

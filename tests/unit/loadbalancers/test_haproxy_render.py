@@ -98,6 +98,7 @@ def test_https_frontend_certificates_rate_limits_and_headers() -> None:
     assert "http-request deny deny_status 429 if { sc_http_req_rate(0) gt 50 }" in fe
     assert any(x.startswith("stick-table type ip") and "conn_rate(1s),http_req_rate(1s)" in x for x in fe)
     assert "option forwardfor" in fe and "http-request set-header X-Forwarded-Proto https" in fe
+    assert "http-request set-header X-Forwarded-Port %[dst_port]" in fe
     assert "default_backend pl-web" in fe
 
 
@@ -145,7 +146,8 @@ def test_backends() -> None:
     assert "server a1 10.0.0.31:9000 weight 1" in api
     raw = section(text, "backend pl-raw")
     assert "mode tcp" in raw and "balance source" in raw
-    assert raw[-1] == "server t1 10.0.0.41:5432 weight 1 check inter 5000ms rise 2 fall 3 send-proxy-v2"
+    assert raw[-1] == ("server t1 10.0.0.41:5432 weight 1 check inter 5000ms rise 2 fall 3 "
+                       "send-proxy-v2 check-send-proxy")
     fe = section(text, "frontend ln-pg")
     assert "mode tcp" in fe and "tcp-request connection reject if { sc_conn_rate(0) gt 5 }" in fe
     assert not any("X-Forwarded" in x or "http-request" in x for x in fe)
