@@ -19,6 +19,7 @@ from tests.unit.loadbalancers.test_desired import (  # noqa: F401  (collected he
     test_mark_applied_is_a_compare_and_swap,
     test_member_health_is_recorded_with_an_event_on_change_only,
     test_stats_snapshot_and_bounded_access_logs,
+    test_the_migration_gives_existing_projects_the_load_balancer_quotas,
 )
 
 

@@ -287,3 +287,24 @@ def test_deletions_on_a_removed_host_are_finished_by_the_backstop(db: None) -> N
     with session_scope(write=False) as s:
         assert s.get(LoadBalancer, orphan.id) is None
         assert s.get(LoadBalancer, kept.id) is not None  # not being deleted: left alone
+
+
+def test_the_migration_gives_existing_projects_the_load_balancer_quotas(db: None) -> None:
+    from alembic import command
+
+    from hackboot.core.migrate import alembic_config
+
+    p = project()
+    with session_scope() as s:
+        s.query(quotas.QuotaUsage).filter(quotas.QuotaUsage.project_id == p.project,
+                                          quotas.QuotaUsage.resource.in_(["load_balancers", "members"])).delete()
+    dispose_engine()
+    cfg = alembic_config(get_settings().effective_database_url)
+    command.downgrade(cfg, "loadbalancers@base")
+    with session_scope(write=False) as s:
+        assert not {q.resource for q in quotas.usage(s, p.project)} & {"listeners", "certificates"}
+    command.upgrade(cfg, "heads")
+    with session_scope(write=False) as s:
+        limits = {q.resource: q.limit for q in quotas.usage(s, p.project)}
+    assert {r: limits[r] for r in ("load_balancers", "listeners", "pools", "members", "certificates")} == {
+        r: quotas.DEFAULT_QUOTAS[r] for r in ("load_balancers", "listeners", "pools", "members", "certificates")}
