@@ -6,10 +6,10 @@ PYTEST_ARGS ?=
 
 .PHONY: up test deps images images-tiny lint bench-smoke clean
 
-# As root, the local host also carries the VPC data plane (it lives in network namespaces, which need root);
-# otherwise instances get only their management NIC. HACKBOOT_AGENT_EXTENSIONS set by the caller wins.
+# As root, the local host also carries the VPC data plane and the load balancers (they live in network
+# namespaces, which need root); otherwise instances get only their management NIC. HACKBOOT_AGENT_EXTENSIONS set by the caller wins.
 comma := ,
-UP_EXTENSIONS := hackboot.volumes.agent$(if $(filter 0,$(shell id -u)),$(comma)hackboot.network.agent)
+UP_EXTENSIONS := hackboot.volumes.agent$(if $(filter 0,$(shell id -u)),$(comma)hackboot.network.agent$(comma)hackboot.loadbalancers.agent)
 
 up: deps images
 	HACKBOOT_AGENT_EXTENSIONS="$${HACKBOOT_AGENT_EXTENSIONS:-$(UP_EXTENSIONS)}" \
