@@ -27,6 +27,7 @@ import pytest
 
 from hackboot.core.config import reset_settings_cache
 from hackboot.core.db import dispose_engine
+from hackboot.loadbalancers import agent as lbagent
 from hackboot.network import agent as netagent
 from hackboot.network import netns
 from hackboot.network.agent import NetworkAgentOptions
@@ -84,7 +85,7 @@ class Site:
 
         self.stop = threading.Event()
         cfg = AgentSettings(name=self.host_name, zone=ZONE, state_dir=self.agent_dir, driver="qemu", accel="tcg",
-                            extensions="hackboot.network.agent", cpu_allocation_ratio=8.0,
+                            extensions="hackboot.network.agent,hackboot.loadbalancers.agent", cpu_allocation_ratio=8.0,
                             disk_allocation_ratio=10.0, poll_interval=0.5, heartbeat_interval=1.0,
                             check_interval=5.0)
         self.agent = Agent(cfg, stop_event=self.stop)
@@ -96,6 +97,9 @@ class Site:
     def stop_agent(self) -> None:
         if self.agent is not None:
             self.agent.stop()
+            lb = lbagent.local_agent()
+            if lb is not None:
+                lb.close()
             net = netagent.local_network_agent()
             if net is not None:
                 net.stop(wait=True)
@@ -175,6 +179,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                         driver.destroy(iid)
                 with contextlib.suppress(Exception):
                     driver.close()
+            lb = lbagent.local_agent()
+            if lb is not None:  # proxies outlive agents by design too
+                for lb_id in lb.driver.running():
+                    with contextlib.suppress(Exception):
+                        lb.driver.remove(lb_id)
+                for name in netns.list_ours(lbagent.host_prefix(lb.host_id)):
+                    netns.delete(name)
             if net is not None:
                 with contextlib.suppress(Exception):
                     net.driver.destroy_host()  # type: ignore[attr-defined]
@@ -350,6 +361,50 @@ def test_nic_hotplug_on_a_running_instance(site: Site, net: Net) -> None:
         net.client.instances.detach_interface(net.web["id"], nics(net.client, net.web)[0]["id"])
     assert err.value.status == 409
     net.client.network_interfaces.delete(extra["id"])
+
+
+def test_an_internet_facing_load_balancer_spreads_over_two_guests_and_follows_their_health(site: Site,
+                                                                                            net: Net) -> None:
+    c = net.client
+    sg_lb = c.security_groups.create(net.vpc["id"], unique("lb"))
+    c.security_groups.add_rule(sg_lb["id"], "ingress", "tcp", port_min=80, port_max=80, cidr="0.0.0.0/0")
+    for sg in (net.sg_web, net.sg_db):  # the members admit the load balancer's group only
+        c.security_groups.add_rule(sg["id"], "ingress", "tcp", port_min=8090, port_max=8090, remote_group=sg_lb["id"])
+    for inst, name in ((net.web, "web"), (net.db, "db")):
+        ssh(inst, site.keypath, f"mkdir -p /tmp/lb && echo {name} > /tmp/lb/index.html && httpd -p 8090 -h /tmp/lb")
+    lb = c.load_balancers.create(unique("lb"), net.pub["id"], internet_facing=True, security_groups=[sg_lb["id"]])
+    pool = c.load_balancers.add_pool(lb["id"], "app", protocol="http", health_check={
+        "protocol": "http", "path": "/", "expected_codes": "200", "interval_s": 2, "timeout_s": 1,
+        "healthy_threshold": 1, "unhealthy_threshold": 2})
+    members = {name: c.load_balancers.add_member(lb["id"], pool["id"], 8090, network_interface=nics(c, inst)[0]["id"])
+               for inst, name in ((net.web, "web"), (net.db, "db"))}
+    c.load_balancers.add_listener(lb["id"], "http", 80, default_pool=pool["id"])
+    c.load_balancers.wait(lb["id"], "ACTIVE", timeout=120)
+
+    def health() -> dict[str, str]:
+        """Member → "up" once a check passed (HAProxy starts members up before their first check)."""
+        by_id = {m["id"]: m["health"] if m["health"] != "up" or "passed" in m["health_reason"] else "starting"
+                 for m in c.load_balancers.members(lb["id"], pool["id"])}
+        return {name: by_id[m["id"]] for name, m in members.items()}
+
+    def answers(n: int) -> dict[str, int]:
+        got: dict[str, int] = {}
+        for _ in range(n):
+            body = sh(site.inet, f"curl -s -m 5 http://{lb['public_ip']}/").stdout.strip() or "(nothing)"
+            got[body] = got.get(body, 0) + 1
+        return got
+
+    wait_for("both guests healthy", lambda: health() == {"web": "up", "db": "up"})
+    assert answers(6) == {"web": 3, "db": 3}, "round robin over the guests, from the internet"
+    ssh(net.db, site.keypath,  # (tiny has no pkill)
+        'for p in $(pidof httpd); do tr "\\0" " " < /proc/$p/cmdline | grep -q "p 8090" && kill $p; done; true')
+    wait_for("db taken out", lambda: health() == {"web": "up", "db": "down"})
+    assert answers(4) == {"web": 4}, "traffic moves to the healthy guest"
+    ssh(net.db, site.keypath, "httpd -p 8090 -h /tmp/lb")
+    wait_for("db back", lambda: health() == {"web": "up", "db": "up"})
+    assert answers(4) == {"web": 2, "db": 2}, "and returns"
+    c.load_balancers.delete(lb["id"])
+    c.load_balancers.wait(lb["id"], "DELETED", timeout=120)
 
 
 def test_two_projects_cannot_reach_each_other(site: Site, net: Net) -> None:
