@@ -16,6 +16,7 @@ APT_PACKAGES=(
   dnsmasq-base                        # VPC DHCP + DNS (the binary alone, no system service)
   iperf3                              # network benchmark (bench/network.py); never started as a daemon
   haproxy                             # load balancers (one per LB, in its hb- namespace; the system service stays unused)
+  bubblewrap nodejs                   # functions: the sandbox, and the Node.js runtime beside python3
 )
 
 missing=()
