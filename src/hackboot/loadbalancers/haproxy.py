@@ -17,7 +17,9 @@ Files (``<state_dir>/<lb id>/``, mode 0700, all 0600):
   ``state.json``     namespace, the structure digest of the configuration (the spec with member weights
                      and admin states normalised) and each member's weight/state: what decides between
                      nothing, the runtime API and a reload;
-  ``master.sock``    the master CLI; ``stats.sock`` the workers' CLI (admin level);
+  ``master.sock``, ``stats.sock``  the master CLI and the workers' CLI (admin level), in a short
+                     per-LB directory under ``run_root`` instead (0700), as a unix socket path must
+                     fit in 108 bytes (97 for HAProxy);
   ``access.log``     the processes' stdout, where HAProxy writes one record per request/session
                      (``log stdout``). It is appended to by HAProxy even while the agent is down; the
                      cursor of a record is the byte offset of its end, and the start of the file is
@@ -64,17 +66,25 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
+RUN_ROOT = Path("/run/hackboot/loadbalancers")
+SOCKET_PATH_MAX = 97  # HAProxy's limit: sun_path (108) less the suffix of the temporary name it binds first
+
 # Runtime API words for the member admin states.
 _RUNTIME_STATE = {"enabled": "ready", "drain": "drain", "disabled": "maint"}
 
 
 class HaproxyDriver(LoadBalancerDriver):
-    def __init__(self, state_dir: Path, *, haproxy: str = "haproxy", log_keep_bytes: int = 8 << 20,
-                 start_timeout_s: float = 20.0) -> None:
-        self.state_dir = Path(state_dir)
-        if any(c in str(self.state_dir) for c in ",'\"#\\") or any(c.isspace() for c in str(self.state_dir)):
-            # Its paths go into HAProxy's configuration and its -S argument (comma-separated options).
-            raise ValueError(f"state directory {state_dir!r}: no commas, quotes, '#', backslashes or spaces")
+    def __init__(self, state_dir: Path, *, run_root: Path = RUN_ROOT, haproxy: str = "haproxy",
+                 log_keep_bytes: int = 8 << 20, start_timeout_s: float = 20.0) -> None:
+        """`state_dir`: the load balancers' files; `run_root`: their sockets (a short path)."""
+        self.state_dir = Path(state_dir).absolute()
+        self.run_root = Path(run_root).absolute()
+        for path in (self.state_dir, self.run_root):
+            if any(c in str(path) for c in ",'\"#\\") or any(c.isspace() for c in str(path)):
+                # Its paths go into HAProxy's configuration and its -S argument (comma-separated options).
+                raise ValueError(f"directory {path}: no commas, quotes, '#', backslashes or spaces")
+        if len(str(self.run_dir("x") / "master.sock")) > SOCKET_PATH_MAX:
+            raise ValueError(f"run root {run_root} is too long for unix socket paths")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.haproxy = haproxy
@@ -88,6 +98,18 @@ class HaproxyDriver(LoadBalancerDriver):
 
     def lb_dir(self, lb_id: str) -> Path:
         return self.state_dir / check_id("load balancer", lb_id)
+
+    def run_dir(self, lb_id: str) -> Path:
+        """The LB's socket directory: named by a digest of the state directory and the id, so drivers
+        over different state directories (test runs side by side) never share one."""
+        digest = hashlib.sha256(f"{self.state_dir}\0{check_id('load balancer', lb_id)}".encode()).hexdigest()
+        return self.run_root / digest[:16]
+
+    def master_socket(self, lb_id: str) -> Path:
+        return self.run_dir(lb_id) / "master.sock"
+
+    def stats_socket(self, lb_id: str) -> Path:
+        return self.run_dir(lb_id) / "stats.sock"
 
     def _lock(self, lb_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -130,12 +152,14 @@ class HaproxyDriver(LoadBalancerDriver):
 
     def _apply(self, spec: LoadBalancerSpec, namespace: str) -> None:
         d = self.lb_dir(spec.id)
-        rendered = haproxy_config.render(spec, d)
+        run = self.run_dir(spec.id)
+        rendered = haproxy_config.render(spec, d, run)
         structure = hashlib.sha256(
-            haproxy_config.render(haproxy_config.normalized(spec), d).text.encode()).hexdigest()
+            haproxy_config.render(haproxy_config.normalized(spec), d, run).text.encode()).hexdigest()
         members = {f"{p.id}/{m.id}": [m.weight, m.admin_state] for p in spec.pools for m in p.members}
-        d.mkdir(exist_ok=True)
-        os.chmod(d, 0o700)
+        for directory in (d, run):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
         cfg = d / "haproxy.cfg"
         old = self._state(spec.id)
         pid = self.master_pid(spec.id)
@@ -187,7 +211,7 @@ class HaproxyDriver(LoadBalancerDriver):
 
     def _apply_runtime(self, lb_id: str, before: dict[str, Any], after: dict[str, list[Any]]) -> bool:
         """Set changed member weights/admin states through the stats socket; False if it did not take."""
-        sock = self.lb_dir(lb_id) / "stats.sock"
+        sock = self.stats_socket(lb_id)
         for key, (weight, admin) in sorted(after.items()):
             if before.get(key) == [weight, admin]:
                 continue
@@ -206,11 +230,11 @@ class HaproxyDriver(LoadBalancerDriver):
 
     def _start(self, lb_id: str, namespace: str) -> None:
         d = self.lb_dir(lb_id)
-        for name in ("haproxy.pid", "master.sock"):
-            (d / name).unlink(missing_ok=True)
+        (d / "haproxy.pid").unlink(missing_ok=True)
+        self.master_socket(lb_id).unlink(missing_ok=True)
         # A fresh start has no health to carry over.
         _write(d / "server-state", haproxy_runtime.EMPTY_SERVER_STATE.encode())
-        argv = [self.haproxy, "-W", "-S", f"{d / 'master.sock'},mode,600", "-f", str(d / "haproxy.cfg"),
+        argv = [self.haproxy, "-W", "-S", f"{self.master_socket(lb_id)},mode,600", "-f", str(d / "haproxy.cfg"),
                 "-p", str(d / "haproxy.pid")]
         out = os.open(d / "access.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         err = os.open(d / "haproxy.err", os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -230,8 +254,8 @@ class HaproxyDriver(LoadBalancerDriver):
             pid = self.master_pid(lb_id)
             if pid is not None:
                 with contextlib.suppress(LoadBalancerDriverError):
-                    if haproxy_runtime.show_proc(d / "master.sock").workers and (d / "stats.sock").exists():
-                        haproxy_runtime.command(d / "stats.sock", "show info")
+                    if haproxy_runtime.show_proc(self.master_socket(lb_id)).workers:
+                        haproxy_runtime.command(self.stats_socket(lb_id), "show info")
                         log.info("load balancer %s: HAProxy started (master %d) in %s", lb_id, pid, namespace)
                         return
             if time.monotonic() > deadline:
@@ -253,7 +277,7 @@ class HaproxyDriver(LoadBalancerDriver):
         """
         path = self.lb_dir(lb_id) / "server-state"
         try:
-            text = haproxy_runtime.command(self.lb_dir(lb_id) / "stats.sock", "show servers state")
+            text = haproxy_runtime.command(self.stats_socket(lb_id), "show servers state")
         except LoadBalancerDriverError as exc:
             log.warning("load balancer %s: cannot read the server states (%s)", lb_id, exc)
             text = ""
@@ -261,7 +285,7 @@ class HaproxyDriver(LoadBalancerDriver):
 
     def _reload(self, lb_id: str, pid: int) -> None:
         """Hitless reload through the master; returns once a new worker generation serves."""
-        sock = self.lb_dir(lb_id) / "master.sock"
+        sock = self.master_socket(lb_id)
         before = haproxy_runtime.show_proc(sock)
         os.kill(pid, signal.SIGUSR2)
         deadline = time.monotonic() + self.start_timeout_s
@@ -294,23 +318,27 @@ class HaproxyDriver(LoadBalancerDriver):
             if pid is not None:
                 self._stop(lb_id, pid)
             shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(self.run_dir(lb_id), ignore_errors=True)
 
     def _stop(self, lb_id: str, pid: int) -> None:
         d = self.lb_dir(lb_id)
         workers: tuple[int, ...] = ()
         with contextlib.suppress(LoadBalancerDriverError):
-            procs = haproxy_runtime.show_proc(d / "master.sock")
+            procs = haproxy_runtime.show_proc(self.master_socket(lb_id))
             workers = procs.workers + procs.old_workers
         cfg = d / "haproxy.cfg"
+        # Only processes checked to be ours (command line) are signalled; the waits then watch the pid
+        # itself, as an exiting process loses its command line before it is gone.
+        workers = tuple(w for w in workers if _is_ours(w, cfg))
         # SIGTERM to the master is a hard stop: it stops its workers and exits.
         _signal(pid, signal.SIGTERM)
-        if not _wait_gone(pid, cfg, 10.0, self._children.get(lb_id)):
+        if not _wait_gone(pid, 10.0, self._children.get(lb_id)):
             _signal(pid, signal.SIGKILL)
-            _wait_gone(pid, cfg, 5.0, self._children.get(lb_id))
+            _wait_gone(pid, 5.0, self._children.get(lb_id))
         for worker in workers:
-            if _is_ours(worker, cfg):
+            if not _wait_gone(worker, 2.0, None):
                 _signal(worker, signal.SIGKILL)
-                _wait_gone(worker, cfg, 5.0, None)
+                _wait_gone(worker, 5.0, None)
         self._children.pop(lb_id, None)
 
     # --- observed state --------------------------------------------------------------------------
@@ -318,7 +346,7 @@ class HaproxyDriver(LoadBalancerDriver):
     def _stats_rows(self, lb_id: str) -> list[dict[str, str]]:
         if self.master_pid(lb_id) is None:
             raise LoadBalancerDriverError(f"HAProxy of {lb_id} is not running")
-        return haproxy_runtime.show_stat(self.lb_dir(lb_id) / "stats.sock")
+        return haproxy_runtime.show_stat(self.stats_socket(lb_id))
 
     def health(self, lb_id: str) -> dict[str, MemberHealth]:
         admin = {key: value[1] for key, value in self._state(lb_id).get("members", {}).items()}
@@ -448,12 +476,17 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _wait_gone(pid: int, cfg: Path, timeout: float, child: subprocess.Popen[bytes] | None) -> bool:
+def _wait_gone(pid: int, timeout: float, child: subprocess.Popen[bytes] | None) -> bool:
+    """Wait until process `pid` has exited (gone, or a zombie); False after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child is not None:
             child.poll()
-        if not _is_ours(pid, cfg):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
             return True
         time.sleep(0.02)
     return False

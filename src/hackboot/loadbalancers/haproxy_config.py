@@ -322,8 +322,10 @@ def body_file(rule: RuleSpec) -> tuple[str, bytes]:
     return f"bodies/{rule.id}-{_digest(data)}.body", data
 
 
-def render(spec: LoadBalancerSpec, lb_dir: Path) -> RenderedConfig:
-    """The HAProxy configuration of `spec`, whose files live in `lb_dir` (validated first)."""
+def render(spec: LoadBalancerSpec, lb_dir: Path, socket_dir: Path | None = None) -> RenderedConfig:
+    """The HAProxy configuration of `spec`, whose files live in `lb_dir` and its stats socket in
+    `socket_dir` (default: `lb_dir`; a unix socket path must be short). Validated first."""
+    socket_dir = socket_dir or lb_dir
     validate(spec)
     files: dict[str, bytes] = {}
     secret: set[str] = set()
@@ -332,7 +334,7 @@ def render(spec: LoadBalancerSpec, lb_dir: Path) -> RenderedConfig:
         "global",
         "    user haproxy",
         "    group haproxy",
-        f"    stats socket {quote(str(lb_dir / 'stats.sock'), 'state path')} mode 600 level admin",
+        f"    stats socket {quote(str(socket_dir / 'stats.sock'), 'state path')} mode 600 level admin",
         "    stats timeout 30s",
         # Health states carried across a reload (see HaproxyDriver._save_server_state).
         f"    server-state-file {quote(str(lb_dir / 'server-state'), 'state path')}",

@@ -94,8 +94,10 @@ class Engine:
         self.topo = topo
         self.state_dir = state_dir
         self.driver = harness.make_driver(state_dir)
+        self.applied: set[str] = set()
 
     def apply(self, spec: LoadBalancerSpec) -> None:
+        self.applied.add(spec.id)
         self.driver.apply(spec, self.topo.lb_ns)
 
     def get(self, port: int, path: str = "/", headers: dict[str, str] | None = None) -> Response:
@@ -150,7 +152,7 @@ class EngineContract:
         try:
             yield eng
         finally:
-            for lb_id in eng.driver.running():
+            for lb_id in sorted(eng.applied | set(eng.driver.running())):
                 eng.driver.remove(lb_id)
             eng.driver.close()
             for name in topo.backends:

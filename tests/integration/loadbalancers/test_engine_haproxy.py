@@ -48,7 +48,7 @@ class HaproxyHarness(EngineHarness):
 
     def _procs(self, driver: LoadBalancerDriver, lb_id: str) -> haproxy_runtime.Processes:
         assert isinstance(driver, HaproxyDriver)
-        return haproxy_runtime.show_proc(driver.lb_dir(lb_id) / "master.sock")
+        return haproxy_runtime.show_proc(driver.master_socket(lb_id))
 
     def processes(self, driver: LoadBalancerDriver, lb_id: str) -> Processes:
         procs = self._procs(driver, lb_id)
@@ -88,7 +88,10 @@ def test_files_are_private_keys_stay_out_of_the_config_and_workers_are_unprivile
     try:
         driver.apply(web_lb(world, "lb-files", (CertificateSpec("cert-a", chain, key),)), world.lb_ns)
         d = driver.lb_dir("lb-files")
-        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+        run = driver.run_dir("lb-files")
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700 and stat.S_IMODE(run.stat().st_mode) == 0o700
+        assert stat.S_IMODE(driver.stats_socket("lb-files").stat().st_mode) == 0o600
+        assert stat.S_IMODE(driver.master_socket("lb-files").stat().st_mode) == 0o600
         assert stat.S_IMODE((d / "certs").stat().st_mode) == 0o700
         (cert_file,) = (d / "certs").iterdir()
         assert stat.S_IMODE(cert_file.stat().st_mode) == 0o600 and key.strip() in cert_file.read_text()
@@ -97,7 +100,7 @@ def test_files_are_private_keys_stay_out_of_the_config_and_workers_are_unprivile
                 assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
                 if path != cert_file:
                     assert "PRIVATE KEY" not in path.read_text(errors="replace"), path
-        procs = haproxy_runtime.show_proc(d / "master.sock")
+        procs = haproxy_runtime.show_proc(driver.master_socket("lb-files"))
         haproxy_uid = pwd.getpwnam("haproxy").pw_uid
         for worker in procs.workers:
             uids = Path(f"/proc/{worker}/status").read_text().split("Uid:")[1].split("\n")[0].split()
@@ -108,6 +111,8 @@ def test_files_are_private_keys_stay_out_of_the_config_and_workers_are_unprivile
         (new_file,) = (d / "certs").iterdir()
         assert new_file != cert_file and key2.strip() in new_file.read_text()
         assert ssl.PEM_cert_to_DER_cert(chain2) == world.in_client(lambda: tls_probe(VIP, 443, "a.example.test"))[1]
+        driver.remove("lb-files")
+        assert not d.exists() and not run.exists()
     finally:
         driver.remove("lb-files")
 
@@ -116,10 +121,14 @@ def test_refusal_message_names_no_host_path(world: Topology, tmp_path: Path) -> 
     driver = HaproxyDriver(tmp_path / "state")
     chain, _ = self_signed(("a.example.test",))
     _, other_key = self_signed(("b.example.test",))
-    with pytest.raises(InvalidSpec) as refused:
-        driver.apply(web_lb(world, "lb-refused", (CertificateSpec("pair", chain, other_key),)), world.lb_ns)
-    assert str(tmp_path) not in str(refused.value) and "certs/pair-" in str(refused.value)
-    assert driver.running() == []
+    try:
+        with pytest.raises(InvalidSpec) as refused:
+            driver.apply(web_lb(world, "lb-refused", (CertificateSpec("pair", chain, other_key),)), world.lb_ns)
+        assert str(tmp_path) not in str(refused.value) and "certs/pair-" in str(refused.value)
+        assert driver.running() == []
+    finally:
+        driver.remove("lb-refused")
+    assert not driver.run_dir("lb-refused").exists() and not driver.lb_dir("lb-refused").exists()
 
 
 def test_access_log_disk_use_is_bounded(world: Topology, tmp_path: Path) -> None:
