@@ -24,6 +24,7 @@ from hackboot.compute import service as compute_service
 from hackboot.compute.agent import start_local_agent
 from hackboot.core.app import build_app
 from hackboot.core.config import get_settings
+from hackboot.core.metrics import MetricSource
 from hackboot.core.migrate import upgrade
 from hackboot.core.privsep import die_with_parent
 from hackboot.core.workers import Loop, Workers
@@ -34,6 +35,7 @@ from hackboot.identity import service as identity_service
 from hackboot.images import api as images_api
 from hackboot.images import service as images_service
 from hackboot.loadbalancers import api as loadbalancers_api
+from hackboot.loadbalancers import metrics as loadbalancers_metrics
 from hackboot.loadbalancers import service as loadbalancers_service
 from hackboot.network import api as network_api
 from hackboot.network import service as network_service
@@ -57,12 +59,16 @@ LOOPS: list[Callable[[], list[Loop]]] = [events_service.loops, catalog_service.l
                                          loadbalancers_service.loops, objectstore_service.loops]
 
 
+# Services' metrics read from their state when /metrics is scraped.
+METRIC_SOURCES: list[MetricSource] = [loadbalancers_metrics.samples]
+
+
 def routers() -> list[APIRouter]:
     return list(ROUTERS)
 
 
 def create_app() -> FastAPI:
-    return build_app(routers())
+    return build_app(routers(), metric_sources=METRIC_SOURCES)
 
 
 def prepare() -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
@@ -32,7 +33,7 @@ from hackboot.core.db import session_scope
 from hackboot.core.errors import ApiError, Forbidden, Unauthenticated
 from hackboot.core.idempotency import IdempotencyKeys
 from hackboot.core.limits import BodyLimit, RefuseNul
-from hackboot.core.metrics import Metrics
+from hackboot.core.metrics import Metrics, MetricSource, render_sources
 from hackboot.core.problems import ProblemBoundary
 from hackboot.core.request_ids import RequestIds
 from hackboot.core.routes import route_policy, streams_body
@@ -67,7 +68,8 @@ async def _metrics_caller(request: Request) -> None:
         raise Forbidden("Only the metrics token or a cloud administrator (superuser) may read metrics")
 
 
-def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API") -> FastAPI:
+def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API",
+              metric_sources: Sequence[MetricSource] = ()) -> FastAPI:
     routers = list(routers)
     app = FastAPI(title=title, version="1.0.0", description=(
         "Self-hostable IaaS: identity, catalog, compute, volumes, object storage. "
@@ -134,12 +136,13 @@ def build_app(routers: Iterable[APIRouter], *, title: str = "Hackboot Cloud API"
         Prometheus) or a superuser's token.
         """
         await _metrics_caller(request)
+        services = await run_in_threadpool(render_sources, metric_sources)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several API processes: add up every process's samples.
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
-        return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
+            return PlainTextResponse(generate_latest(registry).decode() + services, media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest().decode() + services, media_type=CONTENT_TYPE_LATEST)
 
     for router in routers:
         app.include_router(router)

@@ -6,10 +6,19 @@ cannot blow up the number of series. `/metrics` itself (in `core.app`) is not pu
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("hackboot.metrics")
+
+# A service's metrics read from its state at scrape time (load balancers' counters …), which per-process
+# counters cannot carry: the server lists these sources, `/metrics` appends what they yield.
+MetricSource = Callable[[], Iterable[Metric]]
 
 REQUESTS = Counter("hackboot_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("hackboot_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
@@ -42,3 +51,24 @@ class Metrics:
             route = getattr(scope.get("route"), "path", "unmatched")
             LATENCY.labels(method, route).observe(time.perf_counter() - started)
             REQUESTS.labels(method, route, str(status)).inc()
+
+
+class _Sources:
+    def __init__(self, sources: Sequence[MetricSource]) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        for source in self.sources:
+            try:
+                yield from list(source())
+            except Exception:  # one service's trouble must not take every metric away
+                log.exception("metric source %s failed", getattr(source, "__qualname__", source))
+
+
+def render_sources(sources: Sequence[MetricSource]) -> str:
+    """The Prometheus text of `sources` (blocking: they may read the database)."""
+    if not sources:
+        return ""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Sources(sources))
+    return generate_latest(registry).decode()

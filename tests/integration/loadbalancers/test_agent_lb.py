@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from hackboot.catalog.models import Host
@@ -135,7 +136,8 @@ def curl(ns: str, url: str, timeout: float = 5) -> tuple[int, str]:
     return int(code or 0), body
 
 
-def test_an_internet_facing_load_balancer_spreads_requests_follows_health_and_goes_away(world: LbWorld) -> None:
+def test_an_internet_facing_load_balancer_spreads_requests_follows_health_and_goes_away(world: LbWorld,
+                                                                                       netcloud: Cloud) -> None:
     world.agent("a", 1)
     lb_agent = world.start_lb_agent("a")
     c = world.client
@@ -206,6 +208,11 @@ def test_an_internet_facing_load_balancer_spreads_requests_follows_health_and_go
     wait_for("access logs", lambda: len(c.load_balancers.logs(lb["id"])) >= 24)
     stats = c.load_balancers.stats(lb["id"])
     assert sum(int(m.get("requests", 0)) for m in stats["members"].values()) >= 24, stats
+    scrape = httpx.get(netcloud.url + "/metrics", headers={"Authorization": f"Bearer {netcloud.admin_token}"}).text
+    member_series = [line for line in scrape.splitlines() if line.startswith("hackboot_lb_requests_total{")
+                     and f'load_balancer="{lb["id"]}"' in line and 'kind="member"' in line]
+    assert len(member_series) == 2 and all(float(line.rsplit(" ", 1)[1]) >= 1 for line in member_series), \
+        "the members' counters are in /metrics"
 
     # An agent restart adopts the running proxy (same master process) and it keeps serving throughout.
     engine = lb_agent.driver
