@@ -356,7 +356,8 @@ class HaproxyDriver(LoadBalancerDriver):
             if not px.startswith(POOL_PREFIX) or sv in ("FRONTEND", "BACKEND"):
                 continue
             pool_id = px[len(POOL_PREFIX):]
-            status = _health(row.get("status", ""), admin.get(f"{pool_id}/{sv}", "enabled"))
+            status = _health(row.get("status", ""), admin.get(f"{pool_id}/{sv}", "enabled"),
+                             row.get("check_status", ""))
             out[sv] = MemberHealth(member_id=sv, pool_id=pool_id, status=status, reason=_reason(row))
         return out
 
@@ -425,14 +426,15 @@ def _effective_weights(members: dict[str, list[Any]]) -> dict[str, int]:
             for key, (weight, admin) in members.items() if admin != "disabled"}
 
 
-def _health(status: str, admin: str) -> Health:
+def _health(status: str, admin: str, check_status: str = "") -> Health:
     if admin == "disabled" or status.startswith("MAINT"):
         return "disabled"
     if admin == "drain" or status.startswith(("DRAIN", "NOLB")):
         return "drain"
     if status.startswith("DOWN"):
         return "down"
-    if status == "no check":
+    # No check configured, or its first result not in yet (HAProxy starts members up before it).
+    if status == "no check" or check_status.lstrip("* ") == "INI":
         return "unchecked"
     return "up"  # "UP", or "UP 1/3" (failing, not yet taken out)
 

@@ -23,6 +23,7 @@ from hackboot.loadbalancers.driver import (
     PoolSpec,
     RuleSpec,
 )
+from hackboot.loadbalancers.haproxy import _health
 from hackboot.loadbalancers.haproxy_config import parse_access_record, render
 
 LB_DIR = Path("/var/lib/hb-test/lb1")
@@ -327,3 +328,20 @@ def test_access_log_records_parse() -> None:
     assert tcp is not None and tcp.method is None and tcp.path is None and tcp.status is None
     assert parse_access_record("[WARNING] (1) : Proxy stopped\n", 1) is None
     assert parse_access_record("hblog1 x ln-web a b c d e f g h\n", 1) is None
+
+
+@pytest.mark.parametrize(("status", "admin", "check_status", "health"), [
+    ("UP", "enabled", "L7OK", "up"),
+    ("UP 1/3", "enabled", "L7STS", "up"),  # failing, not taken out yet
+    ("UP", "enabled", "INI", "unchecked"),  # HAProxy starts members up before their first check
+    ("UP 1/3", "enabled", "* INI", "unchecked"),
+    ("no check", "enabled", "", "unchecked"),
+    ("DOWN", "enabled", "L4CON", "down"),
+    ("DOWN 1/2", "enabled", "L7OK", "down"),  # coming back, not in yet
+    ("DRAIN", "enabled", "L7OK", "drain"),
+    ("UP", "drain", "L7OK", "drain"),
+    ("MAINT", "enabled", "", "disabled"),
+    ("UP", "disabled", "L7OK", "disabled"),
+])
+def test_member_health_from_stats(status: str, admin: str, check_status: str, health: str) -> None:
+    assert _health(status, admin, check_status) == health
