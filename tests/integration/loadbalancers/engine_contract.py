@@ -210,6 +210,15 @@ class EngineContract:
         engine.apply(with_members(member(topo, "b1"), member(topo, "b2", admin="drain")))
         assert set(engine.names(80, 8)) == {"b1"}
         assert engine.driver.health("lb-admin")["b2"].status == "drain"
+        assert engine.processes("lb-admin") == before  # no reload, no restart
+        # A later change that needs a reload keeps what was set at runtime (`with_members` reads `base`).
+        base = dataclasses.replace(base, listeners=(dataclasses.replace(base.listeners[0], idle_timeout_s=20),))
+        engine.apply(with_members(member(topo, "b1"), member(topo, "b2", admin="drain")))
+        after_reload = engine.processes("lb-admin")
+        assert after_reload.workers != before.workers
+        assert set(engine.names(80, 8)) == {"b1"}
+        assert engine.driver.health("lb-admin")["b2"].status == "drain"
+        before = after_reload
         engine.apply(with_members(member(topo, "b1"), member(topo, "b2", admin="disabled")))
         assert set(engine.names(80, 8)) == {"b1"}
         assert engine.driver.health("lb-admin")["b2"].status == "disabled"
@@ -356,6 +365,34 @@ class EngineContract:
         assert greeting.startswith(f"b2 proxy={CLIENT_IP}:") and echo == b"hello\n", greeting
         wait_for(lambda: {h.status for h in engine.driver.health("lb-tcp").values()} == {"up"},
                  what="tcp checks up")
+
+    def test_connection_limit_queues_the_excess(self, engine: Engine, topo: Topology) -> None:
+        raw = PoolSpec("raw", "tcp", members=(member(topo, "b1", port=TCP_PORT),))
+        engine.apply(spec("lb-maxconn", [ListenerSpec("raw", "tcp", 9000, "raw", connection_limit=2)], [raw]))
+
+        def exercise() -> tuple[list[str], str, str]:
+            held = [socket.create_connection((VIP, 9000), timeout=5) for _ in range(2)]
+            greetings = []
+            for s in held:
+                s.sendall(b"x")
+                greetings.append(s.makefile("rb").readline().decode().strip())
+            extra = socket.create_connection((VIP, 9000), timeout=5)  # accepted by the kernel, not served
+            extra.sendall(b"y")
+            extra.settimeout(1.0)
+            try:
+                early = extra.recv(100).decode()
+            except TimeoutError:
+                early = ""
+            held[0].close()  # a slot frees: the queued connection is served
+            extra.settimeout(10)
+            late = extra.makefile("rb").readline().decode().strip()
+            for s in (*held, extra):
+                s.close()
+            return greetings, early, late
+
+        greetings, early, late = topo.in_client(exercise)
+        assert greetings == ["b1 proxy=none", "b1 proxy=none"]
+        assert early == "" and late == "b1 proxy=none"
 
     # --- changes -----------------------------------------------------------------------------------
 
