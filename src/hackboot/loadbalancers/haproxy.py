@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 RUN_ROOT = Path("/run/hackboot/loadbalancers")
+MAX_CONNECTIONS = 50_000  # per load balancer
 SOCKET_PATH_MAX = 97  # HAProxy's limit: sun_path (108) less the suffix of the temporary name it binds first
 
 # Runtime API words for the member admin states.
@@ -85,6 +87,11 @@ class HaproxyDriver(LoadBalancerDriver):
                 raise ValueError(f"directory {path}: no commas, quotes, '#', backslashes or spaces")
         if len(str(self.run_dir("x") / "master.sock")) > SOCKET_PATH_MAX:
             raise ValueError(f"run root {run_root} is too long for unix socket paths")
+        # Explicit, and within the descriptors HAProxy may raise its limit to (two per connection and a
+        # margin); without it HAProxy sizes itself from whatever limit the agent runs with.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        hard = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        self.global_maxconn = max(256, min(MAX_CONNECTIONS, (hard - 1000) // 2))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.haproxy = haproxy
@@ -153,9 +160,9 @@ class HaproxyDriver(LoadBalancerDriver):
     def _apply(self, spec: LoadBalancerSpec, namespace: str) -> None:
         d = self.lb_dir(spec.id)
         run = self.run_dir(spec.id)
-        rendered = haproxy_config.render(spec, d, run)
-        structure = hashlib.sha256(
-            haproxy_config.render(haproxy_config.normalized(spec), d, run).text.encode()).hexdigest()
+        rendered = haproxy_config.render(spec, d, run, global_maxconn=self.global_maxconn)
+        structure = hashlib.sha256(haproxy_config.render(
+            haproxy_config.normalized(spec), d, run, global_maxconn=self.global_maxconn).text.encode()).hexdigest()
         members = {f"{p.id}/{m.id}": [m.weight, m.admin_state] for p in spec.pools for m in p.members}
         for directory in (d, run):
             directory.mkdir(parents=True, exist_ok=True)

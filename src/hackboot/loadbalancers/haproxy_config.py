@@ -322,9 +322,11 @@ def body_file(rule: RuleSpec) -> tuple[str, bytes]:
     return f"bodies/{rule.id}-{_digest(data)}.body", data
 
 
-def render(spec: LoadBalancerSpec, lb_dir: Path, socket_dir: Path | None = None) -> RenderedConfig:
+def render(spec: LoadBalancerSpec, lb_dir: Path, socket_dir: Path | None = None, *,
+           global_maxconn: int = 10_000) -> RenderedConfig:
     """The HAProxy configuration of `spec`, whose files live in `lb_dir` and its stats socket in
-    `socket_dir` (default: `lb_dir`; a unix socket path must be short). Validated first."""
+    `socket_dir` (default: `lb_dir`; a unix socket path must be short). Validated first.
+    `global_maxconn`: the process's connection ceiling (HAProxy needs two descriptors per connection)."""
     socket_dir = socket_dir or lb_dir
     validate(spec)
     files: dict[str, bytes] = {}
@@ -334,6 +336,7 @@ def render(spec: LoadBalancerSpec, lb_dir: Path, socket_dir: Path | None = None)
         "global",
         "    user haproxy",
         "    group haproxy",
+        f"    maxconn {global_maxconn}",
         f"    stats socket {quote(str(socket_dir / 'stats.sock'), 'state path')} mode 600 level admin",
         "    stats timeout 30s",
         # Health states carried across a reload (see HaproxyDriver._save_server_state).
@@ -357,7 +360,6 @@ def render(spec: LoadBalancerSpec, lb_dir: Path, socket_dir: Path | None = None)
         "    timeout server 60s",
         "    timeout http-request 10s",
         "    timeout queue 30s",
-        "    timeout tunnel 1h",
         "",
     ]
     for cert in spec.certificates:
@@ -461,7 +463,10 @@ def _backend(pool: PoolSpec, idle_timeout_s: float) -> list[str]:
     out = [f"backend {POOL_PREFIX}{pool.id}",
            f"    mode {pool.protocol}",
            f"    balance {pool.algorithm}",
-           f"    timeout server {_seconds_ms(idle_timeout_s, 'idle timeout', 1, 86400)}"]
+           f"    timeout server {_seconds_ms(idle_timeout_s, 'idle timeout', 1, 86400)}",
+           # An established TCP session (or an upgraded HTTP one, e.g. a WebSocket) is a tunnel, whose
+           # inactivity timeout replaces the client/server ones: the listener's idle timeout too.
+           f"    timeout tunnel {_seconds_ms(idle_timeout_s, 'idle timeout', 1, 86400)}"]
     hc = pool.health_check
     check = ""
     if hc is not None:

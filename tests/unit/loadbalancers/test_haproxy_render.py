@@ -73,7 +73,7 @@ def section(text: str, header: str) -> list[str]:
 def test_global_tls_policy_and_stats_socket() -> None:
     text = render(full_spec(), LB_DIR).text
     glob = section(text, "global")
-    assert "user haproxy" in glob and "group haproxy" in glob
+    assert "user haproxy" in glob and "group haproxy" in glob and "maxconn 10000" in glob
     assert f"stats socket '{LB_DIR}/stats.sock' mode 600 level admin" in glob
     assert "ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets" in glob
     assert f"ssl-default-bind-ciphersuites {haproxy_config.TLS13_SUITES}" in glob
@@ -147,6 +147,9 @@ def test_backends() -> None:
     assert "server a1 10.0.0.31:9000 weight 1" in api
     raw = section(text, "backend pl-raw")
     assert "mode tcp" in raw and "balance source" in raw
+    # The tcp listener's idle timeout (60 s) bounds an established session, a tunnel for HAProxy.
+    assert "timeout server 60000ms" in raw and "timeout tunnel 60000ms" in raw
+    assert "timeout tunnel 30000ms" in web  # the https listener's 30 s
     assert raw[-1] == ("server t1 10.0.0.41:5432 weight 1 check inter 5000ms rise 2 fall 3 "
                        "send-proxy-v2 check-send-proxy")
     fe = section(text, "frontend ln-pg")
