@@ -281,6 +281,30 @@ class EngineContract:
 
         assert topo.in_client(lambda: handshake(ssl.TLSVersion.TLSv1_2)) == "TLSv1.2"
 
+        def refused(version: ssl.TLSVersion, ciphers: str | None = None) -> bool:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.minimum_version = ctx.maximum_version = version
+            if ciphers:
+                ctx.set_ciphers(ciphers)
+            try:
+                with socket.create_connection((VIP, 443), timeout=5) as raw, ctx.wrap_socket(raw):
+                    return False
+            except ssl.SSLError:
+                return True
+
+        # TLS 1.2 only with forward-secret AEAD suites: a static-RSA CBC suite is refused.
+        assert topo.in_client(lambda: refused(ssl.TLSVersion.TLSv1_2, "AES128-SHA:AES256-GCM-SHA384"))
+
+        def alpn() -> str | None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.set_alpn_protocols(["h2", "http/1.1"])
+            with socket.create_connection((VIP, 443), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+                return s.selected_alpn_protocol()
+
+        assert topo.in_client(alpn) == "h2"
+
         def https_get() -> Any:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -393,6 +417,21 @@ class EngineContract:
         greetings, early, late = topo.in_client(exercise)
         assert greetings == ["b1 proxy=none", "b1 proxy=none"]
         assert early == "" and late == "b1 proxy=none"
+
+    def test_idle_tcp_session_is_closed_after_the_idle_timeout(self, engine: Engine, topo: Topology) -> None:
+        raw = PoolSpec("raw", "tcp", members=(member(topo, "b1", port=TCP_PORT),))
+        engine.apply(spec("lb-idle", [ListenerSpec("raw", "tcp", 9000, "raw", idle_timeout_s=1)], [raw]))
+
+        def idle() -> tuple[str, bytes]:
+            with socket.create_connection((VIP, 9000), timeout=5) as s:
+                s.sendall(b"x")
+                f = s.makefile("rb")
+                greeting = f.readline().decode().strip()
+                f.read(1)  # the echo
+                s.settimeout(30)  # a deadline, not a measure: the proxy closes it well before
+                return greeting, s.recv(10)
+
+        assert topo.in_client(idle) == ("b1 proxy=none", b"")
 
     # --- changes -----------------------------------------------------------------------------------
 
