@@ -544,6 +544,21 @@ class EngineContract:
         assert after.members["b1"].requests >= 5 and after.members["b2"].requests >= 5
         assert after.listeners["web"].bytes_out > before.listeners["web"].bytes_out
         assert after.pools["web"].bytes_in > 0 and after.listeners["web"].errors == 0
+        # 5xx answers from a member count as errors (this pool has no health check: b1 stays in).
+        topo.set_failing("b1", True)
+        statuses = collections.Counter(engine.get(80, "/health").status for _ in range(4))
+        assert statuses == {500: 2, 200: 2}, statuses
+        errors = wait_for(lambda: (s := engine.driver.stats("lb-stats")).listeners["web"].errors >= 2 and s,
+                          what="counted errors")
+        assert errors.pools["web"].errors >= 2 and errors.members["b1"].errors >= 2
+        assert errors.members["b2"].errors == 0
+        # An open connection is an active one.
+        conn = topo.in_client(lambda: socket.create_connection((VIP, 80), timeout=5))  # made in the client
+        try:
+            wait_for(lambda: engine.driver.stats("lb-stats").listeners["web"].active_connections >= 1,
+                     what="an active connection")
+        finally:
+            conn.close()
 
     def test_access_logs_with_increasing_cursors(self, engine: Engine, topo: Topology) -> None:
         fixed = RuleSpec("teapot", 1, "fixed_response", path_prefix="/teapot", status_code=418)
