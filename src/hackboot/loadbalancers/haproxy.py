@@ -9,7 +9,7 @@ master's socket pair (no rebinding, so no SYN meets a closed port); the old work
 serve (``option idle-close-on-response``: an idle keep-alive connection gets its next request answered
 with ``Connection: close`` instead of being closed under the client), up to ``hard-stop-after``.
 
-Files (``<state_dir>/<lb id>/``, mode 0700, all 0600):
+Files (``<state_dir>/<lb id>/``, mode 0700; ours are 0600, HAProxy's pid file 0644):
   ``haproxy.cfg``    the configuration in use (rewritten after a runtime weight/state change, so a later
                      reload keeps it); a candidate is checked with ``haproxy -c`` before it replaces it;
   ``certs/``         certificate chain + key per certificate, content-addressed;
@@ -23,8 +23,8 @@ Files (``<state_dir>/<lb id>/``, mode 0700, all 0600):
   ``access.log``     the processes' stdout, where HAProxy writes one record per request/session
                      (``log stdout``). It is appended to by HAProxy even while the agent is down; the
                      cursor of a record is the byte offset of its end, and the start of the file is
-                     punched out (``fallocate(PUNCH_HOLE)``) past ``log_keep_bytes``, so offsets stay
-                     valid and the disk used stays bounded.
+                     punched out (``fallocate(PUNCH_HOLE)``) past ``log_keep_bytes`` whenever it is
+                     read and on every apply, so offsets stay valid and the disk used stays bounded.
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ class HaproxyDriver(LoadBalancerDriver):
         netns.check_name(namespace)
         check_id("load balancer", spec.id)
         with self._lock(spec.id):
+            self._trim_log(spec.id)
             self._apply(spec, namespace)
 
     def _apply(self, spec: LoadBalancerSpec, namespace: str) -> None:
@@ -398,6 +399,15 @@ class HaproxyDriver(LoadBalancerDriver):
         finally:
             os.close(fd)
 
+    def _trim_log(self, lb_id: str) -> None:
+        """Bound the access log's disk use also when nobody reads it (called on every apply)."""
+        with contextlib.suppress(OSError):
+            fd = os.open(self.lb_dir(lb_id) / "access.log", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self._trim(fd)
+            finally:
+                os.close(fd)
+
     def _trim(self, fd: int) -> None:
         """Free the disk blocks of records older than the last `log_keep_bytes` (offsets are kept)."""
         st = os.fstat(fd)
@@ -409,6 +419,8 @@ class HaproxyDriver(LoadBalancerDriver):
 
 
 def _read_records(f: Any, size: int, after: int, limit: int, keep: int) -> Iterator[AccessLogRecord]:
+    if after > size:
+        after = 0  # a cursor past the end is from a log that was removed since (the LB made anew)
     start = max(after, size - keep, 0)
     f.seek(start)
     if start > after:

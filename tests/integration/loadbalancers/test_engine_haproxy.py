@@ -150,5 +150,12 @@ def test_access_log_disk_use_is_bounded(world: Topology, tmp_path: Path) -> None
         assert first[-1].path == "/p/1499" and first[0].cursor > size - 8192 - 200
         assert log_file.stat().st_blocks * 512 <= 3 * 8192 + 4096  # the start was punched out
         assert [r.path for r in driver.access_logs("lb-logsize", after=first[-2].cursor)] == ["/p/1499"]
+        # A cursor from a log that no longer exists (past its end) reads from what is kept.
+        assert driver.access_logs("lb-logsize", after=size + 10_000, limit=10_000) == first
+        # Unread, the log is bounded by apply too.
+        world.in_client(lambda: requests(1500))
+        wait_for(lambda: log_file.stat().st_size > size + 80_000, what="100 kB more")
+        driver.apply(web_lb(world, "lb-logsize"), world.lb_ns)
+        assert log_file.stat().st_blocks * 512 <= 3 * 8192 + 4096
     finally:
         driver.remove("lb-logsize")
