@@ -348,3 +348,52 @@ def test_access_log_records_parse() -> None:
 ])
 def test_member_health_from_stats(status: str, admin: str, check_status: str, health: str) -> None:
     assert _health(status, admin, check_status) == health
+
+
+ODD_VALUES = [
+    "/a;b=c/%41@x:y", "/(x)*+,!&~", "/", "*.a-b.example.com", "xn--bcher-kva.example", "a" * 63 + ".example.com",
+    "/a b", "/a'b", "/a\"b", "/a#b", "/a\\b", "/${X}", "/a\nb", "/a\tb", "/\x7f", "a.com\n", "*.", "*", ".a.com",
+    "A.COM", "a..com", "https://a.example.com/%41", "https://a.example.com/#{host}", "https://a.example.com/#x",
+    "text/plain; charset=utf-8", "text/plain;charset=utf-8", "application/vnd.api+json", "text/plain\x00",
+]
+
+
+def shape(text: str) -> list[str]:
+    """Each line's first word: what a value that broke out of its word or line would change."""
+    return [line.split(maxsplit=1)[0] if line.strip() else "" for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("value", ODD_VALUES)
+def test_any_value_is_refused_or_stays_inside_its_word(value: str, tmp_path: Path) -> None:
+    variants = {
+        "host": lambda v: with_rule(host=v),
+        "path": lambda v: with_rule(path_prefix=v),
+        "redirect": lambda v: with_rule(action="redirect", pool_id=None, redirect_url=v),
+        "content type": lambda v: with_rule(action="fixed_response", pool_id=None, content_type=v),
+        "check path": lambda v: LoadBalancerSpec("lb", "10.0.0.10", pools=(PoolSpec(
+            "p", members=(MemberSpec("m", "10.0.0.2", 80),), health_check=HealthCheckSpec("http", v)),)),
+        "check host": lambda v: LoadBalancerSpec("lb", "10.0.0.10", pools=(PoolSpec(
+            "p", members=(MemberSpec("m", "10.0.0.2", 80),), health_check=HealthCheckSpec("http", "/", v)),)),
+    }
+    benign = {"host": "a.example.com", "path": "/a", "redirect": "https://a.example.com/",
+              "content type": "text/plain", "check path": "/a", "check host": "a.example.com"}
+    for field, make in variants.items():
+        baseline = shape(render(make(benign[field]), tmp_path).text)
+        try:
+            rendered = render(make(value), tmp_path)
+        except InvalidSpec:
+            continue
+        assert shape(rendered.text) == baseline, (field, value)
+        words = [w for line in rendered.text.splitlines() for w in re.findall(r"'[^']*'", line)]
+        # Accepted: the value is inside one strongly quoted word (a redirect's placeholders are rewritten).
+        needle = value.lower().removeprefix("*") if "host" in field else value
+        assert any(needle in w for w in words) or field == "redirect", (field, value)
+        if shutil.which("haproxy"):
+            for rel, data in rendered.files.items():
+                (tmp_path / rel).parent.mkdir(exist_ok=True)
+                (tmp_path / rel).write_bytes(data)
+            (tmp_path / "haproxy.cfg").write_text(rendered.text)
+            (tmp_path / "server-state").write_text(haproxy_runtime.EMPTY_SERVER_STATE)
+            check = subprocess.run(["haproxy", "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True,
+                                   text=True, check=False)
+            assert check.returncode == 0, (field, value, check.stderr)
