@@ -349,6 +349,10 @@ class HaproxyDriver(LoadBalancerDriver):
                 _wait_gone(worker, 5.0, None)
         self._children.pop(lb_id, None)
 
+    def close(self) -> None:
+        """Forget the processes started here (they keep running: a new driver adopts them)."""
+        self._children.clear()
+
     # --- observed state --------------------------------------------------------------------------
 
     def _stats_rows(self, lb_id: str) -> list[dict[str, str]]:
