@@ -14,6 +14,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,12 +51,48 @@ class Target:
     version_id: str  # the engine's pool key: changes whenever code or configuration change
     runtime: str
     handler: str
-    code_dir: str  # the unpacked package (read-only inside the sandbox)
+    code_dir: str  # the unpacked package, as the control plane stored it
+    code_sha256: str  # the package's checksum: the code cache's key
     memory_mb: int = 128
     timeout_s: float = 3.0
     env: dict[str, str] = field(default_factory=dict)
     network: bool = False
     max_concurrency: int = 10
+
+
+class CodeCache:
+    """Copies of the packages' trees where the sandboxes' unprivileged account may read them (the control
+    plane's own tree sits under the private state directory), one per sha256, made once, read-only."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+
+    def directory(self, target: Target) -> Path:
+        sha = target.code_sha256
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise codepkg.InvalidPackage("The function has no code yet")
+        final = self.root / sha
+        if final.is_dir():
+            return final
+        source = Path(target.code_dir)
+        if not source.is_dir():
+            raise codepkg.InvalidPackage("The function's code is not on this machine")
+        with self._lock:
+            if final.is_dir():
+                return final
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root, 0o755)
+            work = Path(tempfile.mkdtemp(prefix=".copy-", dir=self.root))
+            try:
+                shutil.copytree(source, work / "code", symlinks=True)
+                for path in [work / "code", *(work / "code").rglob("*")]:
+                    if not path.is_symlink():
+                        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+                os.replace(work / "code", final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return final
 
 
 class Limits:
@@ -93,16 +132,15 @@ class Limits:
 
 
 class Invoker:
-    def __init__(self, engine: FunctionEngine, limits: Limits) -> None:
+    def __init__(self, engine: FunctionEngine, limits: Limits, cache: CodeCache) -> None:
         self.engine = engine
         self.limits = limits
+        self.cache = cache
 
     def invoke(self, target: Target, event: bytes, *, request_id: str | None = None) -> InvocationResult:
         """Run one invocation (blocking). Raises Throttled over a limit, InvalidPackage for missing code."""
         request_id = request_id or str(uuid.uuid4())
-        code_dir = Path(target.code_dir)
-        if not code_dir.is_dir():
-            raise codepkg.InvalidPackage("The function's code is not on this machine")
+        code_dir = self.cache.directory(target)
         with self.limits.slot(target.project_id, target.function_id, target.max_concurrency):
             spec = FunctionSpec(version_id=target.version_id, runtime=target.runtime, code_dir=code_dir,
                                 handler=target.handler,
@@ -179,6 +217,7 @@ def make_engine(state_dir: Path) -> FunctionEngine:
     return BwrapEngine(state_dir)
 
 
-def make_invoker(state_dir: Path, *, total: int, per_project: int,
+def make_invoker(run_dir: Path, *, total: int, per_project: int,
                  engine_factory: Callable[[Path], FunctionEngine] = make_engine) -> Invoker:
-    return Invoker(engine_factory(state_dir / "engine"), Limits(total, per_project))
+    """`run_dir`: where the sandboxes' account can read (every directory above it traversable)."""
+    return Invoker(engine_factory(run_dir / "engine"), Limits(total, per_project), CodeCache(run_dir / "code"))
