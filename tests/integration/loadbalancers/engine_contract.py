@@ -497,6 +497,41 @@ class EngineContract:
         assert failures == {"fresh": {}, "keepalive": {}}, failures
         assert all(r["ok"] > 10 for r in results.values()), results
 
+    def test_connections_in_flight_survive_a_reload(self, engine: Engine, topo: Topology) -> None:
+        web = PoolSpec("web", members=(member(topo, "b1"),))
+        raw = PoolSpec("raw", "tcp", members=(member(topo, "b2", port=TCP_PORT),))
+        base = spec("lb-inflight", [ListenerSpec("web", "http", 80, "web"), ListenerSpec("raw", "tcp", 9000, "raw")],
+                    [web, raw])
+        engine.apply(base)
+        before = engine.processes("lb-inflight")
+        slow: dict[str, Any] = {}
+
+        def slow_request() -> None:
+            try:
+                slow["response"] = http_get(VIP, 80, "/slow/2", timeout=20)
+            except Exception as exc:
+                slow["error"] = exc
+
+        session = topo.in_client(lambda: socket.create_connection((VIP, 9000), timeout=10))
+        requester = threading.Thread(target=lambda: topo.in_client(slow_request), daemon=True)
+        try:
+            session.sendall(b"a")
+            f = session.makefile("rb")
+            assert f.readline().decode().strip() == "b2 proxy=none" and f.read(1) == b"a"
+            requester.start()
+            wait_for(lambda: engine.driver.stats("lb-inflight").listeners["web"].active_connections >= 1,
+                     what="the slow request in flight")
+            engine.apply(dataclasses.replace(base, listeners=(
+                *base.listeners, ListenerSpec("extra", "http", 8080, "web"))))
+            assert engine.processes("lb-inflight").workers != before.workers  # reloaded
+            requester.join(30)
+            assert "error" not in slow, slow
+            assert slow["response"].status == 200 and slow["response"].json()["path"] == "/slow/2"
+            session.sendall(b"z")  # the TCP session opened before the reload still flows
+            assert f.read(1) == b"z"
+        finally:
+            session.close()
+
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def test_new_driver_adopts_and_remove_leaves_nothing(self, engine: Engine, topo: Topology) -> None:

@@ -8,9 +8,10 @@ that bridge (each pair is created directly between two of our namespaces: nothin
     <prefix>-cl   10.77.0.100/24  the client
 
 Backends answer HTTP with a JSON object naming themselves (and echoing the path, Host and the
-X-Forwarded-* headers); ``GET /health`` answers 500 while the backend's fail flag is set
-(:meth:`Topology.set_failing`). The TCP port answers one line, ``<name> proxy=<ip>:<port>`` when the
-connection began with a PROXY v2 header (``proxy=none`` otherwise), then echoes.
+X-Forwarded-* headers), ``GET /slow/<seconds>`` after that long; ``GET /health`` answers 500 while
+the backend's fail flag is set (:meth:`Topology.set_failing`). The TCP port answers one line,
+``<name> proxy=<ip>:<port>`` when the connection began with a PROXY v2 header (``proxy=none``
+otherwise), then echoes.
 
 Clients run on threads that entered the client namespace (:func:`hackboot.network.netns.in_thread`), so
 the sockets they open live there.
@@ -70,11 +71,19 @@ class Http(asyncio.Protocol):
                                "xff": hdrs.get("x-forwarded-for"), "xfp": hdrs.get("x-forwarded-proto"),
                                "cookie": hdrs.get("cookie")}).encode()
             close = hdrs.get("connection", "").lower() == "close"
-            self.t.write(b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n" +
-                         (b"Connection: close\r\n" if close else b"") + b"\r\n" + body)
+            answer = (b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n" +
+                      (b"Connection: close\r\n" if close else b"") + b"\r\n" + body)
+            def send(answer=answer, close=close):
+                if not self.t.is_closing():
+                    self.t.write(answer)
+                    if close:
+                        self.t.close()
+            if path.startswith("/slow/"):  # /slow/<seconds>: an answer that takes that long
+                asyncio.get_running_loop().call_later(float(path.split("/")[2]), send)
+            else:
+                send()
             if close:
-                self.t.close()
                 return
 
 class Tcp(asyncio.Protocol):
