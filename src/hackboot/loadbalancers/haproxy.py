@@ -69,6 +69,7 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctype
 
 RUN_ROOT = Path("/run/hackboot/loadbalancers")
 MAX_CONNECTIONS = 50_000  # per load balancer
+ERRORS_KEEP_BYTES = 64 << 10  # of the master's messages (haproxy.err)
 SOCKET_PATH_MAX = 97  # HAProxy's limit: sun_path (108) less the suffix of the temporary name it binds first
 
 # Runtime API words for the member admin states.
@@ -245,7 +246,7 @@ class HaproxyDriver(LoadBalancerDriver):
         argv = [self.haproxy, "-W", "-S", f"{self.master_socket(lb_id)},mode,600", "-f", str(d / "haproxy.cfg"),
                 "-p", str(d / "haproxy.pid")]
         out = os.open(d / "access.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        err = os.open(d / "haproxy.err", os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        err = os.open(d / "haproxy.err", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             # A new session: the agent's exit (or its process group's signals) must not stop the proxy.
             proc = netns.popen(namespace, argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -272,7 +273,9 @@ class HaproxyDriver(LoadBalancerDriver):
 
     def _errors(self, lb_id: str) -> str:
         try:
-            return (self.lb_dir(lb_id) / "haproxy.err").read_text(errors="replace").strip()[-2000:]
+            with open(self.lb_dir(lb_id) / "haproxy.err", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 2000))
+                return f.read().decode(errors="replace").strip("\0 \n")
         except OSError:
             return ""
 
@@ -404,22 +407,28 @@ class HaproxyDriver(LoadBalancerDriver):
             os.close(fd)
 
     def _trim_log(self, lb_id: str) -> None:
-        """Bound the access log's disk use also when nobody reads it (called on every apply)."""
-        with contextlib.suppress(OSError):
-            fd = os.open(self.lb_dir(lb_id) / "access.log", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                self._trim(fd)
-            finally:
-                os.close(fd)
+        """Bound the logs' disk use also when nobody reads them (called on every apply): the access log,
+        and the master's messages (a few lines per reload)."""
+        for name, keep in (("access.log", self.log_keep_bytes), ("haproxy.err", ERRORS_KEEP_BYTES)):
+            with contextlib.suppress(OSError):
+                fd = os.open(self.lb_dir(lb_id) / name, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    _punch_old(fd, keep)
+                finally:
+                    os.close(fd)
 
     def _trim(self, fd: int) -> None:
-        """Free the disk blocks of records older than the last `log_keep_bytes` (offsets are kept)."""
-        st = os.fstat(fd)
-        if st.st_blocks * 512 <= 2 * self.log_keep_bytes:
-            return
-        end = (st.st_size - self.log_keep_bytes) // 4096 * 4096
-        if end > 0 and _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, end) != 0:
-            log.warning("cannot punch the old access log records out: %s", os.strerror(ctypes.get_errno()))
+        _punch_old(fd, self.log_keep_bytes)
+
+
+def _punch_old(fd: int, keep: int) -> None:
+    """Free the disk blocks of an append-only file but its last `keep` bytes (offsets stay valid)."""
+    st = os.fstat(fd)
+    if st.st_blocks * 512 <= 2 * keep:
+        return
+    end = (st.st_size - keep) // 4096 * 4096
+    if end > 0 and _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, end) != 0:
+        log.warning("cannot punch old log records out: %s", os.strerror(ctypes.get_errno()))
 
 
 def _read_records(f: Any, size: int, after: int, limit: int, keep: int) -> Iterator[AccessLogRecord]:

@@ -22,7 +22,7 @@ from hackboot.loadbalancers.driver import (
     LoadBalancerSpec,
     PoolSpec,
 )
-from hackboot.loadbalancers.haproxy import HaproxyDriver
+from hackboot.loadbalancers.haproxy import HaproxyDriver, _punch_old
 from tests.integration.loadbalancers.engine_contract import EngineContract, EngineHarness, Processes, member
 from tests.integration.loadbalancers.engine_topology import (
     VIP,
@@ -159,3 +159,17 @@ def test_access_log_disk_use_is_bounded(world: Topology, tmp_path: Path) -> None
         assert log_file.stat().st_blocks * 512 <= 3 * 8192 + 4096
     finally:
         driver.remove("lb-logsize")
+
+
+def test_old_log_bytes_are_punched_out_offsets_kept(tmp_path: Path) -> None:
+    log_file = tmp_path / "haproxy.err"
+    lines = b"".join(f"line {i:07d}\n".encode() for i in range(100_000))  # 1.3 MB
+    log_file.write_bytes(lines)
+    fd = os.open(log_file, os.O_RDWR)
+    try:
+        _punch_old(fd, 64 << 10)
+    finally:
+        os.close(fd)
+    st = log_file.stat()
+    assert st.st_size == len(lines) and st.st_blocks * 512 <= (64 << 10) + 8192
+    assert log_file.read_bytes()[-(64 << 10):] == lines[-(64 << 10):]
