@@ -68,6 +68,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 RUN_ROOT = Path("/run/hackboot/loadbalancers")
+DEBIAN_CHROOT = Path("/var/lib/haproxy")
 MAX_CONNECTIONS = 50_000  # per load balancer
 ERRORS_KEEP_BYTES = 64 << 10  # of the master's messages (haproxy.err)
 SOCKET_PATH_MAX = 97  # HAProxy's limit: sun_path (108) less the suffix of the temporary name it binds first
@@ -78,8 +79,10 @@ _RUNTIME_STATE = {"enabled": "ready", "drain": "drain", "disabled": "maint"}
 
 class HaproxyDriver(LoadBalancerDriver):
     def __init__(self, state_dir: Path, *, run_root: Path = RUN_ROOT, haproxy: str = "haproxy",
-                 log_keep_bytes: int = 8 << 20, start_timeout_s: float = 20.0) -> None:
-        """`state_dir`: the load balancers' files; `run_root`: their sockets (a short path)."""
+                 log_keep_bytes: int = 8 << 20, start_timeout_s: float = 20.0,
+                 chroot: Path | None = DEBIAN_CHROOT) -> None:
+        """`state_dir`: the load balancers' files; `run_root`: their sockets (a short path); `chroot`:
+        the workers' root (Debian's package makes this empty one; skipped when it does not exist)."""
         self.state_dir = Path(state_dir).absolute()
         self.run_root = Path(run_root).absolute()
         for path in (self.state_dir, self.run_root):
@@ -93,6 +96,7 @@ class HaproxyDriver(LoadBalancerDriver):
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         hard = hard if hard != resource.RLIM_INFINITY else 1 << 20
         self.global_maxconn = max(256, min(MAX_CONNECTIONS, (hard - 1000) // 2))
+        self.chroot = chroot if chroot is not None and chroot.is_dir() else None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self.haproxy = haproxy
@@ -162,9 +166,10 @@ class HaproxyDriver(LoadBalancerDriver):
     def _apply(self, spec: LoadBalancerSpec, namespace: str) -> None:
         d = self.lb_dir(spec.id)
         run = self.run_dir(spec.id)
-        rendered = haproxy_config.render(spec, d, run, global_maxconn=self.global_maxconn)
-        structure = hashlib.sha256(haproxy_config.render(
-            haproxy_config.normalized(spec), d, run, global_maxconn=self.global_maxconn).text.encode()).hexdigest()
+        options: dict[str, Any] = {"global_maxconn": self.global_maxconn, "chroot": self.chroot}
+        rendered = haproxy_config.render(spec, d, run, **options)
+        structure = hashlib.sha256(
+            haproxy_config.render(haproxy_config.normalized(spec), d, run, **options).text.encode()).hexdigest()
         members = {f"{p.id}/{m.id}": [m.weight, m.admin_state] for p in spec.pools for m in p.members}
         for directory in (d, run):
             directory.mkdir(parents=True, exist_ok=True)

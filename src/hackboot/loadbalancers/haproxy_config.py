@@ -323,10 +323,11 @@ def body_file(rule: RuleSpec) -> tuple[str, bytes]:
 
 
 def render(spec: LoadBalancerSpec, lb_dir: Path, socket_dir: Path | None = None, *,
-           global_maxconn: int = 10_000) -> RenderedConfig:
+           global_maxconn: int = 10_000, chroot: Path | None = None) -> RenderedConfig:
     """The HAProxy configuration of `spec`, whose files live in `lb_dir` and its stats socket in
     `socket_dir` (default: `lb_dir`; a unix socket path must be short). Validated first.
-    `global_maxconn`: the process's connection ceiling (HAProxy needs two descriptors per connection)."""
+    `global_maxconn`: the process's connection ceiling (HAProxy needs two descriptors per connection);
+    `chroot`: an empty directory the workers are locked into once configured."""
     socket_dir = socket_dir or lb_dir
     validate(spec)
     files: dict[str, bytes] = {}
@@ -337,6 +338,8 @@ def render(spec: LoadBalancerSpec, lb_dir: Path, socket_dir: Path | None = None,
         "    user haproxy",
         "    group haproxy",
         f"    maxconn {global_maxconn}",
+        # Workers parse tenants' traffic: they need no file once the master has read everything.
+        *([f"    chroot {quote(str(chroot), 'chroot path')}"] if chroot else []),
         f"    stats socket {quote(str(socket_dir / 'stats.sock'), 'state path')} mode 600 level admin",
         "    stats timeout 30s",
         # Health states carried across a reload (see HaproxyDriver._save_server_state).

@@ -105,6 +105,8 @@ def test_files_are_private_keys_stay_out_of_the_config_and_workers_are_unprivile
         for worker in procs.workers:
             uids = Path(f"/proc/{worker}/status").read_text().split("Uid:")[1].split("\n")[0].split()
             assert {int(u) for u in uids} == {haproxy_uid}
+            if driver.chroot is not None:  # locked in the package's empty directory
+                assert os.readlink(f"/proc/{worker}/root") == str(driver.chroot)
         # A new certificate version replaces the old file once the proxy uses it.
         chain2, key2 = self_signed(("a.example.test",))
         driver.apply(web_lb(world, "lb-files", (CertificateSpec("cert-a", chain2, key2),)), world.lb_ns)

@@ -75,6 +75,9 @@ def test_global_tls_policy_and_stats_socket() -> None:
     glob = section(text, "global")
     assert "user haproxy" in glob and "group haproxy" in glob and "maxconn 10000" in glob
     assert f"stats socket '{LB_DIR}/stats.sock' mode 600 level admin" in glob
+    assert not any(x.startswith("chroot") for x in glob)
+    chrooted = section(render(full_spec(), LB_DIR, Path("/run/s"), chroot=Path("/var/empty")).text, "global")
+    assert "chroot '/var/empty'" in chrooted and "stats socket '/run/s/stats.sock' mode 600 level admin" in chrooted
     assert "ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets" in glob
     assert f"ssl-default-bind-ciphersuites {haproxy_config.TLS13_SUITES}" in glob
     ciphers = next(x for x in glob if x.startswith("ssl-default-bind-ciphers "))
