@@ -69,6 +69,7 @@ class _Worker:
         self.last_used = time.monotonic()
         self.closed = False
         self.oom_at_destroy = 0
+        self.oom_seen = 0  # the cgroup's OOM kills already accounted for (it starts fresh)
 
     def destroy(self) -> None:
         """Kill the whole sandbox: bwrap (its PID namespace's init dies with it), then anything left."""
@@ -152,6 +153,7 @@ class BwrapEngine(FunctionEngine):
             (self.bootstrap_dir / name).write_bytes(source.read_bytes())
             os.chmod(self.bootstrap_dir / name, 0o644)
         os.chmod(self.bootstrap_dir, 0o755)
+        self._compiled_python_worker: dict[Path, str] = {}
         self._account = privsep.unprivileged_account() if os.geteuid() == 0 else None
         self._lock = threading.Lock()
         self._pools: dict[str, _Pool] = {}
@@ -255,9 +257,32 @@ class BwrapEngine(FunctionEngine):
         common = [str(req_r), str(resp_w), spec.handler, str(self.payload_limit), spec.version_id.split(":")[0],
                   spec.version_id, str(spec.memory_mb)]
         if runtime.language == "python":
-            return [str(runtime.executable), "-I", "-B", "/opt/hackboot/python_worker.py", *common]
+            # -I -S: nothing from the environment, the user's site or the host's dist-packages.
+            worker = f"/opt/hackboot/{self._python_worker(runtime)}"
+            return [str(runtime.executable), "-I", "-S", "-B", worker, *common]
         heap_mb = max(16, int(spec.memory_mb * 0.75))  # V8 sizes its heap from the host's RAM otherwise
         return [str(runtime.executable), f"--max-old-space-size={heap_mb}", "/opt/hackboot/node_worker.js", *common]
+
+    def _python_worker(self, runtime: Runtime) -> str:
+        """The worker's file name: compiled once by the runtime itself (a script is otherwise compiled
+        from source at every cold start), the source when that fails."""
+        with self._lock:
+            known = self._compiled_python_worker.get(runtime.executable)
+        if known is not None:
+            return known
+        name = f"python_worker.{runtime.name}.pyc"
+        compiled = subprocess.run(
+            [str(runtime.executable), "-I", "-S", "-c",
+             "import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
+             str(self.bootstrap_dir / "python_worker.py"), str(self.bootstrap_dir / name)],
+            capture_output=True, timeout=60, check=False, env={})
+        if compiled.returncode == 0:
+            os.chmod(self.bootstrap_dir / name, 0o644)
+        else:
+            name = "python_worker.py"
+        with self._lock:
+            self._compiled_python_worker[runtime.executable] = name
+        return name
 
     def _env(self, spec: FunctionSpec, runtime: Runtime) -> dict[str, str]:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TZ": "UTC", "HOME": "/tmp",
@@ -295,15 +320,11 @@ class BwrapEngine(FunctionEngine):
             layout = sb.SandboxLayout(executable=runtime.executable, code_fd=code_fd, bootstrap_fd=boot_fd,
                                       seccomp_fd=seccomp_fd, tmp_bytes=self.tmp_bytes, network=spec.network,
                                       env=self._env(spec, runtime))
-            argv = sb.wrapped_argv(sb.bwrap_argv(layout, self._command(spec, runtime, req_r, resp_w)),
-                                   procs_files=cgroup.procs_files,
-                                   uid=self._account.uid if self._account else None,
-                                   gid=self._account.gid if self._account else None)
+            argv = sb.bwrap_argv(layout, self._command(spec, runtime, req_r, resp_w))
+            pass_fds = (code_fd, boot_fd, seccomp_fd, req_r, resp_w)
             # bwrap's --die-with-parent follows the *thread* that forked it: spawn from one long-lived
             # thread, or a sandbox started by a short-lived request thread dies when that thread ends.
-            proc = self._spawner.submit(
-                subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=log_w, stderr=log_w, env={},
-                pass_fds=(code_fd, boot_fd, seccomp_fd, req_r, resp_w), close_fds=True).result()
+            proc = self._spawner.submit(self._spawn, cgroup, argv, log_w, pass_fds).result()
         except BaseException:
             for fd in own:
                 os.close(fd)
@@ -330,6 +351,23 @@ class BwrapEngine(FunctionEngine):
             worker.destroy()
             return worker, error
         return worker, None
+
+    def _spawn(self, cgroup: sb.SandboxCgroup, argv: list[str], log_w: int,
+               pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        """Start bwrap in the sandbox's cgroup as the unprivileged account (on the spawner thread)."""
+        account = self._account
+        common: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": log_w, "stderr": log_w, "env": {},
+                                  "pass_fds": pass_fds, "close_fds": True}
+        if cgroup.version == 1:
+            # Forked from inside the cgroup: no wrapper shell, the quickest cold start.
+            dropped = sb.unprivileged_argv(argv, uid=account.uid if account else None,
+                                           gid=account.gid if account else None)
+            with cgroup.thread_inside():
+                return subprocess.Popen(dropped, **common)
+        # cgroup v2 moves whole processes only: a shell joins the cgroup, drops privileges, execs bwrap.
+        wrapped = sb.wrapped_argv(argv, procs_files=cgroup.procs_files, uid=account.uid if account else None,
+                                  gid=account.gid if account else None)
+        return subprocess.Popen(wrapped, **common)
 
     def _read_frame(self, worker: _Worker, logs: _LogCollector, deadline: float,
                     *, need_marker: bool = False) -> tuple[dict[str, Any], bytes] | None:
@@ -380,7 +418,7 @@ class BwrapEngine(FunctionEngine):
         deadline = started + spec.timeout_s
         header = json.dumps({"request_id": request_id, "marker": marker,
                              "deadline_ms": time.time() * 1000 + spec.timeout_s * 1000}).encode()
-        oom_before = worker.cgroup.oom_kills()
+        oom_before = worker.oom_seen
         try:
             _write_all(worker.req_w, struct.pack("<II", len(header), len(event)) + header + event)
         except OSError:
@@ -405,6 +443,8 @@ class BwrapEngine(FunctionEngine):
             return InvocationResult(request_id=request_id, outcome=outcome, payload=payload, error=error,
                                     logs=logs.text(), duration_ms=elapsed_ms, max_memory_mb=peak_mb)
         answer, body = frame
+        if answer.get("outcome") != "ok":  # a child's OOM kill may explain the error: not counted again later
+            worker.oom_seen = worker.cgroup.oom_kills()
         if answer.get("too_large"):
             error = f"Response payload size exceeded the limit of {self.payload_limit} bytes"
             payload = json.dumps({"errorType": "Function.ResponseSizeTooLarge", "errorMessage": error}).encode()
