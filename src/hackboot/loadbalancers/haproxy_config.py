@@ -375,7 +375,8 @@ def render(spec: LoadBalancerSpec, lb_dir: Path, socket_dir: Path | None = None,
         lines += _frontend(spec, listener, cert_paths, pools, lb_dir, files)
     for pool in spec.pools:
         timeout = max([x.idle_timeout_s for x in spec.listeners if _uses(x, pool.id)] or [60.0])
-        lines += _backend(pool, timeout)
+        users = [x for x in spec.listeners if _uses(x, pool.id)]
+        lines += _backend(pool, timeout, https_only=bool(users) and all(x.protocol == "https" for x in users))
     return RenderedConfig("\n".join(lines) + "\n", files, frozenset(secret))
 
 
@@ -462,7 +463,7 @@ def _rule(rule: RuleSpec, lb_dir: Path, files: dict[str, bytes]) -> list[str]:
                      f"content-type {quote(rule.content_type, 'content type')}{body}{cond}"]
 
 
-def _backend(pool: PoolSpec, idle_timeout_s: float) -> list[str]:
+def _backend(pool: PoolSpec, idle_timeout_s: float, *, https_only: bool = False) -> list[str]:
     out = [f"backend {POOL_PREFIX}{pool.id}",
            f"    mode {pool.protocol}",
            f"    balance {pool.algorithm}",
@@ -482,7 +483,8 @@ def _backend(pool: PoolSpec, idle_timeout_s: float) -> list[str]:
         check = (f" check inter {_seconds_ms(hc.interval_s, 'health check interval', 0.1, 3600)}"
                  f" rise {hc.healthy_threshold} fall {hc.unhealthy_threshold}")
     if pool.sticky == "cookie":
-        out.append("    cookie SRVID insert indirect nocache httponly")
+        # Served only over https: the browser must not send it in clear text either.
+        out.append("    cookie SRVID insert indirect nocache httponly" + (" secure" if https_only else ""))
     elif pool.sticky == "source_ip":
         out += ["    stick-table type ip size 200k expire 30m", "    stick on src"]
     for m in pool.members:

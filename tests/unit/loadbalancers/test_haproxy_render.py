@@ -139,7 +139,7 @@ def test_backends() -> None:
     assert "balance roundrobin" in web and "option httpchk" in web
     assert "http-check send meth GET uri '/health' hdr Host 'app.example.com'" in web
     assert "http-check expect status 200-299,302" in web and "timeout check 500ms" in web
-    assert "cookie SRVID insert indirect nocache httponly" in web
+    assert "cookie SRVID insert indirect nocache httponly secure" in web  # only the https listener uses it
     m1, m2, m3 = (x for x in web if x.startswith("server "))
     assert m1.startswith("server m1 10.0.0.21:8000 weight 3 check inter 1500ms rise 2 fall 3 cookie ")
     assert " weight 0 " in m2  # drain: no new clients, sticky ones kept
