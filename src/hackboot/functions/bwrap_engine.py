@@ -161,7 +161,9 @@ class BwrapEngine(FunctionEngine):
         self._closed = False
         self._seq = 0
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hb-fn-spawner")
+        self._spare: sb.SandboxCgroup | None = None  # v1: where the spawner thread waits for the next spawn
         self._sweep_stale_cgroups()
+        self._cgroup_version = sb.cgroup_version()
 
     # --- contract ---------------------------------------------------------------------------------------
 
@@ -193,6 +195,8 @@ class BwrapEngine(FunctionEngine):
                 pool.idle.clear()
         for worker in victims:
             worker.destroy()
+        with contextlib.suppress(RuntimeError):
+            self._spawner.submit(self._go_home).result(timeout=30)
         self._spawner.shutdown(wait=False)
         if self._own_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -294,16 +298,17 @@ class BwrapEngine(FunctionEngine):
         return env
 
     def _start(self, spec: FunctionSpec, runtime: Runtime) -> tuple[_Worker, dict[str, Any] | None]:
-        with self._lock:
-            self._seq += 1
-            name = f"sbx-{os.getpid()}-{self._seq}"
+        name = self._new_cgroup_name()
         limits = sb.Limits(memory_bytes=spec.memory_mb * 1024 * 1024, pids_max=self.pids_max,
                            cpu_cores=min(os.cpu_count() or 1, max(0.5, spec.memory_mb / MB_PER_CORE)))
-        try:
-            cgroup = sb.SandboxCgroup.create(name, limits)
-        except OSError as exc:
-            raise EngineError(f"cannot create the sandbox's cgroup: {exc}") from exc
+        cgroup: sb.SandboxCgroup | None = None
+        if self._cgroup_version != 1:
+            try:
+                cgroup = sb.SandboxCgroup.create(name, limits)
+            except OSError as exc:
+                raise EngineError(f"cannot create the sandbox's cgroup: {exc}") from exc
         own: list[int] = []
+        ours: list[int] = []
         try:
             code_fd = os.open(spec.code_dir, os.O_PATH | os.O_DIRECTORY)
             own.append(code_fd)
@@ -315,6 +320,7 @@ class BwrapEngine(FunctionEngine):
             resp_r, resp_w = os.pipe()
             log_r, log_w = os.pipe()
             own += [req_r, resp_w, log_w]
+            ours += [req_w, resp_r, log_r]
             for fd in (req_w, resp_r, log_r):
                 os.set_inheritable(fd, False)
             layout = sb.SandboxLayout(executable=runtime.executable, code_fd=code_fd, bootstrap_fd=boot_fd,
@@ -324,12 +330,23 @@ class BwrapEngine(FunctionEngine):
             pass_fds = (code_fd, boot_fd, seccomp_fd, req_r, resp_w)
             # bwrap's --die-with-parent follows the *thread* that forked it: spawn from one long-lived
             # thread, or a sandbox started by a short-lived request thread dies when that thread ends.
-            proc = self._spawner.submit(self._spawn, cgroup, argv, log_w, pass_fds).result()
-        except BaseException:
-            for fd in own:
+            if cgroup is None:
+                proc, cgroup = self._spawner.submit(self._spawn_v1, limits, argv, log_w, pass_fds).result()
+            else:
+                proc = self._spawner.submit(self._spawn_v2, cgroup, argv, log_w, pass_fds).result()
+        except OSError as exc:
+            for fd in own + ours:
                 os.close(fd)
-            cgroup.kill_all()
-            cgroup.remove()
+            if cgroup is not None:
+                cgroup.kill_all()
+                cgroup.remove()
+            raise EngineError(f"cannot start a sandbox: {exc}") from exc
+        except BaseException:
+            for fd in own + ours:
+                os.close(fd)
+            if cgroup is not None:
+                cgroup.kill_all()
+                cgroup.remove()
             raise
         for fd in own:
             os.close(fd)
@@ -352,22 +369,72 @@ class BwrapEngine(FunctionEngine):
             return worker, error
         return worker, None
 
-    def _spawn(self, cgroup: sb.SandboxCgroup, argv: list[str], log_w: int,
-               pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
-        """Start bwrap in the sandbox's cgroup as the unprivileged account (on the spawner thread)."""
+    def _popen_args(self, log_w: int, pass_fds: tuple[int, ...]) -> dict[str, Any]:
+        return {"stdin": subprocess.DEVNULL, "stdout": log_w, "stderr": log_w, "env": {}, "pass_fds": pass_fds,
+                "close_fds": True}
+
+    def _new_cgroup_name(self) -> str:
+        with self._lock:
+            self._seq += 1
+            return f"sbx-{os.getpid()}-{self._seq}"
+
+    def _spawn_v1(self, limits: sb.Limits, argv: list[str], log_w: int,
+                  pass_fds: tuple[int, ...]) -> tuple[subprocess.Popen[bytes], sb.SandboxCgroup]:
+        """(On the spawner thread.) Fork bwrap from inside the sandbox's cgroup, as the unprivileged account.
+
+        The thread already waits in a spare cgroup (entered after the previous spawn), which becomes this
+        sandbox's: limits written, bwrap forked (no wrapper shell; setpriv keeps subprocess on vfork);
+        then the thread moves on to a new spare, off the invocation's path.
+        """
+        cgroup, self._spare = self._spare, None
+        if cgroup is None:
+            cgroup = sb.SandboxCgroup.create(self._new_cgroup_name(), None)
+            cgroup.enter_thread()
         account = self._account
-        common: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": log_w, "stderr": log_w, "env": {},
-                                  "pass_fds": pass_fds, "close_fds": True}
-        if cgroup.version == 1:
-            # Forked from inside the cgroup: no wrapper shell, the quickest cold start.
-            dropped = sb.unprivileged_argv(argv, uid=account.uid if account else None,
-                                           gid=account.gid if account else None)
-            with cgroup.thread_inside():
-                return subprocess.Popen(dropped, **common)
-        # cgroup v2 moves whole processes only: a shell joins the cgroup, drops privileges, execs bwrap.
+        try:
+            cgroup.apply(limits)
+            proc = subprocess.Popen(sb.unprivileged_argv(argv, uid=account.uid if account else None,
+                                                         gid=account.gid if account else None),
+                                    **self._popen_args(log_w, pass_fds))
+        except BaseException:
+            cgroup.leave_thread()
+            cgroup.remove()
+            raise
+        with contextlib.suppress(RuntimeError):  # shut down: close() takes the thread home
+            self._spawner.submit(self._next_spare)
+        return proc, cgroup
+
+    def _next_spare(self) -> None:
+        """(On the spawner thread.) Leave the last sandbox's cgroup for a new spare one."""
+        if self._spare is not None or self._closed:
+            return
+        spare = sb.SandboxCgroup.create(self._new_cgroup_name(), None)
+        try:
+            spare.enter_thread()
+        except OSError:
+            spare.leave_thread()
+            spare.remove()
+            return
+        self._spare = spare
+
+    def _go_home(self) -> None:
+        """(On the spawner thread.) Back to the process's own cgroups; the spare is removed."""
+        spare, self._spare = self._spare, None
+        if self._cgroup_version == 1:
+            with contextlib.suppress(OSError):
+                sb.SandboxCgroup.thread_home()
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                spare.remove()
+
+    def _spawn_v2(self, cgroup: sb.SandboxCgroup, argv: list[str], log_w: int,
+                  pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        """(On the spawner thread.) cgroup v2 moves whole processes only: a shell joins the cgroup, drops
+        privileges and execs bwrap."""
+        account = self._account
         wrapped = sb.wrapped_argv(argv, procs_files=cgroup.procs_files, uid=account.uid if account else None,
                                   gid=account.gid if account else None)
-        return subprocess.Popen(wrapped, **common)
+        return subprocess.Popen(wrapped, **self._popen_args(log_w, pass_fds))
 
     def _read_frame(self, worker: _Worker, logs: _LogCollector, deadline: float,
                     *, need_marker: bool = False) -> tuple[dict[str, Any], bytes] | None:

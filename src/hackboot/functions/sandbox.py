@@ -25,7 +25,6 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,20 +191,49 @@ class SandboxCgroup:
         return version, parents
 
     @classmethod
-    def create(cls, name: str, limits: Limits, root: Path = CGROUP_ROOT) -> SandboxCgroup:
+    def create(cls, name: str, limits: Limits | None, root: Path = CGROUP_ROOT) -> SandboxCgroup:
+        """A new cgroup; without `limits` it is a spare (see :meth:`enter_thread`), limited when used."""
         version, parents = cls.parents(root)
         dirs = {key: parent / name for key, parent in parents.items()}
         cgroup = cls(version, dirs)
         try:
             for d in dirs.values():
                 d.mkdir()
-            cgroup._apply(limits)
+            if limits is not None:
+                cgroup.apply(limits)
         except BaseException:
             cgroup.remove()
             raise
         return cgroup
 
-    def _apply(self, limits: Limits) -> None:
+    def enter_thread(self) -> None:
+        """Move the calling thread (only it: cgroup v1's ``tasks``) into this cgroup.
+
+        A process it forks starts here, limited from its first instruction. The first migration after a
+        quiet while waits for an RCU grace period in the kernel (~10 ms): the engine's spawner thread
+        pays it ahead of time by entering a spare cgroup right after each spawn.
+        """
+        if self.version != 1:
+            raise RuntimeError("moving one thread needs cgroup v1")
+        tid = str(threading.get_native_id())
+        for d in self.dirs.values():
+            _write(d / "tasks", tid)
+
+    @classmethod
+    def thread_home(cls, root: Path = CGROUP_ROOT) -> None:
+        """Move the calling thread back to this process's own cgroups (v1)."""
+        _, parents = cls.parents(root)
+        tid = str(threading.get_native_id())
+        for parent in parents.values():
+            _write(parent.parent / "tasks", tid)
+
+    def leave_thread(self) -> None:
+        """Move the calling thread back to this process's own cgroups (above the parent)."""
+        tid = str(threading.get_native_id())
+        for d in self.dirs.values():
+            _write(d.parent.parent / "tasks", tid)
+
+    def apply(self, limits: Limits) -> None:
         period = 100_000
         quota = max(1000, int(limits.cpu_cores * period))
         if self.version == 1:
@@ -225,27 +253,6 @@ class SandboxCgroup:
             _write(d / "memory.swap.max", "0")
         _write(d / "pids.max", str(limits.pids_max))
         _write(d / "cpu.max", f"{quota} {period}")
-
-    @contextlib.contextmanager
-    def thread_inside(self) -> Iterator[None]:
-        """Move the calling thread (only it) into this cgroup for the duration, then back (cgroup v1).
-
-        A process forked meanwhile starts in the sandbox's cgroup: nothing of it ever runs unlimited,
-        and no wrapper process is needed (cgroup v1's ``tasks`` moves single threads; v2 cannot).
-        """
-        if self.version != 1:
-            raise RuntimeError("moving one thread needs cgroup v1")
-        tid = str(threading.get_native_id())
-        home = {key: d.parent.parent for key, d in self.dirs.items()}  # our own cgroup, above the parent
-        moved: list[str] = []
-        try:
-            for key, d in self.dirs.items():
-                _write(d / "tasks", tid)
-                moved.append(key)
-            yield
-        finally:
-            for key in moved:
-                _write(home[key] / "tasks", tid)
 
     @property
     def procs_files(self) -> list[Path]:

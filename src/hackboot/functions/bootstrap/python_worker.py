@@ -7,13 +7,18 @@ fd 1, then the answer, so the engine knows every log byte of the invocation came
 Runs with ``python3 -I``: nothing from the environment changes how Python starts.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import struct
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # typing itself would cost every cold start its import
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 TASK_ROOT = "/var/task"
 
