@@ -321,19 +321,25 @@ class BwrapEngine(FunctionEngine):
             log_r, log_w = os.pipe()
             own += [req_r, resp_w, log_w]
             ours += [req_w, resp_r, log_r]
-            for fd in (req_w, resp_r, log_r):
+            block_r, block_w = os.pipe()
+            own.append(block_r)
+            ours.append(block_w)
+            for fd in (req_w, resp_r, log_r, block_w):
                 os.set_inheritable(fd, False)
             layout = sb.SandboxLayout(executable=runtime.executable, code_fd=code_fd, bootstrap_fd=boot_fd,
                                       seccomp_fd=seccomp_fd, tmp_bytes=self.tmp_bytes, network=spec.network,
-                                      env=self._env(spec, runtime))
+                                      env=self._env(spec, runtime), block_fd=block_r)
             argv = sb.bwrap_argv(layout, self._command(spec, runtime, req_r, resp_w))
-            pass_fds = (code_fd, boot_fd, seccomp_fd, req_r, resp_w)
+            pass_fds = (code_fd, boot_fd, seccomp_fd, req_r, resp_w, block_r)
             # bwrap's --die-with-parent follows the *thread* that forked it: spawn from one long-lived
             # thread, or a sandbox started by a short-lived request thread dies when that thread ends.
             if cgroup is None:
-                proc, cgroup = self._spawner.submit(self._spawn_v1, limits, argv, log_w, pass_fds).result()
+                proc, cgroup = self._spawner.submit(self._spawn_v1, limits, argv, log_w, pass_fds,
+                                                    block_w).result()
             else:
                 proc = self._spawner.submit(self._spawn_v2, cgroup, argv, log_w, pass_fds).result()
+                _release(block_w)
+            ours.remove(block_w)  # closed by _release
         except OSError as exc:
             for fd in own + ours:
                 os.close(fd)
@@ -378,13 +384,15 @@ class BwrapEngine(FunctionEngine):
             self._seq += 1
             return f"sbx-{os.getpid()}-{self._seq}"
 
-    def _spawn_v1(self, limits: sb.Limits, argv: list[str], log_w: int,
-                  pass_fds: tuple[int, ...]) -> tuple[subprocess.Popen[bytes], sb.SandboxCgroup]:
+    def _spawn_v1(self, limits: sb.Limits, argv: list[str], log_w: int, pass_fds: tuple[int, ...],
+                  block_w: int) -> tuple[subprocess.Popen[bytes], sb.SandboxCgroup]:
         """(On the spawner thread.) Fork bwrap from inside the sandbox's cgroup, as the unprivileged account.
 
         The thread already waits in a spare cgroup (entered after the previous spawn), which becomes this
         sandbox's: limits written, bwrap forked (no wrapper shell; setpriv keeps subprocess on vfork);
-        then the thread moves on to a new spare, off the invocation's path.
+        then the thread moves on to a new spare, off the invocation's path (while bwrap sets the sandbox
+        up). bwrap runs the function's runtime only once the thread has left (``block_w``): the kernel's
+        OOM killer must never find the engine's own thread among a sandbox's tasks.
         """
         cgroup, self._spare = self._spare, None
         if cgroup is None:
@@ -400,22 +408,34 @@ class BwrapEngine(FunctionEngine):
             cgroup.leave_thread()
             cgroup.remove()
             raise
-        with contextlib.suppress(RuntimeError):  # shut down: close() takes the thread home
-            self._spawner.submit(self._next_spare)
+        try:
+            self._spawner.submit(self._next_spare, block_w)
+        except RuntimeError:  # shutting down: leave now
+            cgroup.leave_thread()
+            _release(block_w)
         return proc, cgroup
 
-    def _next_spare(self) -> None:
-        """(On the spawner thread.) Leave the last sandbox's cgroup for a new spare one."""
-        if self._spare is not None or self._closed:
-            return
-        spare = sb.SandboxCgroup.create(self._new_cgroup_name(), None)
+    def _next_spare(self, block_w: int) -> None:
+        """(On the spawner thread.) Leave the last sandbox's cgroup for a new spare one, then let that
+        sandbox run."""
         try:
-            spare.enter_thread()
+            if self._spare is not None:
+                return  # a spawn in between already moved the thread (into this spare)
+            if self._closed:
+                sb.SandboxCgroup.thread_home()
+                return
+            spare = sb.SandboxCgroup.create(self._new_cgroup_name(), None)
+            try:
+                spare.enter_thread()
+            except OSError:
+                sb.SandboxCgroup.thread_home()
+                spare.remove()
+                return
+            self._spare = spare
         except OSError:
-            spare.leave_thread()
-            spare.remove()
-            return
-        self._spare = spare
+            sb.SandboxCgroup.thread_home()
+        finally:
+            _release(block_w)
 
     def _go_home(self) -> None:
         """(On the spawner thread.) Back to the process's own cgroups; the spare is removed."""
@@ -528,6 +548,16 @@ class BwrapEngine(FunctionEngine):
             error = "Error: the function failed"
         return InvocationResult(request_id=request_id, outcome="error", payload=body, error=error,
                                 logs=logs.text(), duration_ms=duration_ms, max_memory_mb=peak_mb)
+
+
+def _release(block_w: int) -> None:
+    """Let a sandbox waiting on its block fd run."""
+    try:
+        os.write(block_w, b"x")
+    except OSError:
+        pass  # it died already
+    finally:
+        os.close(block_w)
 
 
 def _write_all(fd: int, data: bytes) -> None:

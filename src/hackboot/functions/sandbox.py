@@ -337,6 +337,7 @@ class SandboxLayout:
     tmp_bytes: int
     network: bool
     env: dict[str, str]
+    block_fd: int | None = None  # bwrap waits for a byte on it before it runs the command
 
 
 def bwrap_argv(layout: SandboxLayout, command: list[str]) -> list[str]:
@@ -368,6 +369,8 @@ def bwrap_argv(layout: SandboxLayout, command: list[str]) -> list[str]:
              "--remount-ro", "/", "--chdir", "/var/task", "--clearenv"]
     for key, value in sorted(layout.env.items()):
         argv += ["--setenv", key, value]
+    if layout.block_fd is not None:
+        argv += ["--block-fd", str(layout.block_fd)]
     argv += ["--seccomp", str(layout.seccomp_fd), "--", *command]
     return argv
 

@@ -10,6 +10,7 @@ import pytest
 
 from hackboot.functions.engine import FunctionEngine
 from tests.integration.functions.engine_contract import *  # noqa: F403
+from tests.integration.functions.engine_contract import PY_HELLO, PYTHON, CodeDir, spec_for
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"),
@@ -26,3 +27,32 @@ def engine() -> Iterator[FunctionEngine]:
         yield eng
     finally:
         eng.close()
+
+
+def _cgroup_members() -> dict[str, list[int]]:
+    from hackboot.functions import sandbox as sb
+
+    _, parents = sb.SandboxCgroup.parents()
+    members: dict[str, list[int]] = {}
+    for key, parent in parents.items():
+        for child in parent.iterdir():
+            if child.is_dir():
+                members[f"{key}/{child.name}"] = [int(p) for p in (child / "cgroup.procs").read_text().split()]
+    return members
+
+
+@pytest.mark.skipif(PYTHON is None, reason="no python3 runtime on this host")
+def test_engine_never_shares_a_cgroup_with_function_code(engine: FunctionEngine, code_dir: CodeDir) -> None:
+    # The spawner thread forks from inside a sandbox's cgroup and moves on to a spare one before the
+    # function's runtime starts (the memory cgroup's OOM killer would otherwise see the engine among the
+    # sandbox's tasks): once sandboxes serve, the engine is in no cgroup but the empty spare.
+    code = code_dir({"app.py": PY_HELLO})
+    for _ in range(4):
+        spec = spec_for(code, PYTHON, "app.handler")
+        assert engine.invoke(spec, b'{"name": "x"}', request_id="r").outcome == "ok"
+        members = _cgroup_members()
+        sandboxes = [name for name, pids in members.items() if pids and os.getpid() not in pids]
+        assert sandboxes  # the warm sandboxes are there
+        for name, pids in members.items():
+            if os.getpid() in pids:
+                assert pids == [os.getpid()], name  # only the spare cgroup, where nothing else runs
