@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import secrets
 import select
 import shutil
@@ -136,6 +137,8 @@ class BwrapEngine(FunctionEngine):
                  runtimes: list[Runtime] | None = None) -> None:
         if shutil.which("bwrap") is None:
             raise EngineError("bubblewrap (bwrap) is not installed")
+        if platform.machine() != "x86_64":
+            raise EngineError(f"the sandbox's seccomp filter is written for x86_64, not {platform.machine()}")
         self._runtimes = {r.name: r for r in (runtimes if runtimes is not None else detect())}
         self.log_limit = log_limit
         self.payload_limit = payload_limit
@@ -516,9 +519,14 @@ class BwrapEngine(FunctionEngine):
         peak_mb = worker.cgroup.peak_bytes() / (1024 * 1024)
         if frame is None:
             timed_out = time.monotonic() >= deadline
+            if not timed_out:
+                _drain(worker.log_r, logs, time.monotonic() + 0.5)  # the runtime's last words
             oom = worker.cgroup.oom_kills() > oom_before
             worker.destroy()  # the whole tree: nothing the function started outlives its timeout
             oom = oom or worker.oom_at_destroy > oom_before
+            log_text = logs.text()
+            # V8 stops at its heap limit (set below the cgroup's) before the kernel has to step in.
+            oom = oom or (not timed_out and "JavaScript heap out of memory" in log_text)
             outcome: Outcome
             if oom:
                 outcome, error = "out_of_memory", f"Runtime exited: out of memory (limit {spec.memory_mb} MB)"
@@ -528,7 +536,7 @@ class BwrapEngine(FunctionEngine):
                 outcome, error = "crashed", f"Runtime exited without answering (status {worker.proc.returncode})"
             payload = json.dumps({"errorType": f"Runtime.{outcome}", "errorMessage": error}).encode()
             return InvocationResult(request_id=request_id, outcome=outcome, payload=payload, error=error,
-                                    logs=logs.text(), duration_ms=elapsed_ms, max_memory_mb=peak_mb)
+                                    logs=log_text, duration_ms=elapsed_ms, max_memory_mb=peak_mb)
         answer, body = frame
         if answer.get("outcome") != "ok":  # a child's OOM kill may explain the error: not counted again later
             worker.oom_seen = worker.cgroup.oom_kills()
@@ -548,6 +556,19 @@ class BwrapEngine(FunctionEngine):
             error = "Error: the function failed"
         return InvocationResult(request_id=request_id, outcome="error", payload=body, error=error,
                                 logs=logs.text(), duration_ms=duration_ms, max_memory_mb=peak_mb)
+
+
+def _drain(fd: int, logs: _LogCollector, deadline: float) -> None:
+    """Read what is left in a dead sandbox's log pipe (until EOF, or the deadline when a straggler
+    still holds it open)."""
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            return
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        logs.feed(chunk)
 
 
 def _release(block_w: int) -> None:

@@ -209,6 +209,38 @@ def test_memory_bomb_is_out_of_memory(engine: FunctionEngine, code_dir: CodeDir)
     assert invoke(engine, spec, "small")[:2] == ("ok", 1024)  # a new sandbox serves the next one
 
 
+@pytest.mark.skipif(NODE is None, reason="no nodejs runtime on this host")
+def test_node_memory_bomb_is_out_of_memory(engine: FunctionEngine, code_dir: CodeDir) -> None:
+    spec = spec_for(code_dir({"index.js": """
+        exports.handler = async (event) => {
+          if (event === "small") return "fine";
+          const hog = [];
+          for (;;) hog.push(new Array(1024 * 1024).fill(event.length));
+        };
+    """}), NODE, "index.handler", memory_mb=128, timeout_s=30)
+    result = engine.invoke(spec, b'"bomb"', request_id="r")
+    assert result.outcome == "out_of_memory", result
+    assert invoke(engine, spec, "small")[:2] == ("ok", "fine")
+
+
+@needs_python
+def test_crashed_worker_is_replaced(engine: FunctionEngine, code_dir: CodeDir) -> None:
+    spec = spec_for(code_dir({"app.py": """
+        import os, sys
+        def handler(event, context):
+            if event == "die":
+                print("going down", flush=True)
+                os._exit(3)
+            return "alive"
+    """}), PYTHON, "app.handler")
+    assert invoke(engine, spec, "x")[:2] == ("ok", "alive")
+    result = engine.invoke(spec, b'"die"', request_id="r")
+    assert result.outcome == "crashed" and "going down" in result.logs
+    assert engine.warm(spec.version_id) == 0
+    again = engine.invoke(spec, b'"x"', request_id="r2")
+    assert again.outcome == "ok" and again.cold
+
+
 @needs_python
 def test_fork_bomb_contained(engine: FunctionEngine, code_dir: CodeDir) -> None:
     spec = spec_for(code_dir({"app.py": """

@@ -56,3 +56,24 @@ def test_engine_never_shares_a_cgroup_with_function_code(engine: FunctionEngine,
         for name, pids in members.items():
             if os.getpid() in pids:
                 assert pids == [os.getpid()], name  # only the spare cgroup, where nothing else runs
+
+
+def test_wrapper_joins_the_cgroup_then_drops_privileges() -> None:
+    # The path cgroup v2 hosts take (a shell joins the cgroup, setpriv drops to the account), run here
+    # on whatever hierarchy the host has.
+    import subprocess
+
+    from hackboot.core import privsep
+    from hackboot.functions import sandbox as sb
+
+    account = privsep.unprivileged_account()
+    cgroup = sb.SandboxCgroup.create("sbx-wrapper-test", sb.Limits(64 * 1024 * 1024, 16, 0.5))
+    try:
+        argv = sb.wrapped_argv(["/bin/sh", "-c", "id -u; cat /proc/self/cgroup"], procs_files=cgroup.procs_files,
+                               uid=account.uid, gid=account.gid)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True, env={}).stdout
+    finally:
+        cgroup.kill_all()
+        cgroup.remove()
+    assert out.splitlines()[0] == str(account.uid)
+    assert "hackboot-functions/sbx-wrapper-test" in out
