@@ -301,6 +301,12 @@ class BwrapEngine(FunctionEngine):
         return env
 
     def _start(self, spec: FunctionSpec, runtime: Runtime) -> tuple[_Worker, dict[str, Any] | None]:
+        if self._account is not None:
+            for path in (spec.code_dir, self.bootstrap_dir):
+                blocked = sb.unsearchable_directory(path, self._account.uid, self._account.gid)
+                if blocked is not None:
+                    raise EngineError(f"{blocked} cannot be searched by the sandbox account {self._account.name!r}: "
+                                      f"the code directory and its parents must be (o+x)")
         name = self._new_cgroup_name()
         limits = sb.Limits(memory_bytes=spec.memory_mb * 1024 * 1024, pids_max=self.pids_max,
                            cpu_cores=min(os.cpu_count() or 1, max(0.5, spec.memory_mb / MB_PER_CORE)))

@@ -384,6 +384,26 @@ def unprivileged_argv(argv: list[str], *, uid: int | None, gid: int | None) -> l
             "--", *argv]
 
 
+def unsearchable_directory(path: Path, uid: int, gid: int) -> Path | None:
+    """The first directory on the way to `path` (itself included) that `uid`/`gid` cannot search, if any.
+
+    bwrap runs as the unprivileged account and resolves the paths of what it binds (even when given as
+    file descriptors), so the code's directory and all its parents must be searchable by that account.
+    """
+    resolved = path.resolve()
+    for directory in [*reversed(resolved.parents), resolved]:
+        st = os.stat(directory)
+        if st.st_uid == uid:
+            bit = 0o100
+        elif st.st_gid == gid:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return directory
+    return None
+
+
 def wrapped_argv(argv: list[str], *, procs_files: list[Path], uid: int | None, gid: int | None) -> list[str]:
     """`argv` started by a shell that first joins the cgroup(s), then (when root) drops to `uid`/`gid`."""
     return ["/bin/sh", "-c", _ENTER_CGROUP, "sh", str(len(procs_files)), *map(str, procs_files),

@@ -77,3 +77,15 @@ def test_wrapper_joins_the_cgroup_then_drops_privileges() -> None:
         cgroup.remove()
     assert out.splitlines()[0] == str(account.uid)
     assert "hackboot-functions/sbx-wrapper-test" in out
+
+
+def test_code_dir_the_sandbox_account_cannot_reach_is_a_clear_engine_error(engine: FunctionEngine,
+                                                                         code_dir: CodeDir) -> None:
+    from hackboot.functions.engine import EngineError
+
+    code = code_dir({"app.py": PY_HELLO})
+    os.chmod(code.parent, 0o700)
+    with pytest.raises(EngineError, match="cannot be searched by the sandbox account"):
+        engine.invoke(spec_for(code, PYTHON, "app.handler"), b"{}", request_id="r")
+    os.chmod(code.parent, 0o755)
+    assert engine.invoke(spec_for(code, PYTHON, "app.handler"), b'{"name": "x"}', request_id="r").outcome == "ok"
