@@ -182,3 +182,37 @@ def test_seccomp_denies_namespace_mount_ptrace_and_kernel_interfaces(engine: Fun
         assert refused(out[name], 1), (name, out[name])  # EPERM from the filter
     assert out["seccomp_mode"] == ["2"]  # a filter is loaded (ptrace(TRACEME) and a nested user namespace
     # would be allowed without it: an unprivileged user namespace may create another)
+
+
+FORGER = """
+import os, struct, sys
+
+RESP_FD = int(sys.argv[2])  # the worker's answer pipe, reachable by the function's code too
+
+def frame(header: bytes, body_len: int) -> bytes:
+    return struct.pack("<II", len(header), body_len) + header
+
+def handler(event, context):
+    if event == "not-a-dict":
+        os.write(RESP_FD, frame(b"[1, 2]", 0))
+    elif event == "huge":
+        os.write(RESP_FD, struct.pack("<II", 10, 1 << 31))
+    elif event == "garbage":
+        os.write(RESP_FD, frame(b"{not json", 0))
+    else:
+        return "honest"
+    import time
+    time.sleep(5)
+"""
+
+
+@pytest.mark.parametrize("attack", ["not-a-dict", "huge", "garbage"])
+def test_forged_frames_on_the_answer_pipe_only_harm_the_forger(engine: FunctionEngine, code_dir: CodeDir,
+                                                                attack: str) -> None:
+    spec = spec_for(code_dir({"forger.py": FORGER}), PYTHON, "forger.handler", timeout_s=10)
+    result = engine.invoke(spec, json.dumps(attack).encode(), request_id="forged")
+    assert result.outcome in ("error", "crashed"), result
+    assert result.outcome != "ok"
+    assert engine.warm(spec.version_id) == 0  # a worker that broke the protocol is not reused
+    honest = engine.invoke(spec, b'"x"', request_id="after")
+    assert honest.outcome == "ok" and json.loads(honest.payload) == "honest"

@@ -266,7 +266,8 @@ class BwrapEngine(FunctionEngine):
         if runtime.language == "python":
             # -I -S: nothing from the environment, the user's site or the host's dist-packages.
             worker = f"/opt/hackboot/{self._python_worker(runtime)}"
-            return [str(runtime.executable), "-I", "-S", "-B", worker, *common]
+            # -u: what a function printed is in its logs even when it is killed at its timeout.
+            return [str(runtime.executable), "-I", "-S", "-B", "-u", worker, *common]
         heap_mb = max(16, int(spec.memory_mb * 0.75))  # V8 sizes its heap from the host's RAM otherwise
         return [str(runtime.executable), f"--max-old-space-size={heap_mb}", "/opt/hackboot/node_worker.js", *common]
 
@@ -501,6 +502,9 @@ class BwrapEngine(FunctionEngine):
                     try:
                         header = json.loads(bytes(buf[8:8 + header_len]))
                     except ValueError:
+                        header = None
+                    if not isinstance(header, dict):  # the function's code can write on this pipe too
+                        worker.destroy()
                         return None
                     frame = (header, bytes(buf[8 + header_len:want]))
             if not fds:
@@ -525,7 +529,7 @@ class BwrapEngine(FunctionEngine):
         peak_mb = worker.cgroup.peak_bytes() / (1024 * 1024)
         if frame is None:
             timed_out = time.monotonic() >= deadline
-            if not timed_out:
+            if not timed_out and not worker.closed:
                 _drain(worker.log_r, logs, time.monotonic() + 0.5)  # the runtime's last words
             oom = worker.cgroup.oom_kills() > oom_before
             worker.destroy()  # the whole tree: nothing the function started outlives its timeout
@@ -551,7 +555,9 @@ class BwrapEngine(FunctionEngine):
             payload = json.dumps({"errorType": "Function.ResponseSizeTooLarge", "errorMessage": error}).encode()
             return InvocationResult(request_id=request_id, outcome="error", payload=payload, error=error,
                                     logs=logs.text(), duration_ms=elapsed_ms, max_memory_mb=peak_mb)
-        duration_ms = float(answer.get("duration_ms", elapsed_ms))
+        reported = answer.get("duration_ms")
+        duration_ms = float(reported) if isinstance(reported, (int, float)) and 0 <= reported <= elapsed_ms \
+            else elapsed_ms
         if answer.get("outcome") == "ok":
             return InvocationResult(request_id=request_id, outcome="ok", payload=body, logs=logs.text(),
                                     duration_ms=duration_ms, max_memory_mb=peak_mb)
