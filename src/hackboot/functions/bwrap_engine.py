@@ -248,15 +248,16 @@ class BwrapEngine(FunctionEngine):
     # --- sandboxes --------------------------------------------------------------------------------------
 
     def _sweep_stale_cgroups(self) -> None:
-        """Remove empty sandbox cgroups a previous engine (killed) left behind."""
+        """Remove empty sandbox cgroups that engines of processes now gone left behind (the name holds the
+        owner's pid: another live engine's fresh, still empty cgroups are not touched)."""
         try:
             _, parents = sb.SandboxCgroup.parents()
         except (OSError, RuntimeError) as exc:
             raise EngineError(f"cannot use cgroups: {exc}") from exc
         for parent in parents.values():
             for child in parent.iterdir():
-                mine = child.name.startswith(f"sbx-{os.getpid()}-")
-                if child.is_dir() and child.name.startswith("sbx-") and not mine:
+                owner = child.name.split("-")[1] if child.name.startswith("sbx-") else ""
+                if child.is_dir() and owner.isdigit() and not Path(f"/proc/{owner}").exists():
                     with contextlib.suppress(OSError):
                         child.rmdir()
 

@@ -343,6 +343,28 @@ def test_concurrency_limit(engine: FunctionEngine, code_dir: CodeDir, host_serve
 
 
 @needs_python
+def test_many_threads_share_a_version_within_its_limit(engine: FunctionEngine, code_dir: CodeDir) -> None:
+    spec = spec_for(code_dir({"app.py": PY_HELLO}), PYTHON, "app.handler", max_concurrency=6)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        for i in range(5):
+            outcome, payload, logs = invoke(engine, spec, {"name": f"c{n}-{i}"})
+            ok = outcome == "ok" and isinstance(payload, dict) and payload["greeting"] == f"hello c{n}-{i}"
+            with lock:
+                outcomes.append("ok" if ok and f"c{n}-{i}" in logs else f"{outcome}: {payload}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert outcomes == ["ok"] * 30
+    assert 1 <= engine.warm(spec.version_id) <= 6
+
+
+@needs_python
 def test_reap_frees_sandboxes(engine: FunctionEngine, code_dir: CodeDir) -> None:
     spec = spec_for(code_dir({"app.py": PY_HELLO}), PYTHON, "app.handler")
     assert invoke(engine, spec, {"name": "x"})[0] == "ok"
