@@ -185,9 +185,9 @@ def test_timeout_kills_the_whole_tree(engine: FunctionEngine, code_dir: CodeDir)
                 os.execv("/usr/bin/sleep", ["sleep", "{token}"])
             print("children started", flush=True)
             time.sleep(60)
-    """}), PYTHON, "app.handler", timeout_s=1.5)
+    """}), PYTHON, "app.handler", timeout_s=4)
     result = engine.invoke(spec, b"{}", request_id="r")
-    assert result.outcome == "timeout" and result.error == "Task timed out after 1.50 seconds"
+    assert result.outcome == "timeout" and result.error == "Task timed out after 4.00 seconds"
     assert "children started" in result.logs
     assert wait_for(lambda: not host_pids_with(token)), host_pids_with(token)
     assert engine.warm(spec.version_id) == 0  # a timed-out sandbox is discarded
@@ -293,6 +293,8 @@ class _Signal:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.connections = 0
+        self.release = threading.Event()  # cleared: connections are held until it is set
+        self.release.set()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -303,10 +305,14 @@ class _Signal:
             except OSError:
                 return
             self.connections += 1
-            conn.sendall(b"pong")
-            conn.close()
+            self.release.wait(60)
+            try:
+                conn.sendall(b"pong")
+            finally:
+                conn.close()
 
     def close(self) -> None:
+        self.release.set()
         self.sock.close()
 
 
@@ -322,24 +328,25 @@ def host_server() -> Iterator[_Signal]:
 @needs_python
 def test_concurrency_limit(engine: FunctionEngine, code_dir: CodeDir, host_server: _Signal) -> None:
     spec = spec_for(code_dir({"app.py": f"""
-        import socket, time
+        import socket
         def handler(event, context):
-            socket.create_connection(("127.0.0.1", {host_server.port}), timeout=5).close()
-            time.sleep(event)
-            return "slept"
-    """}), PYTHON, "app.handler", network=True, max_concurrency=1, timeout_s=30)
+            # Held by the test's server until the test has tried a second invocation.
+            return socket.create_connection(("127.0.0.1", {host_server.port}), timeout=60).recv(4).decode()
+    """}), PYTHON, "app.handler", network=True, max_concurrency=1, timeout_s=90)
     results: list[str] = []
-    runner = threading.Thread(target=lambda: results.append(invoke(engine, spec, 3)[0]))
+    host_server.release.clear()
+    runner = threading.Thread(target=lambda: results.append(invoke(engine, spec, None)[0]))
     runner.start()
     try:
         assert wait_for(lambda: host_server.connections == 1)
         with pytest.raises(AtCapacity):
             engine.invoke(spec, b"0", request_id="second")
     finally:
-        runner.join(60)
+        host_server.release.set()
+        runner.join(90)
     assert results == ["ok"]
-    again = invoke(engine, spec, 0)
-    assert again[:2] == ("ok", "slept"), again  # below the limit again
+    again = invoke(engine, spec, None)
+    assert again[:2] == ("ok", "pong"), again  # below the limit again
 
 
 @needs_python
