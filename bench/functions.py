@@ -10,8 +10,9 @@ Rows (per detected runtime, Python and Node.js):
   front (the standard library's threading HTTP server calling ``engine.invoke``) beside the same
   server answering hello itself (the peer); aim: <= 2x the peer; invocations/s at 16 concurrent
   clients through that front (keep-alive connections), once while the pool grows and once warm;
-* ``memory``: the memory charged to idle warm sandboxes' cgroups, per sandbox; after ``reap(0)`` the
-  sandboxes' processes and cgroups are gone.
+* ``memory``: per idle warm sandbox, the memory charged to its cgroup (pages it faulted in first: the
+  runtime's shared libraries already cached elsewhere are not) and the PSS of its processes (shared
+  pages split among their users); after ``reap(0)`` the sandboxes' processes and cgroups are gone.
 
 The HTTP front stands in for the cloud's HTTP trigger: it measures the engine's cost behind one HTTP hop,
 not the API server's routing. Bounded: counts are fixed (fewer with --smoke); the HTTP server listens on
@@ -195,6 +196,17 @@ def http_throughput(port: int, path: str, per_client: int) -> dict[str, Any]:
             "failed_clients": len(failures), "failures": failures[:3]}
 
 
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: private pages plus a share of those mapped by others (libraries)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def idle_memory(engine: BwrapEngine, runtime: Runtime, code: Path, count: int) -> dict[str, Any]:
     spec = spec_for(runtime, code)
     barrier = threading.Barrier(count)
@@ -215,11 +227,13 @@ def idle_memory(engine: BwrapEngine, runtime: Runtime, code: Path, count: int) -
         main = w.cgroup.dirs.get("memory") or w.cgroup.dirs["unified"]
         name = "memory.usage_in_bytes" if "memory" in w.cgroup.dirs else "memory.current"
         usage.append(int((main / name).read_text()) / (1024 * 1024))
+    pss = [sum(_pss_kb(pid) for pid in w.cgroup.pids()) / 1024 for w in workers]
     dirs = [d for w in workers for d in w.cgroup.dirs.values()]
     pids = [w.proc.pid for w in workers]
     reaped = engine.reap(0)
     gone = all(not Path(f"/proc/{p}").exists() for p in pids) and not any(d.exists() for d in dirs)
     return {"sandboxes": len(workers), "mb_per_idle_sandbox": round(statistics.mean(usage), 2) if usage else None,
+            "pss_mb_per_idle_sandbox": round(statistics.mean(pss), 2) if pss else None,
             "reaped": reaped, "freed_after_reap": gone}
 
 
@@ -297,7 +311,8 @@ def main() -> None:
               f"(plain {row['http_plain_peer']['p50_ms']} ms, x{row['warm_http_vs_plain_p50']}), "
               f"{row['throughput_invoke']['requests_per_s']} inv/s at {CLIENTS} clients "
               f"(plain {row['throughput_plain_peer']['requests_per_s']}/s), "
-              f"{row['memory']['mb_per_idle_sandbox']} MB per idle sandbox")
+              f"{row['memory']['mb_per_idle_sandbox']} MB charged ({row['memory']['pss_mb_per_idle_sandbox']} MB PSS) "
+              f"per idle sandbox")
     out = REPO / "bench" / "results" / ("functions-smoke.json" if args.smoke else "functions.json")
     out.write_text(json.dumps(res, indent=2) + "\n")
 

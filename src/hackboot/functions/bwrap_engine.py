@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class _Worker:
         self.last_used = time.monotonic()
         self.closed = False
         self.oom_at_destroy = 0
+        self.init_logs = ""  # printed while the handler's module was imported
         self.oom_seen = 0  # the cgroup's OOM kills already accounted for (it starts fresh)
 
     def destroy(self) -> None:
@@ -230,7 +231,12 @@ class BwrapEngine(FunctionEngine):
                 with self._lock:
                     self._busy.add(worker)
             result = self._run(worker, spec, event, request_id)
-            result = _with(result, cold=cold, init_ms=init_ms)
+            # What the module printed while it was imported belongs to the first invocation (as on Lambda).
+            logs = (worker.init_logs + result.logs) if cold else result.logs
+            if len(logs) > self.log_limit + 64:
+                logs = logs[:self.log_limit] + _TRUNCATED.format(self.log_limit)
+            result = replace(result, cold=cold, init_ms=init_ms, logs=logs)
+            worker.init_logs = ""
             reuse = result.outcome in ("ok", "error") and not worker.closed
             with self._lock:
                 self._busy.discard(worker)
@@ -384,6 +390,7 @@ class BwrapEngine(FunctionEngine):
             error["outcome"] = "error"
             worker.destroy()
             return worker, error
+        worker.init_logs = collector.text()
         return worker, None
 
     def _popen_args(self, log_w: int, pass_fds: tuple[int, ...]) -> dict[str, Any]:
@@ -598,12 +605,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _with(result: InvocationResult, *, cold: bool, init_ms: float) -> InvocationResult:
-    from dataclasses import replace
-
-    return replace(result, cold=cold, init_ms=init_ms)
 
 
 def init_error_result(request_id: str, error: dict[str, Any], init_ms: float) -> InvocationResult:

@@ -90,6 +90,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
 
 PY_HELLO = """
     import os
+    print("module loaded")
     COUNT = 0
     def handler(event, context):
         global COUNT
@@ -100,6 +101,7 @@ PY_HELLO = """
                 "memory": context.memory_limit_in_mb, "uid": os.getuid(), "cwd": os.getcwd()}
 """
 NODE_HELLO = """
+    console.log("module loaded");
     let count = 0;
     exports.handler = async (event, context) => {
       count += 1;
@@ -128,11 +130,13 @@ def test_hello_world_then_warm_reuse(engine: FunctionEngine, code_dir: CodeDir, 
                     "memory": 128, "uid": 65534, "cwd": "/var/task"}
     assert first.cold and first.init_ms > 0
     assert f"hello from {runtime.language.replace('nodejs', 'node')} ada" in first.logs
+    assert first.logs.index("module loaded") < first.logs.index("hello from")  # the init's logs come first
     assert engine.warm(spec.version_id) == 1
     second = engine.invoke(spec, b'{"name": "bob"}', request_id="req-2")
     assert second.outcome == "ok" and not second.cold and second.init_ms == 0
     assert json.loads(second.payload)["count"] == 2  # the module's state was kept: the same sandbox
     assert "bob" in second.logs and "ada" not in second.logs  # logs are per invocation
+    assert "module loaded" not in second.logs
 
 
 def test_runtimes_detected(engine: FunctionEngine) -> None:
