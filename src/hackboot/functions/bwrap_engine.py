@@ -187,6 +187,8 @@ class BwrapEngine(FunctionEngine):
                 keep = [w for w in pool.idle if now - w.last_used <= idle_s]
                 victims += [w for w in pool.idle if now - w.last_used > idle_s]
                 pool.idle[:] = keep
+            for version_id in [v for v, pool in self._pools.items() if not pool.idle and not pool.running]:
+                del self._pools[version_id]  # versions come and go: forget those with nothing left
         for worker in victims:
             worker.destroy()
         return len(victims)
@@ -230,7 +232,13 @@ class BwrapEngine(FunctionEngine):
                     return init_error_result(request_id, init_error, init_ms)
                 with self._lock:
                     self._busy.add(worker)
-            result = self._run(worker, spec, event, request_id)
+            try:
+                result = self._run(worker, spec, event, request_id)
+            except BaseException:
+                with self._lock:
+                    self._busy.discard(worker)
+                worker.destroy()
+                raise
             # What the module printed while it was imported belongs to the first invocation (as on Lambda).
             logs = (worker.init_logs + result.logs) if cold else result.logs
             if len(logs) > self.log_limit + 64:
