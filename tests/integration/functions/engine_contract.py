@@ -159,13 +159,21 @@ def test_exception_is_an_error_outcome(engine: FunctionEngine, code_dir: CodeDir
 
 
 @pytest.mark.skipif(NODE is None, reason="no nodejs runtime on this host")
-def test_node_rejection_and_sync_handler(engine: FunctionEngine, code_dir: CodeDir) -> None:
+def test_node_rejection_sync_and_callback_handlers(engine: FunctionEngine, code_dir: CodeDir) -> None:
     code = code_dir({"a.js": "exports.handler = async () => { throw new TypeError('nope'); };\n",
-                     "b.mjs": "export function handler(event) { return event * 2; }\n"})
+                     "b.mjs": "export function handler(event) { return event * 2; }\n",
+                     "c.js": "exports.handler = (event, context, callback) => {\n"
+                             "  setTimeout(() => event < 0 ? callback(new RangeError('negative'))\n"
+                             "                             : callback(null, event + 1), 5);\n"
+                             "};\n"})
     outcome, payload, logs = invoke(engine, spec_for(code, NODE, "a.handler"), 1)
     assert outcome == "error" and isinstance(payload, dict) and payload["errorType"] == "TypeError"
     assert "nope" in logs
     assert invoke(engine, spec_for(code, NODE, "b.handler"), 21)[:2] == ("ok", 42)
+    callback = spec_for(code, NODE, "c.handler")
+    assert invoke(engine, callback, 1)[:2] == ("ok", 2)
+    outcome, payload, _ = invoke(engine, callback, -1)
+    assert outcome == "error" and isinstance(payload, dict) and payload["errorType"] == "RangeError"
 
 
 @needs_python

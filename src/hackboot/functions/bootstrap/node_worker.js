@@ -64,7 +64,22 @@ async function load() {
   return fn;
 }
 
+function closeInheritedFds() {
+  // bwrap passes on the descriptors it was given for its own use (code and bootstrap directories).
+  const keep = new Set([0, 1, 2, Number(reqFd), Number(respFd)]);
+  let entries = [];
+  try { entries = fs.readdirSync("/proc/self/fd"); } catch (err) { return; }
+  for (const name of entries) {
+    const fd = Number(name);
+    if (keep.has(fd)) continue;
+    try {
+      if (fs.fstatSync(fd).isDirectory()) fs.closeSync(fd);
+    } catch (err) { /* already closed, or node's own */ }
+  }
+}
+
 async function main() {
+  closeInheritedFds();
   let handler;
   try {
     handler = await load();
@@ -91,7 +106,13 @@ async function main() {
     let body;
     try {
       const event = eventBytes.length ? JSON.parse(eventBytes.toString("utf8")) : null;
-      const result = await handler(event, context);
+      // Handlers of the (event, context, callback) form answer through the callback.
+      const result = handler.length >= 3
+        ? await new Promise((resolve, reject) => {
+            const returned = handler(event, context, (err, value) => (err ? reject(err) : resolve(value)));
+            if (returned && typeof returned.then === "function") returned.then(resolve, reject);
+          })
+        : await handler(event, context);
       body = Buffer.from(result === undefined ? "null" : JSON.stringify(result), "utf8");
       if (body.length > Number(payloadLimit)) {
         const e = new Error(`response payload of ${body.length} bytes exceeds the limit of ${payloadLimit}`);
