@@ -30,6 +30,8 @@ from hackboot.core.privsep import die_with_parent
 from hackboot.core.workers import Loop, Workers
 from hackboot.events import api as events_api
 from hackboot.events import service as events_service
+from hackboot.functions import api as functions_api
+from hackboot.functions import service as functions_service
 from hackboot.identity import api as identity_api
 from hackboot.identity import service as identity_service
 from hackboot.images import api as images_api
@@ -50,13 +52,14 @@ log = logging.getLogger("hackboot.server")
 # Every service's routes, in the order they are matched and documented.
 ROUTERS: list[APIRouter] = [identity_api.router, events_api.router, catalog_api.router, compute_api.router,
                             images_api.router, volumes_api.router, network_api.router, loadbalancers_api.router,
-                            objectstore_api.router]
+                            objectstore_api.router, functions_api.router, functions_api.queue_router]
 # Idempotent seeds, run at start after migrations.
 SEEDS: list[Callable[[], object]] = [catalog_service.seed, images_service.seed]
 # Background loops of the control plane (the host agents' reconcilers are started by the agents).
 LOOPS: list[Callable[[], list[Loop]]] = [events_service.loops, catalog_service.loops, compute_service.loops,
                                          images_service.loops, volumes_service.loops, network_service.loops,
-                                         loadbalancers_service.loops, objectstore_service.loops]
+                                         loadbalancers_service.loops, objectstore_service.loops,
+                                         functions_service.loops]
 
 
 # Services' metrics read from their state when /metrics is scraped.

@@ -12,6 +12,7 @@ import pytest
 import hackboot.sdk.catalog
 import hackboot.sdk.compute
 import hackboot.sdk.events
+import hackboot.sdk.functions
 import hackboot.sdk.identity
 import hackboot.sdk.images
 import hackboot.sdk.loadbalancers
@@ -20,9 +21,9 @@ import hackboot.sdk.s3
 import hackboot.sdk.volumes
 from hackboot.sdk.client import ApiError, Client, Resource, as_object, as_objects
 
-SDK_MODULES = [hackboot.sdk.catalog, hackboot.sdk.compute, hackboot.sdk.events, hackboot.sdk.identity,
-               hackboot.sdk.images, hackboot.sdk.loadbalancers, hackboot.sdk.network, hackboot.sdk.s3,
-               hackboot.sdk.volumes]
+SDK_MODULES = [hackboot.sdk.catalog, hackboot.sdk.compute, hackboot.sdk.events, hackboot.sdk.functions,
+               hackboot.sdk.identity, hackboot.sdk.images, hackboot.sdk.loadbalancers, hackboot.sdk.network,
+               hackboot.sdk.s3, hackboot.sdk.volumes]
 
 
 def declared_groups() -> dict[str, type[Resource]]:

@@ -208,6 +208,19 @@ NETWORK_PRICES: tuple[PriceSeed, ...] = (
 )
 
 
+# Serverless functions (S003 names them, prices nothing): billed like AWS Lambda, by memory × duration
+# (GB-seconds, durations rounded up to the millisecond) and per request. Amounts ours, a little under
+# Lambda's list prices; the catalog keeps six decimals, which 0.000016 fits exactly.
+FUNCTION_PRICES: tuple[PriceSeed, ...] = (
+    PriceSeed("function:gb-second", "function", "GB-second", 0.000016,
+              f"{_LIST}, per GB-second a function runs (memory × duration, rounded up to the ms). {S003} "
+              "serverless functions; amount ours"),
+    PriceSeed("function:invocations", "function", "1M invocations", 0.18,
+              f"{_LIST}, per million function invocations, whatever their trigger. {S003} serverless "
+              "functions; amount ours"),
+)
+
+
 def flavor_prices() -> tuple[PriceSeed, ...]:
     return tuple(PriceSeed(f.id, "flavor", "hour", f.price_eur_hour,
                            f"{_LIST}, per hour ({f.description})") for f in FLAVORS)
@@ -215,4 +228,4 @@ def flavor_prices() -> tuple[PriceSeed, ...]:
 
 def all_prices() -> tuple[PriceSeed, ...]:
     """The global price list (region_id NULL: valid in every region unless overridden)."""
-    return flavor_prices() + STORAGE_PRICES + NETWORK_PRICES
+    return flavor_prices() + STORAGE_PRICES + NETWORK_PRICES + FUNCTION_PRICES

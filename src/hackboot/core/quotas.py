@@ -43,6 +43,11 @@ DEFAULT_QUOTAS: dict[str, int] = {
     "pools": 50,
     "members": 500,
     "certificates": 50,
+    # Functions: function_concurrency bounds the sum of reserved concurrency and each function's maximum
+    "functions": 50,
+    "function_triggers": 100,
+    "function_concurrency": 100,
+    "queues": 100,
 }
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from hackboot.sdk.catalog import Capacity, Flavors, Hosts, Prices, Regions, Zones
     from hackboot.sdk.compute import Instances, KeyPairs, ServerGroups
     from hackboot.sdk.events import Audit, Events, Webhooks
+    from hackboot.sdk.functions import Functions, Queues
     from hackboot.sdk.identity import Auth, Projects, Tokens, Users
     from hackboot.sdk.images import Images
     from hackboot.sdk.loadbalancers import Certificates, LoadBalancers
@@ -126,6 +127,8 @@ class Client:
     flow_logs: FlowLogs
     load_balancers: LoadBalancers
     certificates: Certificates
+    functions: Functions
+    queues: Queues
     s3_credentials: S3Credentials
     buckets: Buckets
 

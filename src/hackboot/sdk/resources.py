@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hackboot.sdk import catalog, compute, events, identity, images, loadbalancers, network, s3, volumes
+from hackboot.sdk import catalog, compute, events, functions, identity, images, loadbalancers, network, s3, volumes
 
 if TYPE_CHECKING:
     from hackboot.sdk.client import Client
 
-GROUPS = (identity, catalog, events, compute, images, volumes, network, loadbalancers, s3)
+GROUPS = (identity, catalog, events, compute, images, volumes, network, loadbalancers, functions, s3)
 
 
 def attach(client: Client) -> None:
