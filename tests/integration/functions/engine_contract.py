@@ -139,6 +139,26 @@ def test_hello_world_then_warm_reuse(engine: FunctionEngine, code_dir: CodeDir, 
     assert "module loaded" not in second.logs
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES, ids=[r.name for r in RUNTIMES])
+def test_events_and_answers_round_trip_as_json(engine: FunctionEngine, code_dir: CodeDir, runtime: Runtime) -> None:
+    if runtime.language == "python":
+        spec = spec_for(code_dir({"echo.py": "def handler(event, context):\n    return event\n"}), runtime.name,
+                        "echo.handler")
+    else:
+        spec = spec_for(code_dir({"echo.js": "exports.handler = async (event) => event;\n"}), runtime.name,
+                        "echo.handler")
+    event = {"text": "héllo \u2028 wörld ☃ \"quoted\" \\ back", "nested": [1, 2.5, -0.25, None, True, {"k": []}],
+             "empty": {}, "big": 2**40, "": "empty key"}
+    result = engine.invoke(spec, json.dumps(event).encode(), request_id="r")
+    assert result.outcome == "ok" and json.loads(result.payload) == event
+    for raw in (b"null", b"  [1, 2]  ", b'"just a string"'):
+        answer = engine.invoke(spec, raw, request_id="r")
+        assert answer.outcome == "ok" and json.loads(answer.payload) == json.loads(raw)
+    broken = engine.invoke(spec, b"{not json", request_id="r")
+    assert broken.outcome == "error"
+    assert engine.invoke(spec, b"1", request_id="r").outcome == "ok"  # the sandbox goes on
+
+
 def test_runtimes_detected(engine: FunctionEngine) -> None:
     names = {r.name for r in engine.runtimes()}
     assert PYTHON in names

@@ -9,7 +9,6 @@ Runs with ``python3 -I``: nothing from the environment changes how Python starts
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import sys
@@ -21,6 +20,54 @@ if TYPE_CHECKING:
     from typing import Any
 
 TASK_ROOT = "/var/task"
+
+
+# JSON through the C accelerator that the json package itself uses: importing json would pull in re,
+# enum and more, a good part of a cold start. The json package is the fallback (another interpreter).
+try:
+    import _json
+
+    def _unserializable(obj: object) -> object:
+        raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+    _CONSTANTS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+    class _ScanContext:
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+        parse_constant = _CONSTANTS.__getitem__
+
+    _scan = _json.make_scanner(_ScanContext)  # type: ignore[arg-type]  # (any object with these attributes)
+    _WHITESPACE = " \t\n\r"
+
+    def _skip(text: str, index: int) -> int:
+        while index < len(text) and text[index] in _WHITESPACE:
+            index += 1
+        return index
+
+    def json_dumps(obj: object) -> str:
+        # A new encoder per call: it remembers the containers it is inside (circular references).
+        encode = _json.make_encoder({}, _unserializable, _json.encode_basestring_ascii, None, ": ", ", ",
+                                    False, False, True)
+        return "".join(encode(obj, 0))
+
+    def json_loads(data: bytes) -> Any:
+        text = data.decode("utf-8")
+        try:
+            value, end = _scan(text, _skip(text, 0))
+        except StopIteration as exc:
+            raise ValueError(f"Expecting value: char {exc.value}") from None
+        if _skip(text, end) != len(text):
+            raise ValueError(f"Extra data: char {end}")
+        return value
+except ImportError:
+    import json
+
+    json_dumps = json.dumps
+    json_loads = json.loads  # type: ignore[assignment]
 
 
 def read_exact(fd: int, n: int) -> bytes:
@@ -36,11 +83,11 @@ def read_exact(fd: int, n: int) -> bytes:
 
 def read_frame(fd: int) -> tuple[Any, bytes]:
     header_len, body_len = struct.unpack("<II", read_exact(fd, 8))
-    return json.loads(read_exact(fd, header_len)), read_exact(fd, body_len)
+    return json_loads(read_exact(fd, header_len)), read_exact(fd, body_len)
 
 
 def write_frame(fd: int, header: dict[str, Any], body: bytes = b"") -> None:
-    head = json.dumps(header).encode()
+    head = json_dumps(header).encode()
     data = struct.pack("<II", len(head), len(body)) + head + body
     view = memoryview(data)
     while view:
@@ -113,15 +160,15 @@ def main() -> None:
         answer: dict[str, Any] = {"outcome": "ok"}
         body = b""
         try:
-            event = json.loads(event_bytes) if event_bytes else None
+            event = json_loads(event_bytes) if event_bytes else None
             result = handler(event, context)
-            body = json.dumps(result).encode()
+            body = json_dumps(result).encode()
             if len(body) > payload_limit:
                 raise ResponseTooLarge(f"response payload of {len(body)} bytes exceeds the limit of {payload_limit}")
         except Exception as exc:
             print_exc()
             answer = {"outcome": "error"}
-            body = json.dumps(error_body(exc)).encode()
+            body = json_dumps(error_body(exc)).encode()
         answer["duration_ms"] = (time.monotonic() - started) * 1000
         sys.stdout.flush()
         sys.stderr.flush()
