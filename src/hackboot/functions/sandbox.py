@@ -10,9 +10,9 @@
   memory limit without swap, a pids limit against fork bombs, a CPU quota; OOM kills and peak memory read
   back; every process in it killed.
 * :func:`bwrap_argv` is the command line. bwrap starts in the sandbox's cgroup (on v1 the spawning thread
-  moves itself into the cgroup around the fork; on v2 a wrapper shell writes its own pid into the cgroup
-  first) as the unprivileged account (``setpriv``), so nothing of the function runs before it is
-  limited, and nothing runs as the host's root.
+  waits in the cgroup, forks, and leaves before bwrap may run the runtime, see ``--block-fd``; on v2 a
+  wrapper shell writes its own pid into the cgroup first) as the unprivileged account (``setpriv``), so
+  nothing of the function runs before it is limited, and nothing runs as the host's root.
 """
 
 from __future__ import annotations
