@@ -172,10 +172,23 @@ class Received:
 
 def send(p: Principal, ref: str, body: str, *, delay_s: int | None = None,
          attributes: dict[str, Any] | None = None) -> QueueMessage:
+    with session_scope(write=False) as s:
+        queue_id = get_queue(s, p, ref).id
+    return send_by_id(queue_id, body, delay_s=delay_s, attributes=attributes)
+
+
+def send_by_id(queue_id: str, body: str | bytes, *, delay_s: int | None = None,
+               attributes: dict[str, Any] | None = None) -> QueueMessage:
+    """Send to a queue by id (the invoker's dead-lettering of failed asynchronous invocations; no tenant
+    check). Bytes are decoded as UTF-8 (invalid sequences replaced)."""
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
     if len(body) > MAX_BODY_CHARS or len(body.encode()) > MAX_BODY_BYTES:
         raise _invalid("body", f"A message body is at most {MAX_BODY_CHARS} characters ({MAX_BODY_BYTES} bytes)")
     with session_scope() as s:
-        q = get_queue(s, p, ref)
+        q = s.get(Queue, queue_id)
+        if q is None:
+            raise errors.NotFound(f"Queue {queue_id} not found")
         delay = q.delay_s if delay_s is None else delay_s
         if not 0 <= delay <= MAX_DELAY_S:
             raise _invalid("delay_s", f"delay_s is 0 to {MAX_DELAY_S}")
@@ -337,7 +350,7 @@ def purge_expired(now: dt.datetime | None = None) -> int:
     now = now or utcnow()
     removed = 0
     with session_scope(write=False) as s:
-        retention = list(s.execute(select(Queue.id, Queue.retention_s)).tuples())
+        retention = [(row[0], row[1]) for row in s.execute(select(Queue.id, Queue.retention_s))]
     for queue_id, retention_s in retention:
         with session_scope() as s:
             result = cast("CursorResult[Any]", s.execute(

@@ -596,7 +596,7 @@ def trigger_query(fn: Function, *, kind: str | None = None) -> Select[FunctionTr
 def queue_names(s: Session, queue_ids: list[str]) -> dict[str, str]:
     if not queue_ids:
         return {}
-    return dict(s.execute(select(Queue.id, Queue.name).where(Queue.id.in_(queue_ids))).tuples().all())
+    return {row[0]: row[1] for row in s.execute(select(Queue.id, Queue.name).where(Queue.id.in_(queue_ids)))}
 
 
 # ==================================================================================================

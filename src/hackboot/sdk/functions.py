@@ -13,7 +13,9 @@ from typing import Any
 from hackboot.sdk.client import Client, JSONObject, JSONObjects, Resource, as_object
 
 Vars = dict[str, str]
-"""Environment variables or secrets (spelled so because `dict` is not shadowed, for symmetry with Names)."""
+"""Environment variables or secrets."""
+Names = list[str]
+"""Spelled so because `list` is a method name in resource groups."""
 
 
 def _body(**fields: Any) -> dict[str, Any]:
@@ -115,7 +117,7 @@ class Functions(Resource):
 
     def add_trigger(self, ref: str, kind: str, *, qualifier: str | None = None, enabled: bool | None = None,
                     description: str | None = None, auth: str | None = None, schedule: str | None = None,
-                    bucket: str | None = None, events: list[str] | None = None, prefix: str | None = None,
+                    bucket: str | None = None, events: Names | None = None, prefix: str | None = None,
                     suffix: str | None = None, queue: str | None = None,
                     batch_size: int | None = None) -> JSONObject:
         """kind http (auth none|token: the token is in this answer only), schedule (cron or rate(…)),
