@@ -135,7 +135,7 @@ class _LogCollector:
 class BwrapEngine(FunctionEngine):
     def __init__(self, state_dir: Path | None = None, *, log_limit: int = LOG_LIMIT,
                  payload_limit: int = PAYLOAD_LIMIT, tmp_bytes: int = TMP_BYTES, pids_max: int = PIDS_MAX,
-                 runtimes: list[Runtime] | None = None) -> None:
+                 runtimes: list[Runtime] | None = None, init_timeout_s: float = INIT_TIMEOUT_S) -> None:
         if shutil.which("bwrap") is None:
             raise EngineError("bubblewrap (bwrap) is not installed")
         if platform.machine() != "x86_64":
@@ -145,6 +145,7 @@ class BwrapEngine(FunctionEngine):
         self.payload_limit = payload_limit
         self.tmp_bytes = tmp_bytes
         self.pids_max = pids_max
+        self.init_timeout_s = init_timeout_s  # for loading the handler (at least the function's timeout)
         self._own_state = state_dir is None
         self.state_dir = Path(tempfile.mkdtemp(prefix="hackboot-functions-")) if state_dir is None else state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -384,13 +385,23 @@ class BwrapEngine(FunctionEngine):
         worker = _Worker(spec, proc, cgroup, req_w, resp_r, log_r)
         # Wait for the worker's ready frame (the handler imported), draining its early logs.
         collector = _LogCollector(b"\x00never\x00", self.log_limit)
-        frame = self._read_frame(worker, collector, time.monotonic() + max(INIT_TIMEOUT_S, spec.timeout_s))
+        init_timeout = max(self.init_timeout_s, spec.timeout_s)
+        deadline = time.monotonic() + init_timeout
+        frame = self._read_frame(worker, collector, deadline)
         if frame is None:
+            timed_out = time.monotonic() >= deadline
+            if not timed_out and not worker.closed:
+                _drain(worker.log_r, collector, time.monotonic() + 0.5)
             logs = collector.text()
             worker.destroy()
-            outcome = "out_of_memory" if worker.oom_at_destroy else "crashed"
-            return worker, {"errorType": "Runtime.ExitError" if outcome == "crashed" else "Runtime.OutOfMemory",
-                            "errorMessage": "the runtime exited during init", "logs": logs, "outcome": outcome}
+            if worker.oom_at_destroy:
+                kind, message, outcome = "Runtime.OutOfMemory", "out of memory during init", "out_of_memory"
+            elif timed_out:
+                kind, message, outcome = "Runtime.InitTimeout", f"Init timed out after {init_timeout:.2f} seconds", \
+                    "timeout"
+            else:
+                kind, message, outcome = "Runtime.ExitError", "the runtime exited during init", "crashed"
+            return worker, {"errorType": kind, "errorMessage": message, "logs": logs, "outcome": outcome}
         header, _ = frame
         if not header.get("ready"):
             error = dict(header.get("error") or {})

@@ -89,3 +89,26 @@ def test_code_dir_the_sandbox_account_cannot_reach_is_a_clear_engine_error(engin
         engine.invoke(spec_for(code, PYTHON, "app.handler"), b"{}", request_id="r")
     os.chmod(code.parent, 0o755)
     assert engine.invoke(spec_for(code, PYTHON, "app.handler"), b'{"name": "x"}', request_id="r").outcome == "ok"
+
+
+@pytest.mark.skipif(PYTHON is None, reason="no python3 runtime on this host")
+def test_slow_and_failing_inits(code_dir: CodeDir) -> None:
+    from hackboot.functions.bwrap_engine import BwrapEngine
+
+    engine = BwrapEngine(init_timeout_s=1.0)
+    try:
+        slow = spec_for(code_dir({"app.py": "import time\nprint('importing', flush=True)\ntime.sleep(60)\n"
+                                            "def handler(e, c):\n    return 1\n"}), PYTHON, "app.handler", timeout_s=1)
+        result = engine.invoke(slow, b"{}", request_id="r")
+        assert result.outcome == "timeout" and result.error == "Runtime.InitTimeout: Init timed out after 1.00 seconds"
+        assert "importing" in result.logs and result.cold
+        dying = spec_for(code_dir({"app.py": "import os\nprint('bye', flush=True)\nos._exit(4)\n"}), PYTHON,
+                         "app.handler")
+        result = engine.invoke(dying, b"{}", request_id="r")
+        assert result.outcome == "crashed" and "bye" in result.logs
+        missing = spec_for(code_dir({"app.py": "X = 1\n"}), PYTHON, "app.handler")
+        result = engine.invoke(missing, b"{}", request_id="r")
+        assert result.outcome == "error" and "handler 'handler' missing" in (result.error or "")
+        assert engine.warm(slow.version_id) == engine.warm(dying.version_id) == engine.warm(missing.version_id) == 0
+    finally:
+        engine.close()
