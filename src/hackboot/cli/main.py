@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from hackboot.cli import catalog, compute, events, identity, images, lb, network, s3, volumes
+from hackboot.cli import catalog, compute, events, functions, identity, images, lb, network, s3, volumes
 from hackboot.cli.context import state
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -124,7 +124,7 @@ Next steps:
 """, err=False)
 
 
-for _commands in (identity, catalog, events, compute, images, volumes, network, lb, s3):
+for _commands in (identity, catalog, events, compute, images, volumes, network, lb, functions, s3):
     _commands.register(app)
 
 
