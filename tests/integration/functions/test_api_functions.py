@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from hackboot.core import errors
 from hackboot.sdk import Client
 from tests.integration.network.api_helpers import expect_error, project_client, quota
 from tests.support import Cloud
 
+QUOTA_EXCEEDED = errors.QuotaExceeded.status
 HELLO = b"def handler(event, context):\n    return {'hello': event.get('name', 'world')}\n"
 
 
@@ -89,23 +91,16 @@ def test_duplicate_names_and_quota(cloud: Cloud) -> None:
     c.functions.create("one", "python3.11", "main.handler")
     expect_error(409, c.functions.create, "one", "nodejs20", "index.handler", code="name_in_use")
     c.functions.create("two", "python3.11", "main.handler", reserved_concurrency=5)
-    err = expect_error(quota_status(c), c.functions.create, "three", "python3.11", "main.handler")
+    err = expect_error(QUOTA_EXCEEDED, c.functions.create, "three", "python3.11", "main.handler")
     assert "functions" in err.detail
     assert quota(c, "function_concurrency")["used"] == 5
     # max_concurrency above the project's function_concurrency quota, reserved above what is left
-    expect_error(quota_status(c), c.functions.update, "two", max_concurrency=21)
-    expect_error(quota_status(c), c.functions.update, "one", reserved_concurrency=16, max_concurrency=16)
+    expect_error(QUOTA_EXCEEDED, c.functions.update, "two", max_concurrency=21)
+    expect_error(QUOTA_EXCEEDED, c.functions.update, "one", reserved_concurrency=16, max_concurrency=16)
     c.functions.update("one", reserved_concurrency=15, max_concurrency=15)
     assert quota(c, "function_concurrency")["used"] == 20
     c.functions.delete("two")
     assert quota(c, "function_concurrency")["used"] == 15
-
-
-def quota_status(c: Client) -> int:
-    """The status a QuotaExceeded answers with (what core.errors declares)."""
-    from hackboot.core import errors
-
-    return errors.QuotaExceeded.status
 
 
 def test_code_upload_zip_single_file_folder_and_refusals(cloud: Cloud, tmp_path: Path) -> None:
@@ -252,3 +247,13 @@ def test_invocation_records_and_logs_when_there_are_none(cloud: Cloud) -> None:
     assert page["items"] == [] and page["next_after"] is None
     # nothing to read: a follow waits and answers empty (no timing asserted)
     assert c.functions.logs(fn["id"], follow=True, wait_s=0.5)["items"] == []
+
+
+def test_a_retried_create_with_the_same_idempotency_key_makes_one_function_and_one_queue(cloud: Cloud) -> None:
+    c = project_client(cloud)
+    first = c.functions.create("retried", "python3.11", "main.handler", idempotency_key="fn-create-1")
+    again = c.functions.create("retried", "python3.11", "main.handler", idempotency_key="fn-create-1")
+    assert again["id"] == first["id"] and [f["id"] for f in c.functions.list()] == [first["id"]]
+    q1 = c.queues.create("retried-q", idempotency_key="q-create-1")
+    q2 = c.queues.create("retried-q", idempotency_key="q-create-1")
+    assert q1["id"] == q2["id"] and quota(c, "queues")["used"] == 1
