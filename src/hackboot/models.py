@@ -5,6 +5,7 @@ from hackboot.compute import models as compute_models  # noqa: F401
 from hackboot.core import idempotency, quotas  # noqa: F401
 from hackboot.core.db import Base
 from hackboot.events import models as events_models  # noqa: F401
+from hackboot.functions import asyncq as functions_asyncq  # noqa: F401
 from hackboot.functions import models as functions_models  # noqa: F401
 from hackboot.identity import models as identity_models  # noqa: F401
 from hackboot.images import models as images_models  # noqa: F401

@@ -31,6 +31,8 @@ from hackboot.core.workers import Loop, Workers
 from hackboot.events import api as events_api
 from hackboot.events import service as events_service
 from hackboot.functions import api as functions_api
+from hackboot.functions import invoke_api as functions_invoke_api
+from hackboot.functions import local as functions_local
 from hackboot.functions import service as functions_service
 from hackboot.identity import api as identity_api
 from hackboot.identity import service as identity_service
@@ -52,7 +54,8 @@ log = logging.getLogger("hackboot.server")
 # Every service's routes, in the order they are matched and documented.
 ROUTERS: list[APIRouter] = [identity_api.router, events_api.router, catalog_api.router, compute_api.router,
                             images_api.router, volumes_api.router, network_api.router, loadbalancers_api.router,
-                            objectstore_api.router, functions_api.router, functions_api.queue_router]
+                            objectstore_api.router, functions_api.router, functions_api.queue_router,
+                            functions_invoke_api.router, functions_invoke_api.urls]
 # Idempotent seeds, run at start after migrations.
 SEEDS: list[Callable[[], object]] = [catalog_service.seed, images_service.seed]
 # Background loops of the control plane (the host agents' reconcilers are started by the agents).
@@ -161,6 +164,7 @@ def serve() -> None:
     from hackboot.core.db import dispose_engine
 
     dispose_engine()  # no connection may cross a fork
+    functions_local.register_runtimes()  # before the fork: every API process validates runtimes the same way
     api_socket = _bind(settings.api_host, settings.api_port)
     children = _fork_api_workers(max(0, settings.api_workers - 1), api_socket)
     workers = Workers()
@@ -171,6 +175,9 @@ def serve() -> None:
         start_local_agent(workers)
     api = _server(create_app(), settings.api_host, settings.api_port)
     servers = [api, _server(create_s3_app(), settings.s3_host, settings.s3_port, s3=True)]
+    invoker_server = functions_local.start(workers) if settings.run_workers else None
+    if invoker_server is not None:  # this machine's function invoker, on its unix socket
+        servers.append(invoker_server)
 
     async def main() -> None:
         # Each uvicorn server catches SIGINT/SIGTERM for itself only: when one stops, stop all.
@@ -186,3 +193,4 @@ def serve() -> None:
     finally:
         _stop_children(children)
         workers.stop()
+        functions_local.stop()

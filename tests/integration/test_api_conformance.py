@@ -101,7 +101,8 @@ def test_schemathesis_finds_no_server_error_nor_spec_violation(agentless_cloud: 
 
 
 def test_openapi_declares_bearer_auth_and_the_project_header(cloud: Cloud) -> None:
-    spec = httpx.get(f"{cloud.url}/openapi.json").json()
+    # (The first request renders the document: seconds on a loaded machine, beyond httpx's 5 s default.)
+    spec = httpx.get(f"{cloud.url}/openapi.json", timeout=120).json()
     bearer = spec["components"]["securitySchemes"]["bearer"]
     assert bearer["type"] == "http" and bearer["scheme"] == "bearer"
     op = spec["paths"]["/v1/instances"]["get"]

@@ -188,6 +188,17 @@ class Settings(BaseSettings):
         "Load-balancer agent: seconds between comparisons of the running proxies with the desired state"))
     loadbalancer_observe_interval_s: PositiveFloat = Field(default=2.0, description=(
         "Load-balancer agent: seconds between moves of member health, stats and access logs into the database"))
+    # Functions.
+    functions_enabled: bool = Field(default=True, description=(
+        "`serve` runs this machine's function invoker (needs bubblewrap; off where it is missing)"))
+    functions_max_concurrency: PositiveInt = Field(default=32, description=(
+        "Functions: invocations running at once on this machine (over it: 429, asynchronous ones wait)"))
+    functions_project_concurrency: PositiveInt = Field(default=16, description=(
+        "Functions: invocations of one project running at once on this machine (its fair share)"))
+    functions_idle_s: PositiveFloat = Field(default=300.0, description=(
+        "Functions: a warm sandbox idle this long is stopped (scale to zero)"))
+    functions_poll_interval_s: PositiveFloat = Field(default=0.5, description=(
+        "Functions: seconds between looks for asynchronous invocations, object events and queue messages"))
     # Block storage.
     volume_min_size_gb: PositiveInt = Field(default=1, description="Smallest volume size in GB")
     volume_max_size_gb: PositiveInt = Field(default=16 * 1024, description=(

@@ -73,6 +73,9 @@ class FunctionIn(Body):
     reserved_concurrency: int = Field(0, ge=0, description="Counted against the project's function_concurrency")
     max_concurrency: int = Field(10, ge=1, description="Invocations at once; more are answered 429")
     description: Description = ""
+    dead_letter_queue: Ref | None = Field(None, description="A queue of the project (id or name) receiving the "
+                                                            "events of asynchronous invocations that failed "
+                                                            "every attempt")
 
 
 class FunctionPatch(Body):
@@ -89,6 +92,7 @@ class FunctionPatch(Body):
     reserved_concurrency: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = omitted()
     max_concurrency: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = omitted()
     description: Description | SkipJsonSchema[None] = omitted()
+    dead_letter_queue: Annotated[str, StringConstraints(max_length=63)] | SkipJsonSchema[None] = omitted()
 
 
 class FunctionOut(Out):
@@ -104,6 +108,7 @@ class FunctionOut(Out):
     network_egress: bool
     reserved_concurrency: int
     max_concurrency: int
+    dead_letter_queue_id: str | None = None
     code_sha256: str = Field(description="sha256 of the stored package; empty until code is uploaded")
     code_size: int
     last_version: int = Field(description="The newest published version (0: none)")

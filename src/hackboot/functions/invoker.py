@@ -193,6 +193,10 @@ def set_local(invoker: Invoker | None) -> None:
     _local = invoker
 
 
+def local() -> Invoker | None:
+    return _local
+
+
 def call(socket_path: Path, target: Target, event: bytes, *, request_id: str | None = None,
          timeout: float | None = None) -> InvocationResult:
     """Invoke through this machine's invoker: in-process when it runs here, else over its unix socket."""

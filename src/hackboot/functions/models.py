@@ -37,6 +37,8 @@ class Function(Base):
     network_egress: Mapped[bool] = mapped_column(Boolean, default=False)
     reserved_concurrency: Mapped[int] = mapped_column(Integer, default=0)
     max_concurrency: Mapped[int] = mapped_column(Integer, default=10)
+    # Where an asynchronous invocation's event goes once every attempt failed (a queue of the project).
+    dead_letter_queue_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     code_sha256: Mapped[str] = mapped_column(String(64), default="")  # "" until code is uploaded
     code_size: Mapped[int] = mapped_column(Integer, default=0)
     # Bumped by every change of code or configuration: $LATEST's engine version id carries it, so a warm

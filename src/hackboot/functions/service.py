@@ -248,8 +248,11 @@ def function_query(p: Principal, *, name: str | None = None, runtime: str | None
 def create_function(p: Principal, *, name: str, runtime: str, handler: str, memory_mb: int = 128,
                     timeout_s: int = 3, environment: dict[str, str] | None = None,
                     secrets: dict[str, str] | None = None, network_egress: bool = False,
-                    reserved_concurrency: int = 0, max_concurrency: int = 10, description: str = "") -> Function:
-    """A function without code yet (upload it with :func:`upload_code`); its secrets are sealed."""
+                    reserved_concurrency: int = 0, max_concurrency: int = 10, description: str = "",
+                    dead_letter_queue: str | None = None) -> Function:
+    """A function without code yet (upload it with :func:`upload_code`); its secrets are sealed.
+    `dead_letter_queue`: a queue of the project receiving the events of asynchronous invocations that
+    failed every attempt."""
     check_runtime(runtime)
     check_handler(handler, runtime)
     check_memory(memory_mb)
@@ -260,6 +263,7 @@ def create_function(p: Principal, *, name: str, runtime: str, handler: str, memo
         _check_concurrency(s, p.project, reserved_concurrency, max_concurrency)
         if s.scalar(select(Function.id).where(Function.project_id == p.project, Function.name == name)):
             raise errors.Conflict(f"A function is named '{name}' already", code="name_in_use")
+        dlq_id = _dead_letter_queue(s, p, dead_letter_queue)
         quotas.claim(s, p.project, "functions", 1)
         quotas.claim(s, p.project, "function_concurrency", reserved_concurrency)
         fn_id = new_id("fn")
@@ -267,12 +271,20 @@ def create_function(p: Principal, *, name: str, runtime: str, handler: str, memo
                       handler=handler, memory_mb=memory_mb, timeout_s=timeout_s, environment=env,
                       secret_names=sorted(sec), secrets_sealed=_seal_secrets(fn_id, sec),
                       network_egress=network_egress, reserved_concurrency=reserved_concurrency,
-                      max_concurrency=max_concurrency, created_by=p.user_id)
+                      max_concurrency=max_concurrency, dead_letter_queue_id=dlq_id, created_by=p.user_id)
         s.add(fn)
         _flush(s, f"A function is named '{name}' already")
         _event(s, fn, "created", p.user_id, name=name, runtime=runtime, handler=handler, memory_mb=memory_mb,
                timeout_s=timeout_s, environment=sorted(env), secrets=sorted(sec))
     return fn
+
+
+def _dead_letter_queue(s: Session, p: Principal, ref: str | None) -> str | None:
+    if not ref:
+        return None
+    from hackboot.functions import queues
+
+    return queues.get_queue(s, p, ref).id
 
 
 def update_function(p: Principal, ref: str, changes: dict[str, Any]) -> Function:
@@ -313,6 +325,8 @@ def update_function(p: Principal, ref: str, changes: dict[str, Any]) -> Function
                     "reserved_concurrency", "max_concurrency"):
             if key in changes:
                 setattr(fn, key, changes[key])
+        if "dead_letter_queue" in changes:  # "" removes it
+            fn.dead_letter_queue_id = _dead_letter_queue(s, p, changes["dead_letter_queue"] or None)
         fn.environment = env
         fn.revision += 1
         fn.updated_at = utcnow()

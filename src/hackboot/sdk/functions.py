@@ -52,13 +52,13 @@ class Functions(Resource):
                timeout_s: int | None = None, environment: Vars | None = None, secrets: Vars | None = None,
                network_egress: bool | None = None, reserved_concurrency: int | None = None,
                max_concurrency: int | None = None, description: str | None = None,
-               idempotency_key: str | None = None) -> JSONObject:
+               dead_letter_queue: str | None = None, idempotency_key: str | None = None) -> JSONObject:
         """A function without code: upload it with :meth:`upload_code`. Secrets are never returned."""
         return as_object(self.c.post(self.path, _body(
             name=name, runtime=runtime, handler=handler, memory_mb=memory_mb, timeout_s=timeout_s,
             environment=environment, secrets=secrets, network_egress=network_egress,
-            reserved_concurrency=reserved_concurrency, max_concurrency=max_concurrency, description=description),
-            idempotency_key=idempotency_key))
+            reserved_concurrency=reserved_concurrency, max_concurrency=max_concurrency, description=description,
+            dead_letter_queue=dead_letter_queue), idempotency_key=idempotency_key))
 
     def update(self, ref: str, **changes: Any) -> JSONObject:
         """PATCH any of create's fields; `environment` and `secrets` replace the whole set."""
@@ -145,9 +145,10 @@ class Functions(Resource):
 
     def invoke(self, ref: str, payload: Any = None, qualifier: str | None = None,
                asynchronous: bool = False) -> Any:
-        """Run the function with `payload` (JSON) and return its answer (asynchronous: queued, 202)."""
-        return self.c.post(f"{self.path}/{ref}/invoke", _body(payload=payload, qualifier=qualifier,
-                                                               asynchronous=asynchronous or None))
+        """Run the function with `payload` (the event, JSON) and return the invocation: outcome, result, error,
+        logs_tail, durations, cold (asynchronous: accepted, 202, with the invocation's id)."""
+        params = {k: v for k, v in (("qualifier", qualifier), ("mode", "async" if asynchronous else None)) if v}
+        return self.c.post(f"{self.path}/{ref}/invoke", {} if payload is None else payload, params=params or None)
 
     def invocations(self, ref: str, *, since: str | None = None, outcome: str | None = None) -> JSONObjects:
         return self._list({"since": since, "outcome": outcome}, f"{self.path}/{ref}/invocations")
