@@ -131,6 +131,10 @@ def cursor(name: str) -> int:
     new consumer does not replay history)."""
     from hackboot.events.models import Event
 
+    with session_scope(write=False) as s:  # the usual case: no write transaction on every poll
+        seq = s.scalar(select(EventCursor.seq).where(EventCursor.name == name))
+    if seq is not None:
+        return int(seq)
     with session_scope() as s:
         row = s.get(EventCursor, name)
         if row is None:

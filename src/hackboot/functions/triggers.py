@@ -173,21 +173,20 @@ def read_object_events_once(limit: int = 500, now: dt.datetime | None = None) ->
         events = list(s.scalars(select(Event).where(Event.seq > at, Event.seq <= mark,
                                                     Event.type.in_(list(_OBJECT_EVENT_NAMES)))
                                 .order_by(Event.seq)))
-    fired = 0
-    with session_scope() as s:
-        for e in events:
-            kind, name = _OBJECT_EVENT_NAMES[e.type]
-            data = e.data or {}
-            if not e.project_id:
-                continue
+    work = []
+    for e in events:
+        kind, name = _OBJECT_EVENT_NAMES[e.type]
+        data = e.data or {}
+        if e.project_id:
             for t in service.object_triggers(e.project_id, str(data.get("bucket", "")), str(data.get("key", "")),
                                              kind):
-                asyncq.enqueue(s, project_id=t.project_id, function_id=t.function_id, qualifier=t.qualifier,
-                               source="object_storage", trigger_id=t.trigger_id,
-                               event=json.dumps({"Records": [object_event_record(e, name)]}))
-                fired += 1
+                work.append((t, json.dumps({"Records": [object_event_record(e, name)]})))
+    with session_scope() as s:  # the invocations and the cursor together: each event handled once
+        for t, event in work:
+            asyncq.enqueue(s, project_id=t.project_id, function_id=t.function_id, qualifier=t.qualifier,
+                           source="object_storage", trigger_id=t.trigger_id, event=event)
         asyncq.advance(s, OBJECT_EVENTS_CURSOR, mark)
-    return fired
+    return len(work)
 
 
 # --- queues -----------------------------------------------------------------------------------------
