@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter, Histogram
 from sqlalchemy import select
 
 from hackboot.core import errors
@@ -43,6 +44,15 @@ from hackboot.functions.invoker import Target, Throttled
 from hackboot.functions.models import Function
 
 log = logging.getLogger("hackboot.functions.triggers")
+
+# Labelled by project and function id (their number is bounded by the quotas), never by anything a caller sends.
+INVOCATIONS = Counter("hackboot_function_invocations_total", "Function invocations",
+                      ["project", "function", "trigger", "outcome", "start"])
+DURATION = Histogram("hackboot_function_duration_seconds", "Function handler time (cold start not included)",
+                     ["project", "function"],
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900))
+COLD_START = Histogram("hackboot_function_cold_start_seconds", "Sandbox + runtime + module start of cold invocations",
+                       ["project", "function"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
 OBJECT_EVENTS_CURSOR = "object-storage-triggers"
 _OBJECT_EVENT_NAMES = {"object.created": ("created", "ObjectCreated:Put"),
@@ -69,6 +79,7 @@ def run(resolved: service.ResolvedVersion, event: bytes, *, trigger_kind: str,
     try:
         result = invoker.call(socket_path(), target_of(resolved), event, request_id=request_id)
     except Throttled as exc:
+        INVOCATIONS.labels(resolved.project_id, resolved.function_id, trigger_kind, "throttled", "none").inc()
         service.record_invocation(function_id=resolved.function_id, version=resolved.version,
                                   trigger_kind=trigger_kind, outcome="throttled", duration_ms=0.0,
                                   memory_mb=resolved.memory_mb, started_at=started, error=str(exc),
@@ -76,6 +87,11 @@ def run(resolved: service.ResolvedVersion, event: bytes, *, trigger_kind: str,
         raise
     except codepkg.InvalidPackage as exc:
         raise errors.Conflict(f"Function {resolved.function_name} cannot run: {exc}", code="no_code") from exc
+    labels = (resolved.project_id, resolved.function_id)
+    INVOCATIONS.labels(*labels, trigger_kind, result.outcome, "cold" if result.cold else "warm").inc()
+    DURATION.labels(*labels).observe(result.duration_ms / 1000)
+    if result.cold:
+        COLD_START.labels(*labels).observe(result.init_ms / 1000)
     service.record_invocation(function_id=resolved.function_id, version=resolved.version, trigger_kind=trigger_kind,
                               outcome=result.outcome, duration_ms=result.duration_ms, init_ms=result.init_ms,
                               cold=result.cold, memory_mb=resolved.memory_mb, max_memory_mb=result.max_memory_mb,

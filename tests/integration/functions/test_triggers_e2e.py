@@ -142,6 +142,16 @@ def test_invoke_sync_warm_and_logged(client: Client, fn: dict[str, Any]) -> None
     assert any('got {"n": 1}' in (r.get("logs") or "") for r in records), "stdout is captured per invocation"
 
 
+def test_invocations_are_counted_in_metrics(fncloud: Cloud, fn: dict[str, Any]) -> None:
+    scrape = httpx.get(fncloud.url + "/metrics", headers={"Authorization": f"Bearer {fncloud.admin_token}"}).text
+    ok = [line for line in scrape.splitlines() if line.startswith("hackboot_function_invocations_total{")
+          and f'function="{fn["id"]}"' in line and 'outcome="ok"' in line and 'trigger="api"' in line]
+    assert ok and sum(float(line.rsplit(" ", 1)[1]) for line in ok) >= 2, scrape[-2000:]
+    durations = [line for line in scrape.splitlines() if line.startswith("hackboot_function_duration_seconds_count{")
+                 and f'function="{fn["id"]}"' in line]
+    assert durations and float(durations[0].rsplit(" ", 1)[1]) >= 2
+
+
 def test_a_function_url_maps_the_request_and_the_response(fncloud: Cloud, client: Client, fn: dict[str, Any]) -> None:
     web = client.functions.create(f"web-{uuid.uuid4().hex[:6]}", PYTHON, "app.web")
     client.functions.upload_code(web["id"], zipped({"app.py": APP}))
