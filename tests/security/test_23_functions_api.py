@@ -84,6 +84,8 @@ def test_another_tenants_functions_and_queues_are_invisible_and_untouchable(
     refused(404, a.functions.add_trigger, mine["id"], "queue", queue=queue)
     refused(404, a.functions.add_trigger, mine["id"], "queue", queue="victim-q")
     refused(404, a.queues.create, "mine-q", max_receives=1, dead_letter_queue=queue)
+    refused(404, a.functions.update, mine["id"], dead_letter_queue=queue)
+    refused(404, a.functions.create, "mine2", "python3.11", "main.handler", dead_letter_queue="victim-q")
     # a trigger of the victim's function by id from the attacker's function path: not found
     refused(404, a.functions.get_trigger, mine["id"], trigger)
     # the owner still has everything, and the message was not taken

@@ -66,6 +66,8 @@ def fn_create(name: str, runtime: str = typer.Option(..., "--runtime", help="pyt
               network: bool = typer.Option(None, "--network/--no-network", help="Allow network egress"),
               reserved: int = typer.Option(None, "--reserved-concurrency"),
               max_concurrency: int = typer.Option(None, "--max-concurrency"),
+              dead_letter_queue: str = typer.Option(None, "--dead-letter-queue",
+                                                    help="Queue receiving failed asynchronous events"),
               description: str = typer.Option(None, "--description"), output: str = OutputOpt) -> None:
     """Create a function, and upload its code when --code is given."""
     with api_errors():
@@ -73,7 +75,8 @@ def fn_create(name: str, runtime: str = typer.Option(..., "--runtime", help="pyt
         fn = client.functions.create(name, runtime, handler, memory_mb=memory, timeout_s=timeout,
                                      environment=_vars(env, "--env"), secrets=_vars(secret, "--secret"),
                                      network_egress=network, reserved_concurrency=reserved,
-                                     max_concurrency=max_concurrency, description=description)
+                                     max_concurrency=max_concurrency, description=description,
+                                     dead_letter_queue=dead_letter_queue)
         if code is not None:
             fn = _upload(client, fn["id"], code, None)
         render(fn, output)
@@ -87,14 +90,15 @@ def fn_update(ref: str, runtime: str = typer.Option(None, "--runtime"), handler:
               network: bool = typer.Option(None, "--network/--no-network"),
               reserved: int = typer.Option(None, "--reserved-concurrency"),
               max_concurrency: int = typer.Option(None, "--max-concurrency"),
+              dead_letter_queue: str = typer.Option(None, "--dead-letter-queue", help='"" removes it'),
               name: str = typer.Option(None, "--name"), description: str = typer.Option(None, "--description"),
               output: str = OutputOpt) -> None:
     with api_errors():
         render(_client().functions.update(
             ref, runtime=runtime, handler=handler, memory_mb=memory, timeout_s=timeout,
             environment=_vars(env, "--env"), secrets=_vars(secret, "--secret"), network_egress=network,
-            reserved_concurrency=reserved, max_concurrency=max_concurrency, name=name, description=description),
-            output)
+            reserved_concurrency=reserved, max_concurrency=max_concurrency, name=name, description=description,
+            dead_letter_queue=dead_letter_queue), output)
 
 
 @function_app.command("code-upload")

@@ -28,7 +28,7 @@ from hackboot.core.crypto import hash_token
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.events.service import emit
-from hackboot.functions.models import FunctionTrigger, Queue, QueueMessage
+from hackboot.functions.models import Function, FunctionTrigger, Queue, QueueMessage
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_BODY_CHARS = MAX_BODY_BYTES // 4  # characters of up to 4 UTF-8 bytes each
@@ -128,13 +128,16 @@ def update_queue(p: Principal, ref: str, changes: dict[str, Any]) -> Queue:
 
 
 def delete_queue(p: Principal, ref: str) -> Queue:
-    """409 while a trigger receives from it or another queue dead-letters into it; its messages go with it."""
+    """409 while a trigger receives from it or a queue or a function dead-letters into it; its messages go
+    with it."""
     with session_scope() as s:
         q = get_queue(s, p, ref)
         users = sorted(s.scalars(select(FunctionTrigger.id).where(FunctionTrigger.queue_id == q.id)))
         if users:
             raise errors.Conflict(f"Queue {q.name} is used by trigger {', '.join(users)}", code="in_use")
         sources = sorted(s.scalars(select(Queue.name).where(Queue.dead_letter_queue_id == q.id)))
+        sources += sorted(f"function {name}" for name in s.scalars(
+            select(Function.name).where(Function.dead_letter_queue_id == q.id)))
         if sources:
             raise errors.Conflict(f"Queue {q.name} is the dead-letter queue of {', '.join(sources)}",
                                   code="in_use")

@@ -420,11 +420,16 @@ def delete_function(p: Principal, ref: str) -> Function:
 # ==================================================================================================
 
 def publish_version(p: Principal, ref: str, *, description: str = "") -> FunctionVersion:
-    """Freeze $LATEST's code and configuration as the next version number."""
+    """Freeze $LATEST's code and configuration as the next version number. When nothing changed since the
+    newest version, that version is returned instead of a copy of it (as Lambda does)."""
     with session_scope() as s:
         fn = _lock_function(s, p, ref)
         if not fn.code_sha256:
             raise errors.Conflict(f"Function {fn.name} has no code yet: upload it first", code="no_code")
+        newest = s.scalar(select(FunctionVersion).where(FunctionVersion.function_id == fn.id,
+                                                        FunctionVersion.number == fn.last_version))
+        if newest is not None and _same_as_latest(newest, fn):
+            return newest
         fn.last_version += 1
         version = FunctionVersion(
             id=new_id("fnv"), project_id=fn.project_id, function_id=fn.id, number=fn.last_version,
@@ -436,6 +441,14 @@ def publish_version(p: Principal, ref: str, *, description: str = "") -> Functio
         _flush(s, "A version was published at the same time: retry")
         _event(s, fn, "version_published", p.user_id, version=version.number, code_sha256=fn.code_sha256)
     return version
+
+
+def _same_as_latest(version: FunctionVersion, fn: Function) -> bool:
+    # The sealed secrets are compared as stored: a version copies the blob, and any change re-seals it.
+    return (version.code_sha256, version.runtime, version.handler, version.memory_mb, version.timeout_s,
+            version.environment, version.secrets_sealed, version.network_egress) == (
+        fn.code_sha256, fn.runtime, fn.handler, fn.memory_mb, fn.timeout_s, fn.environment, fn.secrets_sealed,
+        fn.network_egress)
 
 
 def version_query(fn: Function) -> Select[FunctionVersion]:

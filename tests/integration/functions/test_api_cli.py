@@ -59,6 +59,8 @@ def test_cli_walkthrough(cloud: Cloud, tmp_path: Path) -> None:
     single.write_text("def handler(event, context):\n    return 2\n")
     assert cli("function", "code-upload", "hello", str(single))["code_sha256"] != fn["code_sha256"]
     assert cli("function", "version-publish", "hello", "--description", "one")["number"] == 1
+    assert cli("function", "version-publish", "hello")["number"] == 1  # unchanged: the same version
+    cli("function", "update", "hello", "--memory", "512")
     assert cli("function", "version-publish", "hello")["number"] == 2
     assert [v["number"] for v in cli("function", "version-list", "hello")] == [1, 2]
     alias = cli("function", "alias-set", "hello", "prod", "--version", "1", "--canary-version", "2", "--weight", "0.1")

@@ -153,6 +153,7 @@ def test_versions_are_immutable_snapshots(cloud: Cloud) -> None:
     c.functions.upload_code(fn["id"], HELLO + b"# v2\n", filename="main.py")
     v2 = c.functions.publish_version(fn["id"])
     assert v2["number"] == 2 and v2["memory_mb"] == 1024 and v2["code_sha256"] != v1["code_sha256"]
+    assert c.functions.publish_version(fn["id"]) == v2  # nothing changed since: the same version
     assert c.functions.get_version(fn["id"], 1) == v1
     assert [v["number"] for v in c.functions.versions(fn["id"])] == [1, 2]
     assert c.functions.get(fn["id"])["last_version"] == 2
@@ -162,7 +163,8 @@ def test_versions_are_immutable_snapshots(cloud: Cloud) -> None:
 def test_aliases_and_canary_weights(cloud: Cloud) -> None:
     c = project_client(cloud)
     fn = with_code(c)
-    for _ in range(3):
+    for n in range(3):
+        c.functions.update(fn["id"], environment={"N": str(n)})
         c.functions.publish_version(fn["id"])
     prod = c.functions.set_alias(fn["id"], "prod", 1)
     assert prod["version"] == 1 and prod["additional_version"] is None and prod["weight"] == 0
@@ -257,3 +259,15 @@ def test_a_retried_create_with_the_same_idempotency_key_makes_one_function_and_o
     q1 = c.queues.create("retried-q", idempotency_key="q-create-1")
     q2 = c.queues.create("retried-q", idempotency_key="q-create-1")
     assert q1["id"] == q2["id"] and quota(c, "queues")["used"] == 1
+
+
+def test_a_functions_dead_letter_queue(cloud: Cloud) -> None:
+    c = project_client(cloud)
+    dlq = c.queues.create("failed-events")
+    fn = c.functions.create("async", "python3.11", "main.handler", dead_letter_queue="failed-events")
+    assert fn["dead_letter_queue_id"] == dlq["id"]
+    expect_error(409, c.queues.delete, "failed-events", code="in_use", text="function async")
+    expect_error(404, c.functions.update, "async", dead_letter_queue="no-such-queue")
+    expect_error(404, c.functions.create, "other", "python3.11", "main.handler", dead_letter_queue="nope")
+    assert c.functions.update("async", dead_letter_queue="")["dead_letter_queue_id"] is None
+    c.queues.delete("failed-events")
