@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,20 @@ def _is_controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput") and os.environ.get("HACKBOOT_TEST_REMOVE_NAMESPACES") == "1"
 
 
+_FUNCTION_RUN_ROOT = Path("/var/tmp/hackboot-functions")  # (hackboot.functions.local.run_dir's parent)
+_function_dirs_before: set[str] = set()
+
+
+def _function_dirs() -> set[str]:
+    return {p.name for p in _FUNCTION_RUN_ROOT.iterdir()} if _FUNCTION_RUN_ROOT.is_dir() else set()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if _is_controller(config):
         from hackboot.network import netns
 
         _namespaces_before.update(netns.list_ours())
+        _function_dirs_before.update(_function_dirs())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -40,6 +50,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
                 netns.delete(name)
             except (netns.NetnsError, OSError) as exc:
                 print(f"cannot remove namespace {name}: {exc}")
+    # The function sandboxes' code caches of servers a test killed (a stopped server removes its own).
+    for name in _function_dirs() - _function_dirs_before:
+        shutil.rmtree(_FUNCTION_RUN_ROOT / name, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
