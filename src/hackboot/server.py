@@ -132,6 +132,7 @@ def _fork_api_workers(count: int, sock: socket.socket) -> list[int]:
                 log.exception("API worker failed")
                 code = 1
             finally:
+                functions_local.flush_records()  # os._exit skips what atexit would do
                 os._exit(code)
         pids.append(pid)
     return pids

@@ -57,9 +57,15 @@ def start(workers: Workers) -> uvicorn.Server | None:
 
 def stop() -> None:
     """Stop the sandboxes and drop the code cache (rebuilt on demand at the next start)."""
+    triggers.recorder.flush()
     inv = invoker.local()
     if inv is None:
         return
     invoker.set_local(None)
     inv.close()
     shutil.rmtree(run_dir(), ignore_errors=True)
+
+
+def flush_records() -> None:
+    """Write the invocation records this process still holds (an API process about to exit)."""
+    triggers.recorder.flush()

@@ -809,25 +809,42 @@ def record_invocation(*, function_id: str, version: str, trigger_kind: str, outc
     """Store one invocation and its usage event ``function.invoked`` (GB-s and one invocation, for billing).
 
     Logs are cut to a bound. Returns None when the function is gone (its record is not kept)."""
+    with session_scope() as s:
+        return _record(s, function_id=function_id, version=version, trigger_kind=trigger_kind, outcome=outcome,
+                       duration_ms=duration_ms, memory_mb=memory_mb, init_ms=init_ms, cold=cold,
+                       max_memory_mb=max_memory_mb, started_at=started_at, ended_at=ended_at, logs=logs,
+                       error=error, request_id=request_id)
+
+
+def record_invocations(records: list[dict[str, Any]]) -> int:
+    """Several :func:`record_invocation` (same keyword arguments each) in one transaction; returns how many
+    were kept."""
+    with session_scope() as s:
+        return sum(1 for r in records if _record(s, **r) is not None)
+
+
+def _record(s: Session, *, function_id: str, version: str, trigger_kind: str, outcome: str, duration_ms: float,
+            memory_mb: int, init_ms: float = 0.0, cold: bool = False, max_memory_mb: float = 0.0,
+            started_at: dt.datetime | None = None, ended_at: dt.datetime | None = None,
+            logs: str = "", error: str | None = None, request_id: str = "") -> Invocation | None:
     ended = ended_at or utcnow()
     started = started_at or ended - dt.timedelta(milliseconds=duration_ms + init_ms)
     if len(logs) > MAX_LOG_CHARS:
         logs = logs[:MAX_LOG_CHARS] + "\n[logs cut]"
     gb_s = billed_gb_s(duration_ms, memory_mb) if outcome != "throttled" else 0.0
-    with session_scope() as s:
-        fn = s.get(Function, function_id)
-        if fn is None:
-            return None
-        inv = Invocation(id=new_id("inv"), project_id=fn.project_id, function_id=fn.id, version=version[:16],
-                         request_id=request_id[:64], trigger_kind=trigger_kind[:16], outcome=outcome[:16],
-                         duration_ms=duration_ms, init_ms=init_ms, cold=cold, memory_mb=memory_mb,
-                         max_memory_mb=max_memory_mb, billed_gb_s=gb_s, started_at=started, ended_at=ended,
-                         logs=logs, error=(error or "")[:1024])
-        s.add(inv)
-        emit(s, "function.invoked", resource_type="function", resource_id=fn.id, project_id=fn.project_id,
-             data={"invocation_id": inv.id, "version": inv.version, "outcome": outcome, "trigger": trigger_kind,
-                   "duration_ms": round(duration_ms, 3), "memory_mb": memory_mb, "billed_gb_s": gb_s,
-                   "invocations": 1, "cold": cold})
+    fn = s.get(Function, function_id)
+    if fn is None:
+        return None
+    inv = Invocation(id=new_id("inv"), project_id=fn.project_id, function_id=fn.id, version=version[:16],
+                     request_id=request_id[:64], trigger_kind=trigger_kind[:16], outcome=outcome[:16],
+                     duration_ms=duration_ms, init_ms=init_ms, cold=cold, memory_mb=memory_mb,
+                     max_memory_mb=max_memory_mb, billed_gb_s=gb_s, started_at=started, ended_at=ended,
+                     logs=logs, error=(error or "")[:1024])
+    s.add(inv)
+    emit(s, "function.invoked", resource_type="function", resource_id=fn.id, project_id=fn.project_id,
+         data={"invocation_id": inv.id, "version": inv.version, "outcome": outcome, "trigger": trigger_kind,
+               "duration_ms": round(duration_ms, 3), "memory_mb": memory_mb, "billed_gb_s": gb_s,
+               "invocations": 1, "cold": cold})
     return inv
 
 

@@ -137,8 +137,9 @@ def test_invoke_sync_warm_and_logged(client: Client, fn: dict[str, Any]) -> None
     assert first["cold"] and not second["cold"]
     failed = client.functions.invoke(fn["id"], {"fail": True})
     assert failed["outcome"] == "error" and "asked to fail" in (failed["error"] or "")
-    records = invocations(client, fn["id"], "api")
-    assert {r["outcome"] for r in records} >= {"ok", "error"}
+    # Records are written off the request path (in batches): they follow within moments.
+    records = wait_for("the records", lambda: (r := invocations(client, fn["id"], "api")) and
+                       {x["outcome"] for x in r} >= {"ok", "error"} and r)
     assert any('got {"n": 1}' in (r.get("logs") or "") for r in records), "stdout is captured per invocation"
 
 
@@ -176,6 +177,7 @@ def test_async_invocations_retry_then_land_in_the_dead_letter_queue(client: Clie
     messages = wait_for("the event in the dead-letter queue",
                         lambda: client.queues.receive(dlq["id"], max_messages=1), timeout=90)
     assert json.loads(messages[0]["body"]) == {"order": 42}
+    wait_for("the three attempts recorded", lambda: len(invocations(client, bad["id"], "api")) >= 3)
     assert len(invocations(client, bad["id"], "api")) == 3, "the first attempt and two retries"
 
 
