@@ -190,6 +190,29 @@ def test_a_schedule_fires_once_per_period(client: Client, fn: dict[str, Any]) ->
     assert len(invocations(client, fn["id"], "schedule")) == 1, "one period, one invocation"
 
 
+def test_a_schedule_does_not_fire_a_period_twice_across_a_server_kill(fncloud: Cloud, client: Client,
+                                                                      fn: dict[str, Any]) -> None:
+    """The period is claimed before it runs: a server killed right after the claim, then started again,
+    does not claim it again (the asynchronous invocation it wrote is run by the next server, once)."""
+    trig = client.functions.add_trigger(fn["id"], "schedule", schedule="rate(1 hour)")
+    before = len(invocations(client, fn["id"], "schedule"))
+    with session_scope() as s:
+        s.execute(update(FunctionTrigger).where(FunctionTrigger.id == trig["id"]).values(next_fire_at=utcnow()))
+    wait_for("the period claimed", lambda: _next_fire(trig["id"]) > utcnow())
+    fncloud.kill()
+    fncloud.start()
+    wait_for("the scheduled invocation", lambda: len(invocations(client, fn["id"], "schedule")) > before)
+    time.sleep(3)  # several schedule passes of the new server
+    assert len(invocations(client, fn["id"], "schedule")) == before + 1, "one period, one invocation"
+
+
+def _next_fire(trigger_id: str) -> Any:
+    with session_scope(write=False) as s:
+        trig = s.get(FunctionTrigger, trigger_id)
+        assert trig is not None
+        return trig.next_fire_at
+
+
 def test_an_upload_to_a_bucket_runs_the_function(fncloud: Cloud, client: Client, fn: dict[str, Any]) -> None:
     bucket = f"uploads-{uuid.uuid4().hex[:8]}"
     cred = client.s3_credentials.create()
