@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -271,3 +273,32 @@ def test_a_functions_dead_letter_queue(cloud: Cloud) -> None:
     expect_error(404, c.functions.create, "other", "python3.11", "main.handler", dead_letter_queue="nope")
     assert c.functions.update("async", dead_letter_queue="")["dead_letter_queue_id"] is None
     c.queues.delete("failed-events")
+
+
+def test_invocations_and_logs_of_a_real_invocation(cloud: Cloud) -> None:
+    """Through the invoker (a real sandbox): the record and its output come back through the API, and a
+    follow from the last record answers with the next one."""
+    c = project_client(cloud)
+    fn = c.functions.create("printer", "python3.11", "main.handler")
+    c.functions.upload_code(fn["id"], zip_of({"main.py": b"def handler(event, context):\n"
+                                                         b"    print('printed', event['n'])\n"
+                                                         b"    return event['n'] * 2\n"}))
+    c.functions.invoke(fn["id"], {"n": 21})
+    # records are written off the request path, in batches: wait for it (with a deadline)
+    deadline = time.monotonic() + 60
+    while not c.functions.invocations(fn["id"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [record] = c.functions.invocations(fn["id"])
+    assert record["outcome"] == "ok" and record["version"] == "$LATEST" and record["billed_gb_s"] > 0
+    assert c.functions.invocations(fn["id"], outcome="error") == []
+    page = c.functions.logs(fn["id"])
+    assert [r["id"] for r in page["items"]] == [record["id"]] and "printed 21" in page["items"][0]["logs"]
+    # a follow from the last record waits for the next one
+    invoker = threading.Timer(0.5, lambda: c.functions.invoke(fn["id"], {"n": 1}))
+    invoker.start()
+    try:
+        follow = c.functions.logs(fn["id"], after=page["next_after"], follow=True, wait_s=20)
+    finally:
+        invoker.join()
+    assert len(follow["items"]) == 1 and "printed 1" in follow["items"][0]["logs"]
+    assert follow["next_after"] == follow["items"][0]["id"]
