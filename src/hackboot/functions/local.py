@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import uvicorn
@@ -16,6 +18,7 @@ from hackboot.core.workers import Workers
 from hackboot.functions import invoker, runtimes, service, triggers
 
 log = logging.getLogger("hackboot.functions")
+_listeners: list[socket.socket] = []
 
 
 def run_dir() -> Path:
@@ -46,12 +49,18 @@ def start(workers: Workers) -> uvicorn.Server | None:
     runner = triggers.Runner(workers=settings.functions_max_concurrency)
     for loop in runner.loops(lambda: inv.engine.reap(settings.functions_idle_s)):
         workers.start(loop)
-    sock = triggers.socket_path()
-    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = triggers.socket_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(FileNotFoundError):
-        sock.unlink()  # a previous run's
-    config = uvicorn.Config(invoker.app(inv), uds=str(sock), log_level="warning", access_log=False,
+        path.unlink()  # a previous run's
+    # Bound here so it is private (0600) before anyone can connect (uvicorn would leave it to the umask).
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    os.chmod(path, 0o600)
+    listener.listen(512)
+    config = uvicorn.Config(invoker.app(inv), fd=listener.fileno(), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
+    _listeners.append(listener)  # kept open (uvicorn serves from its descriptor)
     return uvicorn.Server(config)
 
 

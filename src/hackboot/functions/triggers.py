@@ -120,9 +120,12 @@ def target_of(resolved: service.ResolvedVersion) -> Target:
                   env=dict(resolved.env), network=resolved.network, max_concurrency=resolved.max_concurrency)
 
 
-def run(resolved: service.ResolvedVersion, event: bytes, *, trigger_kind: str,
-        request_id: str | None = None) -> InvocationResult:
-    """Run one invocation now and record it. Raises Throttled (recorded as such) over a concurrency limit."""
+def run(resolved: service.ResolvedVersion, event: bytes, *, trigger_kind: str, request_id: str | None = None,
+        record_now: bool = False) -> InvocationResult:
+    """Run one invocation now and record it. Raises Throttled (recorded as such) over a concurrency limit.
+
+    `record_now`: the record is durable before this returns (asynchronous sources, which delete their
+    pending invocation afterwards: a crash in between runs it again rather than losing its record)."""
     request_id = request_id or str(uuid.uuid4())
     started = utcnow()
     try:
@@ -140,10 +143,15 @@ def run(resolved: service.ResolvedVersion, event: bytes, *, trigger_kind: str,
     DURATION.labels(*labels).observe(result.duration_ms / 1000)
     if result.cold:
         COLD_START.labels(*labels).observe(result.init_ms / 1000)
-    recorder.submit(function_id=resolved.function_id, version=resolved.version, trigger_kind=trigger_kind,
-                    outcome=result.outcome, duration_ms=result.duration_ms, init_ms=result.init_ms, cold=result.cold,
-                    memory_mb=resolved.memory_mb, max_memory_mb=result.max_memory_mb, started_at=started,
-                    ended_at=utcnow(), logs=result.logs, error=result.error, request_id=request_id)
+    record: dict[str, Any] = dict(
+        function_id=resolved.function_id, version=resolved.version, trigger_kind=trigger_kind,
+        outcome=result.outcome, duration_ms=result.duration_ms, init_ms=result.init_ms, cold=result.cold,
+        memory_mb=resolved.memory_mb, max_memory_mb=result.max_memory_mb, started_at=started, ended_at=utcnow(),
+        logs=result.logs, error=result.error, request_id=request_id)
+    if record_now:
+        service.record_invocation(**record)
+    else:
+        recorder.submit(**record)
     return result
 
 
@@ -169,7 +177,7 @@ def _run_claim(claim: asyncq.Claimed) -> None:
         asyncq.succeeded(claim.id)
         return
     try:
-        result = run(resolved, claim.event.encode(), trigger_kind=claim.source)
+        result = run(resolved, claim.event.encode(), trigger_kind=claim.source, record_now=True)
     except Throttled:
         asyncq.failed(claim, "throttled", retry=False)
         return
