@@ -106,3 +106,22 @@ class Body(BaseModel):
 
 class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+def patch_changes(body: Body) -> dict[str, Any]:
+    """The fields a PATCH sets; a null is refused (no PATCH schema offers it), everywhere in the API alike."""
+    from hackboot.core import errors
+
+    changes = body.model_dump(exclude_unset=True)
+    nulls = sorted(k for k, v in changes.items() if v is None)
+    if nulls:
+        raise errors.ValidationFailed(f"These fields cannot be null: {', '.join(nulls)}",
+                                      errors=[{"loc": ["body", k], "msg": "may not be null"} for k in nulls])
+    return changes
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """A query's time without an offset is UTC (the API's times all are)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)

@@ -22,7 +22,7 @@ from hackboot.core import errors
 from hackboot.core.auth import PROJECT_HEADER, Admin, Viewer, authenticate_token
 from hackboot.core.config import get_settings
 from hackboot.core.pagination import Page, Pagination
-from hackboot.core.schemas import Body, Out, ResourceId, Timestamp
+from hackboot.core.schemas import Body, Out, ResourceId, Timestamp, as_utc
 from hackboot.events import service, stream
 from hackboot.events.webhooks import validate_url
 
@@ -47,12 +47,6 @@ def _check_url(url: str) -> str:
 
 WebhookUrl = Annotated[str, StringConstraints(min_length=1), AfterValidator(_check_url)]
 
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """Query datetimes without an offset are taken as UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _patterns(values: list[str] | None) -> list[str]:
@@ -95,7 +89,7 @@ def _event_filter(p: Any, type: list[str] | None, resource_type: str | None, res
                   since: dt.datetime | None, until: dt.datetime | None,
                   all_projects: bool) -> service.EventFilter:
     return service.event_filter(p, all_projects=all_projects, types=_patterns(type), resource_type=resource_type,
-                                resource_id=resource_id, since=_utc(since), until=_utc(until))
+                                resource_id=resource_id, since=as_utc(since), until=as_utc(until))
 
 
 @router.get("/events", response_model=Page[EventOut])
@@ -334,6 +328,6 @@ def list_audit(p: Admin, page: Pagination,
                order: Annotated[Order, Query()] = "asc") -> Page[AuditOut]:
     """Who did what: every authenticated change (non-GET request) with its user, path and status."""
     f = service.audit_filter(p, all_projects=all_projects, user_id=user_id, username=username, method=method,
-                             path_prefix=path_prefix, since=_utc(since), until=_utc(until))
+                             path_prefix=path_prefix, since=as_utc(since), until=as_utc(until))
     rows, nxt = service.list_audit(f, page, descending=order == "desc")
     return Page[AuditOut](items=[AuditOut.model_validate(r) for r in rows], next_cursor=nxt)

@@ -15,7 +15,7 @@ from hackboot.core import errors
 from hackboot.core.auth import Member, Viewer
 from hackboot.core.db import session_scope
 from hackboot.core.pagination import Page, Pagination, paginate
-from hackboot.core.schemas import Body, Description, Name, Out, Timestamp, omitted
+from hackboot.core.schemas import Body, Description, Name, Out, Timestamp, as_utc, omitted, patch_changes
 from hackboot.functions import queues, service
 from hackboot.functions.models import (
     LATEST,
@@ -43,19 +43,6 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _PROBLEM: dict[str, Any] = {"application/problem+json": {}}
 
 
-def _changes(body: Body) -> dict[str, Any]:
-    changes = body.model_dump(exclude_unset=True)
-    nulls = sorted(k for k, v in changes.items() if v is None)
-    if nulls:
-        raise errors.ValidationFailed(f"These fields cannot be null: {', '.join(nulls)}",
-                                      errors=[{"loc": ["body", k], "msg": "may not be null"} for k in nulls])
-    return changes
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 # --- functions ----------------------------------------------------------------------------------------
@@ -140,7 +127,7 @@ def get_function(ref: str, p: Viewer) -> FunctionOut:
 
 @router.patch("/functions/{ref}", response_model=FunctionOut)
 def update_function(ref: str, body: FunctionPatch, p: Member) -> FunctionOut:
-    return FunctionOut.model_validate(service.update_function(p, ref, _changes(body)))
+    return FunctionOut.model_validate(service.update_function(p, ref, patch_changes(body)))
 
 
 @router.delete("/functions/{ref}", status_code=204)
@@ -389,7 +376,7 @@ def get_trigger(ref: str, trigger_id: str, p: Viewer) -> TriggerOut:
 @router.patch("/functions/{ref}/triggers/{trigger_id}", response_model=TriggerOut)
 def update_trigger(ref: str, trigger_id: str, body: TriggerPatch, p: Member) -> TriggerOut:
     """Enable or disable it, or point it at another qualifier."""
-    return _trigger(service.update_trigger(p, ref, trigger_id, **_changes(body)))
+    return _trigger(service.update_trigger(p, ref, trigger_id, **patch_changes(body)))
 
 
 @router.delete("/functions/{ref}/triggers/{trigger_id}", status_code=204)
@@ -433,7 +420,7 @@ def list_invocations(ref: str, p: Viewer, page: Pagination,
                      outcome: Annotated[Outcome | None, Query()] = None) -> Page[InvocationOut]:
     with session_scope(write=False) as s:
         fn = service.get_function(s, p, ref)
-        rows, nxt = paginate(s, service.invocation_query(fn, since=_utc(since), outcome=outcome), Invocation.id,
+        rows, nxt = paginate(s, service.invocation_query(fn, since=as_utc(since), outcome=outcome), Invocation.id,
                              page)
         return Page[InvocationOut](items=[InvocationOut.model_validate(r) for r in rows], next_cursor=nxt)
 
@@ -451,7 +438,7 @@ async def get_logs(ref: str, p: Viewer,
     deadline = anyio.current_time() + (wait_s if follow else 0.0)
     while True:
         rows = await anyio.to_thread.run_sync(
-            lambda: service.logs_after(p, ref, since=_utc(since), after=after, limit=limit))
+            lambda: service.logs_after(p, ref, since=as_utc(since), after=after, limit=limit))
         if rows or anyio.current_time() >= deadline:
             break
         await anyio.sleep(min(0.5, max(0.0, deadline - anyio.current_time())))
@@ -579,7 +566,7 @@ def get_queue(ref: str, p: Viewer) -> QueueOut:
 @queue_router.patch("/queues/{ref}", response_model=QueueOut)
 def update_queue(ref: str, body: QueuePatch, p: Member) -> QueueOut:
     """`dead_letter_queue` "" removes it."""
-    return _queue(queues.update_queue(p, ref, _changes(body)))
+    return _queue(queues.update_queue(p, ref, patch_changes(body)))
 
 
 @queue_router.delete("/queues/{ref}", status_code=204)

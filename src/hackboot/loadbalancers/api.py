@@ -12,11 +12,10 @@ from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hackboot.core import errors
 from hackboot.core.auth import Member, Viewer
 from hackboot.core.db import session_scope
 from hackboot.core.pagination import Page, Pagination, paginate
-from hackboot.core.schemas import Body, Description, Name, Out, Timestamp, omitted
+from hackboot.core.schemas import Body, Description, Name, Out, Timestamp, as_utc, omitted, patch_changes
 from hackboot.loadbalancers import service
 from hackboot.loadbalancers.models import AccessLogRecord, Certificate, Listener, LoadBalancer, Pool, Rule
 from hackboot.loadbalancers.models import Member as PoolMember
@@ -33,20 +32,6 @@ Status = Literal["PENDING", "ACTIVE", "ERROR", "DELETING"]
 Token = r"^[!#-&(-~]+$"
 
 
-def _changes(body: Body) -> dict[str, Any]:
-    """The fields a PATCH sets; a null is refused (the schema does not offer it), as elsewhere in the API."""
-    changes = body.model_dump(exclude_unset=True)
-    nulls = sorted(k for k, v in changes.items() if v is None)
-    if nulls:
-        raise errors.ValidationFailed(f"These fields cannot be null: {', '.join(nulls)}",
-                                      errors=[{"loc": ["body", k], "msg": "may not be null"} for k in nulls])
-    return changes
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 # --- load balancers -----------------------------------------------------------------------------------
@@ -132,7 +117,7 @@ def get_load_balancer(ref: str, p: Viewer) -> LoadBalancerOut:
 
 @router.patch("/load-balancers/{ref}", response_model=LoadBalancerOut)
 def update_load_balancer(ref: str, body: LoadBalancerPatch, p: Member) -> LoadBalancerOut:
-    return _lb(service.update_lb(p, ref, **_changes(body)))
+    return _lb(service.update_lb(p, ref, **patch_changes(body)))
 
 
 @router.delete("/load-balancers/{ref}", status_code=202, response_model=LoadBalancerOut)
@@ -270,7 +255,7 @@ def get_pool(ref: str, pool: str, p: Viewer) -> PoolOut:
 
 @router.patch("/load-balancers/{ref}/pools/{pool}", response_model=PoolOut)
 def update_pool(ref: str, pool: str, body: PoolPatch, p: Member) -> PoolOut:
-    return _pool(service.update_pool(p, ref, pool, **_changes(body)))
+    return _pool(service.update_pool(p, ref, pool, **patch_changes(body)))
 
 
 @router.delete("/load-balancers/{ref}/pools/{pool}", status_code=204)
@@ -304,7 +289,7 @@ def get_member(ref: str, pool: str, member_id: str, p: Viewer) -> MemberOut:
 @router.patch("/load-balancers/{ref}/pools/{pool}/members/{member_id}", response_model=MemberOut)
 def update_member(ref: str, pool: str, member_id: str, body: MemberPatch, p: Member) -> MemberOut:
     """Weight and drain apply without a reload."""
-    return MemberOut.model_validate(service.update_member(p, ref, pool, member_id, **_changes(body)))
+    return MemberOut.model_validate(service.update_member(p, ref, pool, member_id, **patch_changes(body)))
 
 
 @router.delete("/load-balancers/{ref}/pools/{pool}/members/{member_id}", status_code=204)
@@ -433,7 +418,7 @@ def get_listener(ref: str, listener: str, p: Viewer) -> ListenerOut:
 
 @router.patch("/load-balancers/{ref}/listeners/{listener}", response_model=ListenerOut)
 def update_listener(ref: str, listener: str, body: ListenerPatch, p: Member) -> ListenerOut:
-    return _listener(service.update_listener(p, ref, listener, **_changes(body)))
+    return _listener(service.update_listener(p, ref, listener, **patch_changes(body)))
 
 
 @router.delete("/load-balancers/{ref}/listeners/{listener}", status_code=204)
@@ -528,7 +513,7 @@ def list_logs(ref: str, p: Viewer, page: Pagination,
     """Access logs, oldest first (the newest 10 000 per load balancer are kept, at most 7 days)."""
     with session_scope(write=False) as s:
         lb = service.get_lb(s, p, ref)
-        rows, nxt = paginate(s, service.log_query(lb, since=_utc(since), status=status, listener_id=listener_id),
+        rows, nxt = paginate(s, service.log_query(lb, since=as_utc(since), status=status, listener_id=listener_id),
                              AccessLogRecord.id, page)
         return Page[AccessLogOut](items=[AccessLogOut.model_validate(r) for r in rows], next_cursor=nxt)
 

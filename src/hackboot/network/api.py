@@ -4,18 +4,17 @@ NAT gateways, flow logs (+ their records)."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy.orm import Session
 
-from hackboot.core import errors
 from hackboot.core.auth import Member, Viewer
 from hackboot.core.db import session_scope
 from hackboot.core.pagination import Page, Pagination, paginate
-from hackboot.core.schemas import Body, Description, Name, Out, Timestamp, omitted
+from hackboot.core.schemas import Body, Description, Name, Out, Timestamp, as_utc, omitted, patch_changes
 from hackboot.network import service
 from hackboot.network.models import (
     FloatingIp,
@@ -41,21 +40,6 @@ ZoneId = Annotated[str, Field(max_length=24, pattern=r"^[A-Za-z0-9-]{1,24}$")]
 Status = Literal["pending", "active", "error"]
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """A time without an offset is UTC (the API's times are all UTC)."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-def _changes(body: Body) -> dict[str, Any]:
-    """The fields a PATCH sets; a null is refused (the schema does not offer it), as elsewhere in the API."""
-    changes = body.model_dump(exclude_unset=True)
-    nulls = sorted(k for k, v in changes.items() if v is None)
-    if nulls:
-        raise errors.ValidationFailed(f"These fields cannot be null: {', '.join(nulls)}",
-                                      errors=[{"loc": ["body", k], "msg": "may not be null"} for k in nulls])
-    return changes
 
 
 def _location(response: Response, path: str) -> None:
@@ -142,7 +126,7 @@ def get_vpc(ref: str, p: Viewer) -> VpcOut:
 
 @router.patch("/vpcs/{ref}", response_model=VpcOut)
 def update_vpc(ref: str, body: VpcPatch, p: Member) -> VpcOut:
-    return _vpc(service.update_vpc(p, ref, **_changes(body)))
+    return _vpc(service.update_vpc(p, ref, **patch_changes(body)))
 
 
 @router.delete("/vpcs/{ref}", status_code=204)
@@ -230,7 +214,7 @@ def get_subnet(ref: str, p: Viewer) -> SubnetOut:
 
 @router.patch("/subnets/{ref}", response_model=SubnetOut)
 def update_subnet(ref: str, body: SubnetPatch, p: Member) -> SubnetOut:
-    return _subnet(service.update_subnet(p, ref, **_changes(body)))
+    return _subnet(service.update_subnet(p, ref, **patch_changes(body)))
 
 
 @router.delete("/subnets/{ref}", status_code=204)
@@ -328,7 +312,7 @@ def get_group(ref: str, p: Viewer) -> GroupOut:
 
 @router.patch("/security-groups/{ref}", response_model=GroupOut)
 def update_group(ref: str, body: GroupPatch, p: Member) -> GroupOut:
-    return _group(service.update_group(p, ref, **_changes(body)))
+    return _group(service.update_group(p, ref, **patch_changes(body)))
 
 
 @router.delete("/security-groups/{ref}", status_code=204)
@@ -448,7 +432,7 @@ def get_interface(ref: str, p: Viewer) -> InterfaceOut:
 @router.patch("/network-interfaces/{ref}", response_model=InterfaceOut)
 def update_interface(ref: str, body: InterfacePatch, p: Member) -> InterfaceOut:
     """Security group changes apply to running instances at once."""
-    return _interface(service.update_interface(p, ref, **_changes(body)))
+    return _interface(service.update_interface(p, ref, **patch_changes(body)))
 
 
 @router.delete("/network-interfaces/{ref}", status_code=204)
@@ -513,7 +497,7 @@ def get_floating_ip(ref: str, p: Viewer) -> FloatingIpOut:
 
 @router.patch("/floating-ips/{ref}", response_model=FloatingIpOut)
 def update_floating_ip(ref: str, body: FloatingIpPatch, p: Member) -> FloatingIpOut:
-    return FloatingIpOut.model_validate(service.update_floating_ip(p, ref, **_changes(body)))
+    return FloatingIpOut.model_validate(service.update_floating_ip(p, ref, **patch_changes(body)))
 
 
 @router.post("/floating-ips/{ref}/attach", response_model=FloatingIpOut)
@@ -670,7 +654,7 @@ def list_flow_records(ref: str, p: Viewer, page: Pagination,
                       protocol: Annotated[str | None, Query(max_length=8)] = None) -> Page[FlowRecordOut]:
     with session_scope(write=False) as s:
         fl = service.get_flow_log(s, p, ref)
-        f = service.RecordFilter(since=_utc(since), until=_utc(until), action=action, interface_id=interface_id,
+        f = service.RecordFilter(since=as_utc(since), until=as_utc(until), action=action, interface_id=interface_id,
                                  address=address, port=port, protocol=protocol)
         rows, nxt = paginate(s, service.record_query(fl, f), FlowLogRecord.id, page)
         return Page[FlowRecordOut](items=[FlowRecordOut.model_validate(r) for r in rows], next_cursor=nxt)
