@@ -32,8 +32,9 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
-from hackboot.core import errors
+from hackboot.core import diskspace, errors
 from hackboot.core.config import get_settings
 from hackboot.core.db import session_scope, utcnow
 from hackboot.core.workers import Loop
@@ -101,6 +102,8 @@ class Recorder:
         while batch := self._take():
             try:
                 service.record_invocations(batch)
+            except OperationalError as exc:  # a full disk: said without a trace (nothing is wrong with us)
+                log.warning("cannot store %d invocation records: %s", len(batch), exc.orig)
             except Exception:
                 log.exception("cannot store %d invocation records", len(batch))
 
@@ -210,6 +213,8 @@ def _give_up(claim: asyncq.Claimed, reason: str) -> None:
 # --- schedules --------------------------------------------------------------------------------------
 
 def fire_schedules_once(now: dt.datetime | None = None) -> int:
+    if diskspace.is_low():  # a period claimed now could not be written down: claim it once there is room
+        return 0
     claimed = service.due_schedules(now)
     if not claimed:
         return 0
@@ -235,6 +240,8 @@ def object_event_record(e: Event, name: str) -> dict[str, Any]:
 
 def read_object_events_once(limit: int = 500, now: dt.datetime | None = None) -> int:
     """Turn new object-storage events into asynchronous invocations of the matching triggers."""
+    if diskspace.is_low():  # nothing to write with: the events wait in the log until there is room
+        return 0
     at = asyncq.cursor(OBJECT_EVENTS_CURSOR)
     with session_scope(write=False) as s:
         rows = s.execute(select(Event.seq, Event.created_at).where(Event.seq > at).order_by(Event.seq)
@@ -303,6 +310,21 @@ def _run_batch(t: service.TriggerTarget, batch: list[queues.Received]) -> None:
 
 # --- the loops --------------------------------------------------------------------------------------
 
+def _patient(step: Callable[[], object], name: str) -> Callable[[], object]:
+    """`step`, with a full disk taken as "later" rather than as a failure (the loop runs again once there
+    is room; what it would have written waits where it is: the event log, the due schedule, the queue)."""
+    def run() -> object:
+        try:
+            return step()
+        except OperationalError as exc:
+            if "full" not in str(exc):
+                raise
+            log.warning("%s: the disk is full, waiting for room", name)
+            return None
+
+    return run
+
+
 class Runner:
     """The trigger loops' shared pool (invocations run concurrently, bounded)."""
 
@@ -312,11 +334,13 @@ class Runner:
 
     def loops(self, reap: Callable[[], object]) -> list[Loop]:
         settings = get_settings()
-        return [Loop("functions-schedules", fire_schedules_once, 1.0),
-                Loop("functions-object-events", read_object_events_once, settings.functions_poll_interval_s),
-                Loop("functions-async", lambda: run_async_once(pool=self.pool), settings.functions_poll_interval_s),
-                Loop("functions-queues", lambda: poll_queues_once(pool=self.pool), settings.functions_poll_interval_s),
-                Loop("functions-reaper", reap, 10.0)]
+        steps: list[tuple[str, Callable[[], object], float]] = [
+            ("functions-schedules", fire_schedules_once, 1.0),
+            ("functions-object-events", read_object_events_once, settings.functions_poll_interval_s),
+            ("functions-async", lambda: run_async_once(pool=self.pool), settings.functions_poll_interval_s),
+            ("functions-queues", lambda: poll_queues_once(pool=self.pool), settings.functions_poll_interval_s),
+            ("functions-reaper", reap, 10.0)]
+        return [Loop(name, _patient(step, name), interval) for name, step, interval in steps]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
