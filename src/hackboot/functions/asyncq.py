@@ -121,10 +121,6 @@ def failed(claim: Claimed, error: str, *, retry: bool = True, now: dt.datetime |
         return False
 
 
-def pending(function_id: str) -> int:
-    with session_scope(write=False) as s:
-        return len(s.scalars(select(AsyncInvocation.id).where(AsyncInvocation.function_id == function_id)).all())
-
 
 def cursor(name: str) -> int:
     """The last event sequence number consumer `name` handled (created at the log's end on first use, so a

@@ -156,7 +156,7 @@ class LoadBalancerReconciler(Reconciler):
     @staticmethod
     def _configure_vip(ns: str, want: desired.DesiredLoadBalancer) -> None:
         """``eth0`` carries the VIP, the subnet's router is the default route (idempotent)."""
-        links = netns.ip_json(ns, "addr", "show", "dev", VIP_IF) if _has_link(ns, VIP_IF) else []
+        links = [lk for lk in netns.ip_json(ns, "addr", "show") if lk.get("ifname") == VIP_IF]
         if not links:
             raise VipNotReady(f"waiting for the network to plug the VIP {want.spec.vip} in")
         address = f"{want.spec.vip}/{want.prefix_len}"
@@ -223,14 +223,9 @@ class LoadBalancerReconciler(Reconciler):
             self.observe_once()
 
 
-def _has_link(ns: str, name: str) -> bool:
-    return any(lk.get("ifname") == name for lk in netns.ip_json(ns, "link", "show"))
-
-
 # --- the compute agent extension -------------------------------------------------------------------
 
 _local: LoadBalancerReconciler | None = None
-default_options: LoadBalancerAgentOptions | None = None  # tests set it before the compute agent starts
 
 
 def local_agent() -> LoadBalancerReconciler | None:
@@ -252,7 +247,7 @@ def attach(compute_agent: Any) -> None:
 def start(compute_agent: Any, options: LoadBalancerAgentOptions | None = None) -> LoadBalancerReconciler:
     """Start the load-balancer reconciler of this host (called by the compute agent once registered)."""
     global _local
-    options = options or default_options or LoadBalancerAgentOptions()
+    options = options or LoadBalancerAgentOptions()
     state_dir = Path(options.state_dir or Path(compute_agent.state_dir) / "loadbalancers")
     agent = LoadBalancerReconciler(host_id=str(compute_agent.host_id), host_name=str(compute_agent.name),
                                    driver=make_driver(state_dir / "engine"), state_dir=state_dir / "agent",
