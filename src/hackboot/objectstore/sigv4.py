@@ -380,18 +380,43 @@ class ChunkedDecoder:
 
 # --- browser POST uploads ------------------------------------------------------------------------
 
+def post_policy_access_key(fields: dict[str, str]) -> str:
+    """The access key a POST form's policy is signed with: `x-amz-credential` (SigV4) or `AWSAccessKeyId`
+    (SigV2, what older SDKs and the S3 test suites send)."""
+    if "x-amz-credential" in fields:
+        return _credential(fields["x-amz-credential"])[0]
+    return fields.get("awsaccesskeyid", "")
+
+
 def verify_post_policy(fields: dict[str, str], secret: str) -> tuple[dict[str, object], str]:
-    """Check a POST form's policy signature; return the decoded policy and the access key."""
+    """Check a POST form's policy signature; return the decoded policy and the access key.
+
+    SigV4: hex HMAC-SHA256 of the base64 policy with the scope's signing key (`x-amz-signature`);
+    SigV2: base64 HMAC-SHA1 of the base64 policy with the secret (`signature`)."""
     policy_b64 = fields.get("policy", "")
-    credential = fields.get("x-amz-credential", "")
-    signature = fields.get("x-amz-signature", "")
-    if fields.get("x-amz-algorithm", ALGORITHM) != ALGORITHM:
-        raise S3Error("InvalidArgument", "x-amz-algorithm must be AWS4-HMAC-SHA256")
-    ak, date, region, service = _credential(credential)
-    key = signing_key(secret, date, region, service)
-    if not hmac.compare_digest(sign(key, policy_b64), signature):
+    if "x-amz-credential" in fields:
+        if fields.get("x-amz-algorithm", ALGORITHM) != ALGORITHM:
+            raise S3Error("InvalidArgument", "x-amz-algorithm must be AWS4-HMAC-SHA256",
+                          ArgumentName="x-amz-algorithm")
+        if "x-amz-signature" not in fields:
+            raise S3Error("InvalidArgument", "Bucket POST must contain a field named 'x-amz-signature'.  If it is "
+                                             "specified, please check the order of the fields.",
+                          ArgumentName="x-amz-signature")
+        ak, date, region, service = _credential(fields["x-amz-credential"])
+        expected = sign(signing_key(secret, date, region, service), policy_b64)
+        given = fields["x-amz-signature"]
+    else:
+        if "signature" not in fields:
+            raise S3Error("InvalidArgument", "Bucket POST must contain a field named 'Signature'.  If it is "
+                                             "specified, please check the order of the fields.",
+                          ArgumentName="Signature")
+        ak = fields.get("awsaccesskeyid", "")
+        expected = base64.b64encode(hmac.new(secret.encode(), policy_b64.encode(), hashlib.sha1).digest()).decode()
+        given = fields["signature"]
+    if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
         raise S3Error("SignatureDoesNotMatch", "The request signature we calculated does not match the "
-                                               "signature you provided.")
+                                               "signature you provided. Check your key and signing method.",
+                      AWSAccessKeyId=ak)
     import json
 
     try:

@@ -38,7 +38,8 @@ def server_env(state_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HACKBOOT_", "AWS_"))}
     env.update({"HACKBOOT_STATE_DIR": str(state_dir), "HACKBOOT_CONFIG": str(state_dir / "none.toml"),
                 "HACKBOOT_LOG_LEVEL": "warning", "HACKBOOT_S3_LIFECYCLE_DAY_S": "1",
-                "PYTHONPATH": str(REPO)})
+                # this checkout's code, not whatever `hackboot` the venv has installed (editable elsewhere)
+                "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])})
     env.update(extra)
     return env
 
