@@ -2,9 +2,10 @@
 
 An event source that does not wait for the function (an `Invocation-Type: Event` call, a schedule, an
 object-storage event) writes a row here in its own transaction — durable before it is acknowledged. The
-invoker's loop claims due rows with a compare-and-swap on ``next_attempt_at`` (a lease: a crashed invoker's
-claims come back when it expires), runs them, deletes them when they succeed, and otherwise retries with
-exponential backoff; after ``MAX_ATTEMPTS`` the event goes to the function's dead-letter queue (a queue of
+invoker's loop claims due rows with a compare-and-swap on ``next_attempt_at`` (a short lease that the claimer
+renews while it holds the claim — waiting in its pool or running —, so a killed invoker's claims come back
+within ``LEASE_S``, however long functions may run), runs them, deletes them when they succeed, and otherwise
+retries with exponential backoff; after ``MAX_ATTEMPTS`` the event goes to the function's dead-letter queue (a queue of
 the built-in queue service) when it has one, and is dropped with a ``function.async_failed`` event otherwise.
 
 Also here: the cursor through which object-storage events are read from the event log exactly once.
@@ -24,7 +25,7 @@ from hackboot.core.ids import new_id
 
 MAX_ATTEMPTS = 3  # the first try and two retries, as Lambda does for asynchronous events
 BASE_BACKOFF_S = 2.0
-LEASE_S = 960.0  # longer than the longest function timeout (900 s): a claim outlives its invocation
+LEASE_S = 30.0  # renewed every LEASE_S / 3 while held (see `renew`)
 
 
 class AsyncInvocation(Base):
@@ -60,6 +61,7 @@ class Claimed:
     trigger_id: str | None
     event: str
     attempts: int  # including this one
+    lease_until: dt.datetime
 
 
 def enqueue(s: Session, *, project_id: str, function_id: str, qualifier: str | None, source: str, event: str,
@@ -92,8 +94,25 @@ def claim_due(limit: int = 16, now: dt.datetime | None = None) -> list[Claimed]:
             if row is None:
                 continue
             out.append(Claimed(row.id, row.project_id, row.function_id, row.qualifier, row.source, row.trigger_id,
-                               row.event, row.attempts))
+                               row.event, row.attempts, now + dt.timedelta(seconds=LEASE_S)))
     return out
+
+
+def renew(leases: dict[str, dt.datetime], now: dt.datetime | None = None) -> dict[str, dt.datetime]:
+    """Extend the leases still held (`leases`: invocation id → the lease end its holder last wrote). A
+    compare-and-swap on that end: a claim that finished meanwhile (deleted, or given a retry time) is left
+    as it is. Returns the new ends of the leases renewed."""
+    until = (now or utcnow()) + dt.timedelta(seconds=LEASE_S)
+    renewed: dict[str, dt.datetime] = {}
+    with session_scope() as s:
+        for inv_id, held_until in leases.items():
+            result = cast("CursorResult[Any]", s.execute(
+                update(AsyncInvocation).where(AsyncInvocation.id == inv_id,
+                                              AsyncInvocation.next_attempt_at == held_until)
+                .values(next_attempt_at=until)))
+            if result.rowcount == 1:
+                renewed[inv_id] = until
+    return renewed
 
 
 def succeeded(inv_id: str) -> None:

@@ -739,10 +739,13 @@ class TriggerTarget:
     batch_size: int = 1
 
 
-def due_schedules(now: dt.datetime | None = None, limit: int = 100) -> list[TriggerTarget]:
+def due_schedules(now: dt.datetime | None = None, limit: int = 100,
+                  on_claim: Callable[[Session, TriggerTarget], None] | None = None) -> list[TriggerTarget]:
     """Claim the enabled schedule triggers due at `now`: each one's `next_fire_at` is moved forward with a
     compare-and-swap, so a period is handed to exactly one caller (two servers, or a restart, never fire one
-    period twice). Missed periods (the cloud was down) fire once, then the schedule continues from now."""
+    period twice). Missed periods (the cloud was down) fire once, then the schedule continues from now.
+    `on_claim` runs in the claiming transaction (the caller writes the invocation there), so a crash
+    between the claim and that write cannot lose the period: both commit or neither does."""
     now = now or utcnow()
     with session_scope(write=False) as s:
         rows = s.execute(select(FunctionTrigger.id, FunctionTrigger.next_fire_at, FunctionTrigger.schedule)
@@ -767,8 +770,10 @@ def due_schedules(now: dt.datetime | None = None, limit: int = 100) -> list[Trig
             trig = s.get(FunctionTrigger, trigger_id)
             if trig is None:
                 continue
-            claimed.append(TriggerTarget(trig.id, trig.function_id, trig.project_id, trig.qualifier,
-                                         scheduled_at=fire_at))
+            target = TriggerTarget(trig.id, trig.function_id, trig.project_id, trig.qualifier, scheduled_at=fire_at)
+            if on_claim is not None:
+                on_claim(s, target)
+            claimed.append(target)
     return claimed
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from hackboot.core import diskspace, errors
 from hackboot.core.config import get_settings
@@ -160,9 +161,46 @@ def run(resolved: service.ResolvedVersion, event: bytes, *, trigger_kind: str, r
 
 # --- asynchronous invocations -----------------------------------------------------------------------
 
+class HeldClaims:
+    """The asynchronous invocations this process has claimed and not finished (queued in the pool or
+    running), with their lease ends, so `renew_leases` keeps them from being claimed again elsewhere."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._leases: dict[str, dt.datetime] = {}
+
+    def add(self, claim: asyncq.Claimed) -> None:
+        with self._lock:
+            self._leases[claim.id] = claim.lease_until
+
+    def discard(self, inv_id: str) -> None:
+        with self._lock:
+            self._leases.pop(inv_id, None)
+
+    def renew_leases(self) -> int:
+        with self._lock:
+            leases = dict(self._leases)
+        if not leases:
+            return 0
+        renewed = asyncq.renew(leases)
+        with self._lock:
+            for inv_id in leases:
+                if inv_id in self._leases:  # (not finished while renewing)
+                    if inv_id in renewed:
+                        self._leases[inv_id] = renewed[inv_id]
+                    else:
+                        del self._leases[inv_id]  # lost: it finished, or its lease ran out and another took it
+        return len(renewed)
+
+
+held_claims = HeldClaims()
+
+
 def run_async_once(limit: int = 16, pool: ThreadPoolExecutor | None = None) -> int:
     """Claim the due asynchronous invocations and run them (in `pool` when given). Returns how many."""
     claims = asyncq.claim_due(limit)
+    for claim in claims:
+        held_claims.add(claim)
     if pool is None:
         for claim in claims:
             _run_claim(claim)
@@ -173,6 +211,13 @@ def run_async_once(limit: int = 16, pool: ThreadPoolExecutor | None = None) -> i
 
 
 def _run_claim(claim: asyncq.Claimed) -> None:
+    try:
+        _run_claimed(claim)
+    finally:
+        held_claims.discard(claim.id)
+
+
+def _run_claimed(claim: asyncq.Claimed) -> None:
     try:
         resolved = service.resolve(claim.project_id, claim.function_id, claim.qualifier or None)
     except errors.ApiError as exc:  # the function, version or alias went: nothing to retry
@@ -215,16 +260,14 @@ def _give_up(claim: asyncq.Claimed, reason: str) -> None:
 def fire_schedules_once(now: dt.datetime | None = None) -> int:
     if diskspace.is_low():  # a period claimed now could not be written down: claim it once there is room
         return 0
-    claimed = service.due_schedules(now)
-    if not claimed:
-        return 0
-    with session_scope() as s:
-        for t in claimed:
-            event = {"source": "hackboot.schedule", "trigger_id": t.trigger_id,
-                     "time": (t.scheduled_at or utcnow()).isoformat()}
-            asyncq.enqueue(s, project_id=t.project_id, function_id=t.function_id, qualifier=t.qualifier,
-                           source="schedule", trigger_id=t.trigger_id, event=json.dumps(event))
-    return len(claimed)
+    return len(service.due_schedules(now, on_claim=_enqueue_scheduled))
+
+
+def _enqueue_scheduled(s: Session, t: service.TriggerTarget) -> None:
+    event = {"source": "hackboot.schedule", "trigger_id": t.trigger_id,
+             "time": (t.scheduled_at or utcnow()).isoformat()}
+    asyncq.enqueue(s, project_id=t.project_id, function_id=t.function_id, qualifier=t.qualifier,
+                   source="schedule", trigger_id=t.trigger_id, event=json.dumps(event))
 
 
 # --- object storage events --------------------------------------------------------------------------
@@ -339,6 +382,7 @@ class Runner:
             ("functions-object-events", read_object_events_once, settings.functions_poll_interval_s),
             ("functions-async", lambda: run_async_once(pool=self.pool), settings.functions_poll_interval_s),
             ("functions-queues", lambda: poll_queues_once(pool=self.pool), settings.functions_poll_interval_s),
+            ("functions-leases", held_claims.renew_leases, asyncq.LEASE_S / 3),
             ("functions-reaper", reap, 10.0)]
         return [Loop(name, _patient(step, name), interval) for name, step, interval in steps]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from hackboot.core import errors, quotas
 from hackboot.core.auth import Principal
@@ -22,7 +23,7 @@ from hackboot.core.db import dispose_engine, session_scope, utcnow
 from hackboot.core.ids import new_id
 from hackboot.core.migrate import upgrade
 from hackboot.events.models import Event
-from hackboot.functions import queues, service
+from hackboot.functions import asyncq, queues, service
 from hackboot.functions.models import FunctionTrigger
 from hackboot.objectstore.models import Bucket
 
@@ -177,6 +178,53 @@ def test_due_schedules_claim_each_period_once_across_concurrent_callers(db: None
     for t in triggers:
         service.update_trigger(p, fn_id, t.id, enabled=False)
     assert service.due_schedules(late + dt.timedelta(days=1)) == []
+
+
+def test_a_claimed_period_and_its_invocation_commit_together(db: None) -> None:
+    """The schedule's claim and the asynchronous invocation it accepts are one transaction: when writing the
+    invocation fails (a crash there), the period is not claimed and fires on the next pass."""
+    p = project()
+    fn_id = function(p)
+    trig = service.create_trigger(p, fn_id, service.TriggerRequest(kind="schedule", schedule="* * * * *"))[0]
+    assert trig.next_fire_at is not None
+    now = trig.next_fire_at + dt.timedelta(seconds=5)
+
+    def crash(s: Session, target: service.TriggerTarget) -> None:
+        raise RuntimeError("killed between the claim and the invocation")
+
+    with pytest.raises(RuntimeError):
+        service.due_schedules(now, on_claim=crash)
+    with session_scope(write=False) as s:
+        assert s.get(FunctionTrigger, trig.id).next_fire_at == trig.next_fire_at  # type: ignore[union-attr]
+    [claim] = service.due_schedules(now, on_claim=lambda s, t: asyncq.enqueue(
+        s, project_id=t.project_id, function_id=t.function_id, qualifier=t.qualifier, source="schedule",
+        trigger_id=t.trigger_id, event="{}"))
+    [queued] = asyncq.claim_due(now=utcnow() + dt.timedelta(seconds=1))
+    assert (queued.trigger_id, queued.source) == (claim.trigger_id, "schedule")
+
+
+def test_an_async_claim_is_held_while_renewed_and_returns_soon_after_its_holder_dies(db: None) -> None:
+    p = project()
+    fn_id = function(p)
+    with session_scope() as s:
+        inv_id = asyncq.enqueue(s, project_id=p.project, function_id=fn_id, qualifier=None, source="api", event="{}")
+    t0 = utcnow() + dt.timedelta(seconds=1)
+    [claim] = asyncq.claim_due(now=t0)
+    lease = dt.timedelta(seconds=asyncq.LEASE_S)
+    assert claim.id == inv_id and claim.lease_until == t0 + lease
+    assert asyncq.claim_due(now=t0 + lease / 2) == []  # held
+    # the holder renews: still held past the first lease's end
+    renewed = asyncq.renew({inv_id: claim.lease_until}, now=t0 + lease / 2)
+    assert renewed == {inv_id: t0 + lease / 2 + lease}
+    assert asyncq.claim_due(now=t0 + lease + dt.timedelta(seconds=1)) == []
+    # a stale lease end (another holder took it meanwhile, or it finished) is not renewed
+    assert asyncq.renew({inv_id: claim.lease_until}, now=t0 + lease) == {}
+    # the holder dies (no more renewals): the claim comes back once the lease ends, not a function timeout later
+    [again] = asyncq.claim_due(now=renewed[inv_id] + dt.timedelta(seconds=1))
+    assert again.id == inv_id and again.attempts == 2
+    # a finished invocation is not brought back by a late renewal
+    asyncq.succeeded(inv_id)
+    assert asyncq.renew({inv_id: again.lease_until}) == {}
 
 
 def test_object_and_queue_triggers(db: None) -> None:
