@@ -307,11 +307,18 @@ class BucketInfo:
     tags: dict[str, str] | None
     public_access_block: dict[str, bool] | None
     project_blocks_public: bool
+    object_ownership: str | None = None  # S3 Object Ownership; None: never configured (ACLs enabled)
+    owner_name: str = ""  # the owning project's display name
 
     def blocks(self, setting: str) -> bool:
         if self.project_blocks_public:
             return True
         return bool((self.public_access_block or {}).get(setting, False))
+
+    @property
+    def acls_disabled(self) -> bool:
+        """Under BucketOwnerEnforced, ACLs neither grant anything nor can be set (S3's "ACLs disabled")."""
+        return self.object_ownership == "BucketOwnerEnforced"
 
 
 _buckets: dict[str, tuple[BucketInfo | None, float]] = {}
@@ -327,7 +334,8 @@ def _bucket_info(s: Session, b: Bucket) -> BucketInfo:
     policy = json.loads(b.policy) if b.policy else None
     return BucketInfo(b.id, b.name, b.project_id, b.region, b.created_at, b.versioning, b.object_lock,
                       b.lock_default, b.acl or [], policy, b.policy, b.cors, b.lifecycle, b.encryption, b.tags,
-                      b.public_access_block, project_blocks_public(s, b.project_id))
+                      b.public_access_block, project_blocks_public(s, b.project_id), b.object_ownership,
+                      project_display_names(s, [b.project_id]).get(b.project_id, b.project_id))
 
 
 _buckets_epoch = {"seen": -1}
@@ -372,6 +380,71 @@ def invalidate_bucket(name: str | None = None) -> None:
         _buckets.pop(name, None)
 
 
+# --- accounts (projects) as S3 sees them ----------------------------------------------------------
+
+_names: dict[str, tuple[str, float]] = {}
+NAME_TTL = 60.0
+
+
+def project_display_names(s: Session, project_ids: Sequence[str]) -> dict[str, str]:
+    """Project id (the S3 canonical user ID) → project name (the S3 display name), cached a minute."""
+    from hackboot.identity.models import Project
+
+    now = time.monotonic()
+    out: dict[str, str] = {}
+    missing = []
+    for pid in set(project_ids):
+        hit = _names.get(pid)
+        if hit is not None and hit[1] > now:
+            out[pid] = hit[0]
+        else:
+            missing.append(pid)
+    if missing:
+        if len(_names) > 10000:
+            _names.clear()
+        for pid, name in s.execute(select(Project.id, Project.name).where(Project.id.in_(missing))):
+            out[pid] = name
+            _names[pid] = (name, now + NAME_TTL)
+    return out
+
+
+def q_resolve_grantees(s: Session, grants: list[dict[str, str]], bucket_owner: str) -> list[dict[str, str]]:
+    """Check and resolve the grantees of an ACL being set: a canonical ID must be an existing project
+    (else InvalidArgument); an email address resolves to the project of the user having it, looked up
+    among the users of the bucket owner's organisation only (so no tenant can probe other organisations'
+    addresses), else UnresolvableGrantByEmailAddress. A user in several projects resolves to the one
+    they joined first."""
+    from hackboot.identity.models import Membership, Project, User
+
+    out = []
+    for g in grants:
+        email = g.get("email")
+        if email is not None:
+            org = s.scalar(select(Project.org_id).where(Project.id == bucket_owner))
+            user_id = s.scalar(select(User.id).where(func.lower(User.email) == email.lower(), User.org_id == org,
+                                                     User.email != "").order_by(User.created_at).limit(1))
+            project = None
+            if user_id is not None:
+                project = s.scalar(select(Membership.project_id).join(Project, Project.id == Membership.project_id)
+                                   .where(Membership.user_id == user_id, Project.org_id == org)
+                                   .order_by(Membership.created_at, Membership.project_id).limit(1))
+            if project is None:
+                raise S3Error("UnresolvableGrantByEmailAddress", "The email address you provided does not match "
+                                                                 "any account on record.", EmailAddress=email[:254])
+            out.append({"grantee": project, "permission": g["permission"]})
+            continue
+        who = g["grantee"]
+        if not who.startswith("http://") and who != bucket_owner and s.get(Project, who) is None:
+            raise S3Error("InvalidArgument", "Invalid id", ArgumentName="CanonicalUser/ID", ArgumentValue=who[:100])
+        out.append(g)
+    return out
+
+
+def resolve_grantees(grants: list[dict[str, str]], bucket_owner: str) -> list[dict[str, str]]:
+    with session_scope(write=False) as s:
+        return q_resolve_grantees(s, grants, bucket_owner)
+
+
 def tx_bucket(s: Session, bucket_id: str) -> Bucket:
     b = s.get(Bucket, bucket_id)
     if b is None:
@@ -380,7 +453,7 @@ def tx_bucket(s: Session, bucket_id: str) -> Bucket:
 
 
 def tx_create_bucket(s: Session, name: str, project_id: str, region: str, actor: str, object_lock: bool,
-                     acl: list[dict[str, str]] | None) -> Bucket:
+                     acl: list[dict[str, str]] | None, object_ownership: str | None = None) -> Bucket:
     existing = s.scalar(select(Bucket).where(Bucket.name == name))
     if existing is not None:
         if existing.project_id == project_id:
@@ -396,7 +469,7 @@ def tx_create_bucket(s: Session, name: str, project_id: str, region: str, actor:
     from hackboot.core.ids import new_id
 
     b = Bucket(id=new_id("bkt"), name=name, project_id=project_id, region=region, object_lock=object_lock,
-               versioning="Enabled" if object_lock else "", acl=acl)
+               versioning="Enabled" if object_lock else "", acl=acl, object_ownership=object_ownership)
     s.add(b)
     s.flush()
     emit(s, "bucket.created", resource_type="bucket", resource_id=b.id, project_id=project_id, actor=actor,

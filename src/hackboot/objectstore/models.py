@@ -68,6 +68,8 @@ class Bucket(Base):
     encryption: Mapped[str | None] = mapped_column(String(16), nullable=True)  # default SSE: "AES256"
     tags: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     public_access_block: Mapped[dict[str, bool] | None] = mapped_column(JSON, nullable=True)
+    # S3 Object Ownership: BucketOwnerEnforced | BucketOwnerPreferred | ObjectWriter; None: never set
+    object_ownership: Mapped[str | None] = mapped_column(String(24), nullable=True)
 
 
 class ObjectVersion(Base):

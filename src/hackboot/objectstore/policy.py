@@ -3,8 +3,8 @@
 Accounts are projects: a policy `Principal` names a project as `{"AWS": "prj-…"}`,
 `arn:aws:iam::prj-…:root` or `arn:aws:iam::prj-…:user/<user id or name>`; `"*"` is anyone,
 anonymous included. ACL grantees are projects (CanonicalUser ID = project id) or the AllUsers /
-AuthenticatedUsers groups. The bucket's project owns the bucket and every object in it (as S3's
-"bucket owner enforced" ownership), but ACL grants are still honoured.
+AuthenticatedUsers / LogDelivery groups. The bucket's project owns the bucket and every object in it; ACL
+grants are honoured unless the bucket's Object Ownership is BucketOwnerEnforced (the caller passes no ACLs).
 
 Evaluation (as IAM): an explicit Deny in the bucket policy wins; then the owner project is allowed;
 otherwise an Allow from the policy or an ACL grant is needed. When public access is blocked
@@ -24,6 +24,8 @@ from hackboot.objectstore.s3errors import S3Error, access_denied
 
 ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
 AUTH_USERS = "http://acs.amazonaws.com/groups/global/AuthenticatedUsers"
+LOG_DELIVERY = "http://acs.amazonaws.com/groups/s3/LogDelivery"
+GROUPS = (ALL_USERS, AUTH_USERS, LOG_DELIVERY)
 PERMISSIONS = ("FULL_CONTROL", "READ", "WRITE", "READ_ACP", "WRITE_ACP")
 
 READ_ACTIONS = {
@@ -62,7 +64,9 @@ def canned_acl(name: str, owner: str, bucket_owner: str | None = None) -> list[d
         return [{"grantee": ALL_USERS, "permission": "READ"}, {"grantee": ALL_USERS, "permission": "WRITE"}]
     if name == "authenticated-read":
         return [{"grantee": AUTH_USERS, "permission": "READ"}]
-    if name in ("bucket-owner-read", "bucket-owner-full-control", "aws-exec-read", "log-delivery-write"):
+    if name == "log-delivery-write":
+        return [{"grantee": LOG_DELIVERY, "permission": "WRITE"}, {"grantee": LOG_DELIVERY, "permission": "READ_ACP"}]
+    if name in ("bucket-owner-read", "bucket-owner-full-control", "aws-exec-read"):
         if name == "bucket-owner-full-control" and bucket_owner and bucket_owner != owner:
             return [{"grantee": bucket_owner, "permission": "FULL_CONTROL"}]
         if name == "bucket-owner-read" and bucket_owner and bucket_owner != owner:
@@ -73,7 +77,8 @@ def canned_acl(name: str, owner: str, bucket_owner: str | None = None) -> list[d
 
 def acl_from_headers(headers: dict[str, str], owner: str, bucket_owner: str | None = None) \
         -> list[dict[str, str]] | None:
-    """`x-amz-acl` or `x-amz-grant-*` headers → grants; None when the request sets no ACL."""
+    """`x-amz-acl` or `x-amz-grant-*` headers → grants; None when the request sets no ACL. A grant by
+    email address comes out as {"email": …} with an empty grantee: `engine.q_resolve_grantees` resolves it."""
     canned = headers.get("x-amz-acl")
     grants: list[dict[str, str]] = []
     found = False
@@ -85,8 +90,11 @@ def acl_from_headers(headers: dict[str, str], owner: str, bucket_owner: str | No
         for item in value.split(","):
             kind, _, who = item.strip().partition("=")
             who = who.strip().strip('"')
-            if kind.strip().lower() == "id" or (kind.strip().lower() == "uri" and who in (ALL_USERS, AUTH_USERS)):
+            kind = kind.strip().lower()
+            if (kind == "id" and who) or (kind == "uri" and who in GROUPS):
                 grants.append({"grantee": who, "permission": perm})
+            elif kind == "emailaddress" and who:
+                grants.append({"grantee": "", "email": who, "permission": perm})
             else:
                 raise S3Error("InvalidArgument", f"Invalid grantee: {item.strip()}")
     if canned is not None:

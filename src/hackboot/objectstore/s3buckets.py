@@ -30,17 +30,17 @@ from hackboot.objectstore.s3errors import (
     access_denied,
     invalid_version_id,
     method_not_allowed,
-    public_acls_blocked,
 )
 from hackboot.objectstore.s3proto import (
     XML,
     Req,
     Response,
-    acl_xml,
+    acl_response_xml,
+    acl_to_set,
+    initiator_xml,
     int_param,
     load_bucket,
     owner_xml,
-    parse_acl_request,
     parse_tagset,
     tagging_xml,
 )
@@ -72,16 +72,18 @@ async def service_op(req: Req) -> Response:
         raise access_denied()
     project = req.requester.project_id
 
-    def q(s: Session) -> list[Bucket]:
-        return list(s.scalars(select(Bucket).where(Bucket.project_id == project).order_by(Bucket.name)))
+    def q(s: Session) -> tuple[list[Bucket], str]:
+        rows = list(s.scalars(select(Bucket).where(Bucket.project_id == project).order_by(Bucket.name)))
+        return rows, engine.project_display_names(s, [project or ""]).get(project or "", "")
 
-    rows = await engine.read(q)
+    rows, display_name = await engine.read(q)
     allowed = req.requester.buckets
     prefix = req.query.get("prefix", "")
     items = "".join(f"<Bucket><Name>{esc(b.name)}</Name><CreationDate>{iso(b.created_at)}</CreationDate>"
                     f"<BucketRegion>{esc(b.region or 'us-east-1')}</BucketRegion></Bucket>"
                     for b in rows if (allowed is None or b.name in allowed) and b.name.startswith(prefix))
-    return Response(200, XML, doc("ListAllMyBucketsResult", owner_xml(project or "") + f"<Buckets>{items}</Buckets>"))
+    return Response(200, XML, doc("ListAllMyBucketsResult",
+                                  owner_xml(project or "", display_name) + f"<Buckets>{items}</Buckets>"))
 
 
 # --- dispatch -------------------------------------------------------------------------------------
@@ -130,11 +132,22 @@ async def create_bucket(req: Req) -> Response:
     project = req.requester.project_id or ""
     acl = acl_from_headers(req.headers, project)
     lock = req.headers.get("x-amz-bucket-object-lock-enabled", "").lower() == "true"
+    ownership = req.headers.get("x-amz-object-ownership")
+    if ownership is not None and ownership not in OWNERSHIPS:
+        raise S3Error("InvalidArgument", "Invalid x-amz-object-ownership header", ArgumentName="x-amz-object-ownership",
+                      ArgumentValue=ownership[:50])
 
     def tx(s: Session) -> Bucket:
-        if acl and is_public_acl(acl) and engine.project_blocks_public(s, project):
+        grants = acl
+        if grants:
+            grants = [g for g in engine.q_resolve_grantees(s, grants, project)
+                      if not (g["grantee"] == project and g["permission"] == "FULL_CONTROL")]
+        if grants and ownership == "BucketOwnerEnforced":
+            raise S3Error("InvalidBucketAclWithObjectOwnership", "Bucket cannot have ACLs set with ObjectOwnership's "
+                                                                 "BucketOwnerEnforced setting")
+        if grants and is_public_acl(grants) and engine.project_blocks_public(s, project):
             raise S3Error("AccessDenied", "Public ACLs are blocked for this project (block public access)")
-        return engine.tx_create_bucket(s, name, project, region, req.actor, lock, acl)
+        return engine.tx_create_bucket(s, name, project, region, req.actor, lock, grants, ownership)
 
     await engine.write(tx)
     engine.invalidate_bucket(name)
@@ -196,7 +209,7 @@ async def list_objects(req: Req, b: BucketInfo, v2: bool) -> Response:
     else:
         after = req.query.get("marker") or None
     listing = await engine.read(lambda s: engine.q_list_objects(s, b.id, prefix, delimiter, after, max_keys))
-    owner = owner_xml(b.project_id) if fetch_owner else ""
+    owner = owner_xml(b.project_id, b.owner_name) if fetch_owner else ""
     parts = [tag("Name", b.name), f"<Prefix>{_enc(prefix, url)}</Prefix>"]
     if v2:
         if req.query.get("continuation-token") is not None:
@@ -266,7 +279,7 @@ async def list_versions(req: Req, b: BucketInfo) -> Response:
         elif last_c is not None:
             parts.append(f"<NextKeyMarker>{_enc(last_c.key, url)}</NextKeyMarker>"
                          f"<NextVersionIdMarker>{esc(last_c.version_id)}</NextVersionIdMarker>")
-    owner = owner_xml(b.project_id)
+    owner = owner_xml(b.project_id, b.owner_name)
     for row in listing.contents:
         common = (f"<Key>{_enc(row.key, url)}</Key><VersionId>{esc(row.version_id)}</VersionId>"
                   f"<IsLatest>{'true' if row.is_latest else 'false'}</IsLatest>"
@@ -334,11 +347,10 @@ async def list_uploads(req: Req, b: BucketInfo) -> Response:
     if url:
         parts.append("<EncodingType>url</EncodingType>")
     parts.append(tag("IsTruncated", "true" if truncated else "false"))
-    owner = owner_xml(b.project_id)
+    owner = owner_xml(b.project_id, b.owner_name)
     for up in uploads:
         parts.append(f"<Upload><Key>{_enc(up.key, url)}</Key><UploadId>{esc(up.id)}</UploadId>"
-                     f"<Initiator><ID>{esc(up.initiator)}</ID><DisplayName>{esc(up.initiator)}</DisplayName>"
-                     f"</Initiator>{owner}<StorageClass>{up.storage_class}</StorageClass>"
+                     f"{initiator_xml(up.initiator, b)}{owner}<StorageClass>{up.storage_class}</StorageClass>"
                      f"<Initiated>{iso(up.created_at)}</Initiated></Upload>")
     for cp in prefixes:
         parts.append(f"<CommonPrefixes><Prefix>{_enc(cp, url)}</Prefix></CommonPrefixes>")
@@ -402,21 +414,21 @@ async def delete_policy(req: Req, b: BucketInfo) -> Response:
 
 
 async def get_policy_status(req: Req, b: BucketInfo) -> Response:
+    """Public when a public policy statement or a public bucket ACL is in force (not ignored by a block)."""
     req.check("s3:GetBucketPolicyStatus", b)
     public = is_public_policy(b.policy) and not b.blocks("RestrictPublicBuckets")
+    public = public or (is_public_acl(b.acl) and not b.acls_disabled and not b.blocks("IgnorePublicAcls"))
     return Response(200, XML, doc("PolicyStatus", tag("IsPublic", "true" if public else "false")))
 
 
 async def get_acl(req: Req, b: BucketInfo) -> Response:
     req.check("s3:GetBucketAcl", b)
-    return Response(200, XML, acl_xml(b.project_id, b.acl))
+    return Response(200, XML, await acl_response_xml(b, b.acl))
 
 
 async def put_acl(req: Req, b: BucketInfo) -> Response:
     req.check("s3:PutBucketAcl", b)
-    grants = await parse_acl_request(req, b.project_id)
-    if is_public_acl(grants) and b.blocks("BlockPublicAcls"):
-        raise public_acls_blocked()
+    grants = await acl_to_set(req, b)
     await _update(b, acl=grants)
     return Response(200)
 
@@ -604,10 +616,42 @@ async def delete_pab(req: Req, b: BucketInfo) -> Response:
     return Response(204)
 
 
+OWNERSHIPS = ("BucketOwnerEnforced", "BucketOwnerPreferred", "ObjectWriter")
+
+
 async def get_ownership(req: Req, b: BucketInfo) -> Response:
     req.check("s3:GetBucketOwnershipControls", b)
-    return Response(200, XML, doc("OwnershipControls", "<Rule><ObjectOwnership>BucketOwnerPreferred"
-                                                       "</ObjectOwnership></Rule>"))
+    if b.object_ownership is None:
+        raise S3Error("OwnershipControlsNotFoundError", "The bucket ownership controls were not found",
+                      BucketName=b.name)
+    return Response(200, XML, doc("OwnershipControls", f"<Rule>{tag('ObjectOwnership', b.object_ownership)}</Rule>"))
+
+
+async def put_ownership(req: Req, b: BucketInfo) -> Response:
+    req.check("s3:PutBucketOwnershipControls", b)
+    node = parse(await req.read_body(64 * 1024), "OwnershipControls")
+    rules = node.children("Rule")
+    value = rules[0].text_of("ObjectOwnership") if len(rules) == 1 else None
+    if value not in OWNERSHIPS:
+        raise S3Error("MalformedXML", "The XML you provided was not well-formed or did not validate against our "
+                                      "published schema")
+
+    def tx(s: Session) -> None:
+        bucket = engine.tx_bucket(s, b.id)
+        if value == "BucketOwnerEnforced" and bucket.acl:  # S3 wants the grants moved to a policy first
+            raise S3Error("InvalidBucketAclWithObjectOwnership", "Bucket cannot have ACLs set with ObjectOwnership's "
+                                                                 "BucketOwnerEnforced setting")
+        bucket.object_ownership = value
+
+    await engine.write(tx)
+    engine.invalidate_bucket(b.name)
+    return Response(200)
+
+
+async def delete_ownership(req: Req, b: BucketInfo) -> Response:
+    req.check("s3:PutBucketOwnershipControls", b)
+    await _update(b, object_ownership=None)
+    return Response(204)
 
 
 async def not_implemented(req: Req, b: BucketInfo) -> Response:
@@ -630,7 +674,8 @@ _HANDLERS = {
     ("DELETE", "encryption"): delete_encryption,
     ("GET", "publicAccessBlock"): get_pab, ("PUT", "publicAccessBlock"): put_pab, ("DELETE", "publicAccessBlock"):
         delete_pab,
-    ("GET", "ownershipControls"): get_ownership,
+    ("GET", "ownershipControls"): get_ownership, ("PUT", "ownershipControls"): put_ownership,
+    ("DELETE", "ownershipControls"): delete_ownership,
     ("GET", "versions"): list_versions, ("GET", "uploads"): list_uploads,
     ("GET", "website"): not_implemented, ("PUT", "website"): not_implemented,
     ("GET", "logging"): not_implemented, ("PUT", "logging"): not_implemented,

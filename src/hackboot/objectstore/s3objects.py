@@ -27,7 +27,6 @@ from hackboot.core.db import utcnow
 from hackboot.objectstore import checksums, engine, sse
 from hackboot.objectstore.engine import INLINE_MAX, BucketInfo, NewObject
 from hackboot.objectstore.models import ObjectVersion, Upload
-from hackboot.objectstore.policy import acl_from_headers, is_public_acl
 from hackboot.objectstore.s3errors import (
     S3Error,
     access_denied,
@@ -39,21 +38,23 @@ from hackboot.objectstore.s3errors import (
     no_such_key,
     no_such_version,
     precondition_failed,
-    public_acls_blocked,
 )
 from hackboot.objectstore.s3proto import (
     XML,
     Req,
     Response,
-    acl_xml,
+    acl_response_xml,
+    acl_to_set,
+    check_expected_owner,
+    initiator_xml,
     int_param,
     load_bucket,
+    new_object_acl,
     owner_xml,
-    parse_acl_request,
     parse_tagset,
     tagging_xml,
 )
-from hackboot.objectstore.s3xml import doc, esc, http_date, iso, parse, tag
+from hackboot.objectstore.s3xml import doc, http_date, iso, parse, tag
 
 MAX_KEY_BYTES = 1024
 MAX_META_BYTES = 2048
@@ -407,9 +408,7 @@ def new_object_attributes(req: Req, b: BucketInfo) -> tuple[Any, Any, str, Any, 
     headers = stored_headers(req.headers)
     sc = storage_class(req.headers)
     tags = parse_tagging_header(req.headers.get("x-amz-tagging"))
-    acl = acl_from_headers(req.headers, b.project_id, b.project_id)
-    if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
-        raise public_acls_blocked()
+    acl = new_object_acl(req.headers, b)
     return meta, headers, sc, tags, acl
 
 def check_attribute_rights(req: Req, b: BucketInfo, key: str, acl: Any, tags: Any) -> None:
@@ -530,7 +529,12 @@ def check_read_conditions(h: dict[str, str], etag: str, last_modified: dt.dateti
 
 async def load_version(req: Req, b: BucketInfo, key: str, version_id: str | None, action: str) -> ObjectVersion:
     v = await engine.get_version_row(b.id, key, version_id)
-    req.check(action, b, key, v.acl if v is not None else None)
+    if v is None and version_id is None:
+        # As S3: whether a missing key is a 404 or a 403 depends on the caller's right to list the bucket
+        # (anonymous callers included), so no one learns which keys exist in a bucket they cannot list.
+        req.check("s3:ListBucket", b)
+    else:
+        req.check(action, b, key, v.acl if v is not None else None)
     if v is None:
         if version_id is not None:
             if version_id != "null" and not engine.valid_version_id(version_id):
@@ -835,6 +839,7 @@ async def _load_source(req: Req) -> tuple[BucketInfo, ObjectVersion, bytes | Non
     sb = await engine.load_bucket_info(sb_name)
     if sb is None:
         raise no_such_bucket(BucketName=sb_name)
+    check_expected_owner(req, sb, "x-amz-source-expected-bucket-owner")
     src = await load_version(req, sb, skey, svid, "s3:GetObjectVersion" if svid else "s3:GetObject")
     check_read_conditions(req.headers, src.etag, src.last_modified, prefix="x-amz-copy-source-", copy=True)
     if src.storage_class in ARCHIVED:
@@ -863,9 +868,7 @@ async def copy_object(req: Req, b: BucketInfo, key: str) -> Response:
     else:
         meta, headers = dict(src.user_meta or {}), dict(src.headers or {})
     tags = parse_tagging_header(req.headers.get("x-amz-tagging")) if tag_directive == "REPLACE" else src.tags
-    acl = acl_from_headers(req.headers, b.project_id, b.project_id)
-    if acl and is_public_acl(acl) and b.blocks("BlockPublicAcls"):
-        raise public_acls_blocked()
+    acl = new_object_acl(req.headers, b)
     check_attribute_rights(req, b, key, acl, tags if tag_directive == "REPLACE" else None)
     lock_mode, lock_until, hold = lock_from_headers(req, b)
     await req.drain()
@@ -1101,8 +1104,8 @@ async def list_parts(req: Req, b: BucketInfo, key: str) -> Response:
         items.append(f"<Part>{tag('PartNumber', p.part_number)}<LastModified>{iso(p.last_modified)}</LastModified>"
                      f"{tag('ETag', p.etag)}{tag('Size', p.size)}{ck}</Part>")
     inner = (tag("Bucket", b.name) + tag("Key", key) + tag("UploadId", upload_id) +
-             f"<Initiator><ID>{esc(up.initiator)}</ID><DisplayName>{esc(up.initiator)}</DisplayName></Initiator>" +
-             owner_xml(b.project_id) + tag("StorageClass", up.storage_class) +
+             initiator_xml(up.initiator, b) +
+             owner_xml(b.project_id, b.owner_name) + tag("StorageClass", up.storage_class) +
              tag("PartNumberMarker", marker) +
              tag("NextPartNumberMarker", parts[-1].part_number if parts else 0) + tag("MaxParts", max_parts) +
              tag("IsTruncated", "true" if truncated else "false") +
@@ -1144,16 +1147,15 @@ async def delete_object_tagging(req: Req, b: BucketInfo, key: str) -> Response:
 
 
 async def get_object_acl(req: Req, b: BucketInfo, key: str) -> Response:
-    v = await _version_for(req, b, key, "s3:GetObjectAcl")
-    return Response(200, XML | _vid_header(b, v), acl_xml(b.project_id, v.acl or []))
+    v = await _version_for(req, b, key, "s3:GetObjectVersionAcl" if "versionId" in req.query else "s3:GetObjectAcl")
+    return Response(200, XML | _vid_header(b, v), await acl_response_xml(b, v.acl or []))
 
 
 async def put_object_acl(req: Req, b: BucketInfo, key: str) -> Response:
     v0 = await engine.read(lambda s: engine.q_get_version(s, b.id, key, req.query.get("versionId")))
-    req.check("s3:PutObjectAcl", b, key, v0.acl if v0 is not None else None)
-    grants = await parse_acl_request(req, b.project_id)
-    if is_public_acl(grants) and b.blocks("BlockPublicAcls"):
-        raise public_acls_blocked()
+    action = "s3:PutObjectVersionAcl" if "versionId" in req.query else "s3:PutObjectAcl"
+    req.check(action, b, key, v0.acl if v0 is not None else None)
+    grants = await acl_to_set(req, b)
     v = await _update_version(req, b, key, lambda _v: {"acl": grants})
     return Response(200, _vid_header(b, v))
 
