@@ -121,5 +121,59 @@ def composite(algorithm: str, part_digests: list[bytes]) -> str:
     return f"{b64(h.digest())}-{len(part_digests)}"
 
 
+# --- multipart object checksums ------------------------------------------------------------------
+# A multipart object's checksum is either COMPOSITE (a checksum of the parts' checksums, "…-N") or
+# FULL_OBJECT (the CRC of the whole object, as if it had been sent in one piece). FULL_OBJECT exists
+# for the CRCs only: their linearity lets the parts' CRCs be combined without reading the data again.
+
+FULL_OBJECT_ALGORITHMS = ("CRC32", "CRC32C", "CRC64NVME")
+COMPOSITE_ALGORITHMS = ("CRC32", "CRC32C", "SHA1", "SHA256")
+
+# bit-reflected polynomial and width of each CRC (all three start from and end with all ones)
+_CRC_POLY = {"CRC32": (0xEDB88320, 32), "CRC32C": (0x82F63B78, 32), "CRC64NVME": (0x9A6C9329AC4BC9B5, 64)}
+
+
+def default_checksum_type(algorithm: str) -> str:
+    return "FULL_OBJECT" if algorithm.upper() == "CRC64NVME" else "COMPOSITE"
+
+
+def _mult_mod(a: int, b: int, poly: int, width: int) -> int:
+    """a·b modulo the CRC polynomial, in the reflected representation (the top bit is x^0)."""
+    product = 0
+    bit = 1 << (width - 1)
+    while bit:
+        if a & bit:
+            product ^= b
+        bit >>= 1
+        b = (b >> 1) ^ poly if b & 1 else b >> 1
+    return product
+
+
+def crc_combine(algorithm: str, crc_a: int, crc_b: int, length_b: int) -> int:
+    """CRC of A‖B from CRC(A), CRC(B) and len(B) in bytes: CRC(A)·x^(8·len(B)) + CRC(B) mod P.
+    (The initial and final XORs with all ones cancel out.) O(log len(B)) multiplications."""
+    poly, width = _CRC_POLY[algorithm.upper()]
+    power = 1 << (width - 2)  # x^1
+    for _ in range(3):  # x^8: one byte
+        power = _mult_mod(power, power, poly, width)
+    shift = 1 << (width - 1)  # x^0
+    n = length_b
+    while n:
+        if n & 1:
+            shift = _mult_mod(shift, power, poly, width)
+        n >>= 1
+        power = _mult_mod(power, power, poly, width)
+    return _mult_mod(shift, crc_a, poly, width) ^ crc_b
+
+
+def full_object(algorithm: str, parts: list[tuple[bytes, int]]) -> str:
+    """FULL_OBJECT checksum (base64) of an object made of parts given as (binary CRC, size) in order."""
+    width = _CRC_POLY[algorithm.upper()][1]
+    crc = 0  # the CRC of nothing
+    for digest, size in parts:
+        crc = crc_combine(algorithm, crc, int.from_bytes(digest, "big"), size)
+    return b64(crc.to_bytes(width // 8, "big"))
+
+
 def multipart_etag(part_md5s: list[bytes]) -> str:
     return f'"{hashlib.md5(b"".join(part_md5s)).hexdigest()}-{len(part_md5s)}"'

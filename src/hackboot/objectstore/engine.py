@@ -914,11 +914,8 @@ def q_list_objects(s: Session, bucket_id: str, prefix: str, delimiter: str, afte
     count = 0
     truncated = False
     last_cp: str | None = None
-    if max_keys <= 0:
-        probe = base
-        if cursor is not None:
-            probe = probe.where(ObjectVersion.key >= cursor[0] if cursor[1] else ObjectVersion.key > cursor[0])
-        return Listing([], [], s.execute(probe.limit(1)).first() is not None, None)
+    if max_keys <= 0:  # as S3: an empty page that is not truncated (there is no marker to go on from)
+        return Listing([], [], False, None)
     while True:
         stmt = base
         if pending_version is not None:
@@ -1055,17 +1052,27 @@ def check_part_list(parts: Sequence[PartRef]) -> None:
                                               "specified in order by part number.")
 
 
+@dataclass(frozen=True)
+class CompletionChecks:
+    """What a CompleteMultipartUpload request asserts about the result (headers): the object's checksum
+    (algorithm, base64), its checksum type, its size. Each is checked when given."""
+    checksum: tuple[str, str] | None = None
+    checksum_type: str | None = None
+    size: int | None = None
+
+
 def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wanted: Sequence[PartRef], actor: str,
-                       *, if_match: str | None = None,
-                       if_none_match: str | None = None) -> tuple[WriteResult, NewObject]:
+                       *, if_match: str | None = None, if_none_match: str | None = None,
+                       checks: CompletionChecks = CompletionChecks()) -> tuple[WriteResult, NewObject]:
     """Turn an upload into an object made of the listed parts (no data is copied): every part must exist with
     the ETag given, all but the last be at least `s3_min_part_size`, and carry the upload's checksum algorithm if it
-    has one. The ETag is S3's MD5 of the parts' MD5s plus "-<count>"; the checksum is composite. Parts not
-    listed are released. The parts' rows and the upload go with the object's commit (tx_put_object)."""
+    has one. The ETag is S3's MD5 of the parts' MD5s plus "-<count>"; the checksum is the upload's type: COMPOSITE
+    (checksum of the parts' checksums, "-N") or FULL_OBJECT (the parts' CRCs combined into the whole object's).
+    Parts not listed are released. The parts' rows and the upload go with the object's commit (tx_put_object)."""
     up = tx_get_upload(s, bucket_id, upload_id, key)
     parts = {p.part_number: p for p in q_parts(s, upload_id)}
     md5s: list[bytes] = []
-    digests: list[bytes] = []
+    digests: list[tuple[bytes, int]] = []
     segments: list[list[Any]] = []
     total = 0
     min_part_size = get_settings().s3_min_part_size  # all parts but the last
@@ -1092,16 +1099,16 @@ def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wan
             sent = ref.checksums.get(up.checksum_algorithm)
             if sent is not None and sent != have:
                 raise S3Error("InvalidPart", "The checksum of a part does not match", PartNumber=str(n))
-            digests.append(base64.b64decode(have))
+            digests.append((base64.b64decode(have), p.size))
         md5s.append(bytes.fromhex(p.etag.strip('"')))
-        segments.append([p.blob_id, p.size, n])
+        # the part's own checksum goes with its segment: GetObjectAttributes and partNumber reads report it
+        part_checksum = (p.checksum or {}).get(up.checksum_algorithm) if up.checksum_algorithm else None
+        segments.append([p.blob_id, p.size, n] + ([part_checksum] if part_checksum else []))
         total += p.size
     used = {ref.number for ref in wanted}
     unused = [p.blob_id for n, p in parts.items() if n not in used]
-    checksum = None
-    if up.checksum_algorithm:
-        checksum = {up.checksum_algorithm: checksums.composite(up.checksum_algorithm, digests),
-                    "type": "COMPOSITE"}
+    checksum = _multipart_checksum(up, digests)
+    _check_completion(checks, checksum, total)
     obj = NewObject(key=key, size=total, etag=checksums.multipart_etag(md5s), storage_class=up.storage_class,
                     headers=up.headers, user_meta=up.user_meta, segments=segments, parts_count=len(segments),
                     checksum=checksum, sse=up.sse, lock_mode=up.lock_mode, lock_until=up.lock_until,
@@ -1111,6 +1118,34 @@ def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wan
                            upload_id=upload_id)
     result.dead_blobs += dead
     return result, obj
+
+
+def _multipart_checksum(up: Upload, digests: list[tuple[bytes, int]]) -> dict[str, str] | None:
+    alg = up.checksum_algorithm
+    if not alg:
+        return None
+    ck_type = up.checksum_type or checksums.default_checksum_type(alg)
+    if ck_type == "FULL_OBJECT":
+        return {alg: checksums.full_object(alg, digests), "type": ck_type}
+    return {alg: checksums.composite(alg, [d for d, _ in digests]), "type": ck_type}
+
+
+def _check_completion(checks: CompletionChecks, checksum: dict[str, str] | None, size: int) -> None:
+    if checks.size is not None and checks.size != size:
+        raise S3Error("InvalidRequest", f"The provided 'x-amz-mp-object-size' header value {checks.size} does not "
+                                        f"match what was computed: {size}")
+    if checks.checksum_type is not None and (checksum is None or checks.checksum_type != checksum["type"]):
+        have = checksum["type"] if checksum else "no checksum"
+        raise S3Error("InvalidRequest", f"The upload was created using the {have} checksum mode. The complete "
+                                        f"request must use the same checksum mode.")
+    if checks.checksum is not None:
+        alg, sent = checks.checksum
+        if checksum is None or alg not in checksum:
+            raise S3Error("InvalidRequest", f"The upload was not created with the {alg.lower()} checksum "
+                                            f"algorithm.")
+        # a composite checksum may be sent with or without its "-N" suffix
+        if sent.split("-")[0] != checksum[alg].split("-")[0]:
+            raise S3Error("BadDigest", f"The {alg.lower()} you specified did not match the calculated checksum.")
 
 
 # --- misc -----------------------------------------------------------------------------------------

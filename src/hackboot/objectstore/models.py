@@ -119,6 +119,7 @@ class Upload(Base):
     user_meta: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     sse: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     checksum_algorithm: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    checksum_type: Mapped[str | None] = mapped_column(String(16), nullable=True)  # COMPOSITE | FULL_OBJECT
     tags: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     acl: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True)
     lock_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)

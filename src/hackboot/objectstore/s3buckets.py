@@ -79,11 +79,36 @@ async def service_op(req: Req) -> Response:
     rows, display_name = await engine.read(q)
     allowed = req.requester.buckets
     prefix = req.query.get("prefix", "")
+    region = req.query.get("bucket-region")
+    paged = "max-buckets" in req.query or "continuation-token" in req.query
+    max_buckets = int_param(req, "max-buckets", 10000, lo=1, hi=10000)
+    after = _bucket_token(req.query.get("continuation-token") or "")
+    chosen = [b for b in rows if (allowed is None or b.name in allowed) and b.name.startswith(prefix)
+              and (region is None or (b.region or "us-east-1") == region) and b.name > after]
+    page = chosen[:max_buckets]
     items = "".join(f"<Bucket><Name>{esc(b.name)}</Name><CreationDate>{iso(b.created_at)}</CreationDate>"
-                    f"<BucketRegion>{esc(b.region or 'us-east-1')}</BucketRegion></Bucket>"
-                    for b in rows if (allowed is None or b.name in allowed) and b.name.startswith(prefix))
+                    f"<BucketRegion>{esc(b.region or 'us-east-1')}</BucketRegion></Bucket>" for b in page)
+    tail = ""
+    if paged and len(chosen) > len(page):  # the token is the last name served, opaque to clients
+        tail += tag("ContinuationToken", base64.urlsafe_b64encode(page[-1].name.encode()).decode().rstrip("="))
+    if "prefix" in req.query:
+        tail += tag("Prefix", prefix)
     return Response(200, XML, doc("ListAllMyBucketsResult",
-                                  owner_xml(project or "", display_name) + f"<Buckets>{items}</Buckets>"))
+                                  owner_xml(project or "", display_name) + f"<Buckets>{items}</Buckets>" + tail))
+
+
+def _bucket_token(token: str) -> str:
+    """The bucket name a ListBuckets continuation token stands for ("" for none)."""
+    if not token:
+        return ""
+    try:
+        name = base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        name = ""
+    if not name or len(name) > 63:
+        raise S3Error("InvalidArgument", "The continuation token provided is incorrect",
+                      ArgumentName="continuation-token")
+    return name
 
 
 # --- dispatch -------------------------------------------------------------------------------------
@@ -196,7 +221,7 @@ async def list_objects(req: Req, b: BucketInfo, v2: bool) -> Response:
         token = req.query.get("continuation-token")
         start_after = req.query.get("start-after")
         after = start_after
-        if token is not None:
+        if token:  # an empty token (some clients send one on their first page) starts from the beginning
             try:
                 after = base64.urlsafe_b64decode(token.encode() + b"==").decode()
             except (binascii.Error, UnicodeDecodeError, ValueError):

@@ -588,6 +588,15 @@ def _part_range(v: ObjectVersion, number: int) -> tuple[int, int]:
     raise S3Error("InvalidPartNumber", "The requested partnumber is not satisfiable", status=416)
 
 
+def _part_checksum(v: ObjectVersion, number: int) -> tuple[str, str] | None:
+    """(algorithm, base64) of part `number` of a multipart object whose parts were checksummed."""
+    alg = next((k for k in v.checksum or {} if k != "type"), None)
+    if alg is None or not v.parts_count or not v.segments or number > len(v.segments):
+        return None
+    seg = v.segments[number - 1]
+    return (alg, seg[3]) if len(seg) > 3 else None
+
+
 async def stream_object(v: ObjectVersion, start: int, end: int, key: bytes | None) -> AsyncGenerator[bytes, None]:
     """Plaintext bytes [start, end) of a version, read chunk by chunk (memory stays flat)."""
     if v.data is not None:
@@ -684,6 +693,7 @@ async def get_object(req: Req, b: BucketInfo, key: str) -> Response:
     status = 200
     start, end = 0, v.size
     part = req.query.get("partNumber")
+    part_checksum = None
     if part is not None:
         try:
             n = int(part)
@@ -691,7 +701,10 @@ async def get_object(req: Req, b: BucketInfo, key: str) -> Response:
             raise invalid_part_number() from None
         if not 1 <= n <= MAX_PART_NUMBER:
             raise invalid_part_number()
+        if "range" in req.headers:
+            raise S3Error("InvalidRequest", "Cannot specify both Range header and partNumber query parameter")
         start, end = _part_range(v, n)
+        part_checksum = _part_checksum(v, n)
         status = 206
         headers["content-range"] = f"bytes {start}-{end - 1}/{v.size}" if end > start else f"bytes */{v.size}"
     elif "range" in req.headers and v.size > 0:
@@ -707,6 +720,9 @@ async def get_object(req: Req, b: BucketInfo, key: str) -> Response:
     if status == 206:  # the stored checksum covers the whole object only
         for h in [h for h in headers if h.startswith("x-amz-checksum-")]:
             del headers[h]
+        if part_checksum is not None and req.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED":
+            headers["x-amz-checksum-" + part_checksum[0].lower()] = part_checksum[1]
+            headers["x-amz-checksum-type"] = "COMPOSITE"
     if req.method == "HEAD":
         return Response(status, headers, b"")
     if v.data is not None and dkey is None:
@@ -924,6 +940,7 @@ async def create_upload(req: Req, b: BucketInfo, key: str) -> Response:
     alg = req.headers.get("x-amz-checksum-algorithm")
     if alg is not None and alg.upper() not in checksums.ALGORITHMS:
         raise S3Error("InvalidRequest", "Checksum algorithm provided is unsupported.")
+    ck_type = upload_checksum_type(alg, req.headers.get("x-amz-checksum-type"))
     await req.drain()
     upload_id = engine.new_upload_id()
 
@@ -931,15 +948,35 @@ async def create_upload(req: Req, b: BucketInfo, key: str) -> Response:
         engine.tx_bucket(s, b.id)
         s.add(Upload(id=upload_id, bucket_id=b.id, key=key, storage_class=sc, headers=headers or None,
                      user_meta=meta or None, sse=sse_info, checksum_algorithm=alg.upper() if alg else None,
+                     checksum_type=ck_type,
                      tags=tags, acl=acl, lock_mode=lock_mode, lock_until=lock_until, legal_hold=hold,
                      initiator=req.requester.project_id or ""))
 
     await engine.write(tx)
     h = XML | sse_headers(sse_info)
-    if alg:
+    if alg and ck_type:
         h["x-amz-checksum-algorithm"] = alg.upper()
+        h["x-amz-checksum-type"] = ck_type
     return Response(200, h, doc("InitiateMultipartUploadResult", tag("Bucket", b.name) + tag("Key", key) +
                                 tag("UploadId", upload_id)))
+
+
+def upload_checksum_type(algorithm: str | None, requested: str | None) -> str | None:
+    """The checksum type of a new multipart upload: as asked (x-amz-checksum-type) if the algorithm allows it,
+    else the algorithm's default (CRC64NVME: FULL_OBJECT only; SHA1/SHA256: COMPOSITE only)."""
+    if requested is None:
+        return checksums.default_checksum_type(algorithm) if algorithm else None
+    wanted = requested.strip().upper()
+    if wanted not in ("COMPOSITE", "FULL_OBJECT"):
+        raise S3Error("InvalidRequest", "Value for x-amz-checksum-type header is invalid.")
+    if algorithm is None:
+        raise S3Error("InvalidRequest", "The x-amz-checksum-type header can only be used with the "
+                                        "x-amz-checksum-algorithm header.")
+    allowed = checksums.FULL_OBJECT_ALGORITHMS if wanted == "FULL_OBJECT" else checksums.COMPOSITE_ALGORITHMS
+    if algorithm.upper() not in allowed:
+        raise S3Error("InvalidRequest", f"The {wanted} checksum type cannot be used with the "
+                                        f"{algorithm.lower()} checksum algorithm.")
+    return wanted
 
 
 def _part_number(req: Req) -> int:
@@ -976,7 +1013,11 @@ async def upload_part(req: Req, b: BucketInfo, key: str) -> Response:
     length = req.declared_length()
     if length is not None and length > MAX_PUT_SIZE:
         raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size")
-    sink = Sink(dkey, number, alg, allow_inline=False)
+    if alg is not None and up.checksum_algorithm and alg != up.checksum_algorithm:
+        raise S3Error("InvalidRequest", f"Checksum Type mismatch occurred, expected checksum Type: "
+                                        f"{up.checksum_algorithm.lower()}, actual checksum Type: {alg.lower()}")
+    # a part without a checksum of its own still gets the upload's (computed here): completion needs it
+    sink = Sink(dkey, number, alg or up.checksum_algorithm, allow_inline=False)
     payload_sha = req.defer_payload_hash()
     if payload_sha is not None:
         sink.extra.append(payload_sha)
@@ -985,9 +1026,9 @@ async def upload_part(req: Req, b: BucketInfo, key: str) -> Response:
         if payload_sha is not None:
             req.check_payload_sha(payload_sha.hexdigest())
         checksum = verify_checksums(req, sink, md5, alg, expected, trailer)
-        if checksum and alg is not None and up.checksum_algorithm and alg != up.checksum_algorithm:
-            raise S3Error("InvalidRequest", f"Checksum Type mismatch occurred, expected checksum Type: "
-                                            f"{up.checksum_algorithm.lower()}, actual checksum Type: {alg.lower()}")
+        if alg is None and up.checksum_algorithm and sink.checksum is not None:
+            alg = up.checksum_algorithm
+            checksum = {alg: checksums.b64(sink.checksum.digest()), "type": "FULL_OBJECT"}
         assert sink.blob_id is not None
         blob_id = sink.blob_id
         size = sse.cipher_size(sink.size) if dkey else sink.size
@@ -1014,12 +1055,7 @@ async def upload_part_copy(req: Req, b: BucketInfo, key: str) -> Response:
     start, end = 0, src.size
     rng = req.headers.get("x-amz-copy-source-range")
     if rng is not None:
-        m = re.fullmatch(r"bytes=(\d+)-(\d+)", rng.strip())
-        if not m or int(m.group(2)) < int(m.group(1)) or int(m.group(2)) >= src.size:
-            raise S3Error("InvalidArgument", "The x-amz-copy-source-range value must be of the form bytes=first-last "
-                                             "where first and last are the zero-based offsets of the first and last "
-                                             "bytes to copy", ArgumentName="x-amz-copy-source-range")
-        start, end = int(m.group(1)), int(m.group(2)) + 1
+        start, end = copy_source_range(rng, src.size)
     await req.drain()
     sink = Sink(dkey, number, up.checksum_algorithm, allow_inline=False)
     await feed(sink, stream_object(src, start, end, src_key))
@@ -1061,8 +1097,9 @@ async def complete_upload(req: Req, b: BucketInfo, key: str) -> Response:
     engine.check_part_list(wanted)
     if_match = req.headers.get("if-match")
     if_none_match = req.headers.get("if-none-match")
+    checks = completion_checks(req)
     result, obj = await engine.write(lambda s: engine.tx_complete_upload(
-        s, b.id, upload_id, key, wanted, req.actor, if_match=if_match, if_none_match=if_none_match))
+        s, b.id, upload_id, key, wanted, req.actor, if_match=if_match, if_none_match=if_none_match, checks=checks))
     if result.dead_blobs:
         await engine.blocking(engine.delete_blob_data, result.dead_blobs)
     h = XML | sse_headers(obj.sse)
@@ -1071,9 +1108,47 @@ async def complete_upload(req: Req, b: BucketInfo, key: str) -> Response:
     ck = "".join(tag("Checksum" + k, v) for k, v in (obj.checksum or {}).items() if k != "type")
     if obj.checksum:
         ck += tag("ChecksumType", obj.checksum["type"])
+        h["x-amz-checksum-type"] = obj.checksum["type"]
     location = f"/{b.name}/{quote(key)}"
     return Response(200, h, doc("CompleteMultipartUploadResult", tag("Location", location) + tag("Bucket", b.name) +
                                 tag("Key", key) + tag("ETag", obj.etag) + ck))
+
+
+def copy_source_range(value: str, size: int) -> tuple[int, int]:
+    """[start, end) of an UploadPartCopy x-amz-copy-source-range: a malformed value (not bytes=first-last,
+    last before first) is InvalidArgument, a well-formed one outside the source InvalidRange (416), as S3."""
+    m = re.fullmatch(r"bytes=(\d{1,19})-(\d{1,19})", value.strip())
+    if not m or int(m.group(2)) < int(m.group(1)):
+        raise S3Error("InvalidArgument", "The x-amz-copy-source-range value must be of the form bytes=first-last "
+                                         "where first and last are the zero-based offsets of the first and last "
+                                         "bytes to copy", ArgumentName="x-amz-copy-source-range",
+                      ArgumentValue=value[:100])
+    first, last = int(m.group(1)), int(m.group(2))
+    if last >= size:
+        raise S3Error("InvalidRange", "The requested range is not satisfiable", RangeRequested=value[:100],
+                      ActualObjectSize=str(size))
+    return first, last + 1
+
+
+def completion_checks(req: Req) -> engine.CompletionChecks:
+    """The whole-object checksum, checksum type and size a CompleteMultipartUpload request asserts."""
+    sent = [(alg, req.headers["x-amz-checksum-" + alg.lower()]) for alg in checksums.ALGORITHMS
+            if "x-amz-checksum-" + alg.lower() in req.headers]
+    if len(sent) > 1:
+        raise S3Error("InvalidRequest", "Expecting a single x-amz-checksum- header. Multiple checksum Types are not "
+                                        "allowed.")
+    ck_type = req.headers.get("x-amz-checksum-type")
+    if ck_type is not None and ck_type.strip().upper() not in ("COMPOSITE", "FULL_OBJECT"):
+        raise S3Error("InvalidRequest", "Value for x-amz-checksum-type header is invalid.")
+    size = None
+    raw_size = req.headers.get("x-amz-mp-object-size")
+    if raw_size is not None:
+        if not raw_size.strip().isdigit():
+            raise S3Error("InvalidArgument", "Value for x-amz-mp-object-size header is invalid.",
+                          ArgumentName="x-amz-mp-object-size")
+        size = int(raw_size)
+    return engine.CompletionChecks(checksum=sent[0] if sent else None,
+                                   checksum_type=ck_type.strip().upper() if ck_type else None, size=size)
 
 
 async def abort_upload(req: Req, b: BucketInfo, key: str) -> Response:
@@ -1109,7 +1184,8 @@ async def list_parts(req: Req, b: BucketInfo, key: str) -> Response:
              tag("PartNumberMarker", marker) +
              tag("NextPartNumberMarker", parts[-1].part_number if parts else 0) + tag("MaxParts", max_parts) +
              tag("IsTruncated", "true" if truncated else "false") +
-             (tag("ChecksumAlgorithm", up.checksum_algorithm) if up.checksum_algorithm else "") + "".join(items))
+             (tag("ChecksumAlgorithm", up.checksum_algorithm) if up.checksum_algorithm else "") +
+             (tag("ChecksumType", up.checksum_type) if up.checksum_type else "") + "".join(items))
     return Response(200, XML, doc("ListPartsResult", inner))
 
 
@@ -1228,16 +1304,45 @@ async def get_attributes(req: Req, b: BucketInfo, key: str) -> Response:
     if "ETag" in wanted:
         inner += tag("ETag", v.etag.strip('"'))
     if "Checksum" in wanted and v.checksum:
-        inner += "<Checksum>" + "".join(tag("Checksum" + k, val) for k, val in v.checksum.items() if k != "type")
+        # as S3: a composite checksum without its "-N" suffix here (the part count is in ObjectParts)
+        inner += "<Checksum>" + "".join(tag("Checksum" + k, val.split("-")[0])
+                                        for k, val in v.checksum.items() if k != "type")
         inner += tag("ChecksumType", v.checksum.get("type", "FULL_OBJECT")) + "</Checksum>"
     if "ObjectParts" in wanted and v.parts_count:
-        inner += f"<ObjectParts>{tag('TotalPartsCount', v.parts_count)}</ObjectParts>"
+        inner += _object_parts_xml(req, v)
     if "StorageClass" in wanted:
         inner += tag("StorageClass", v.storage_class)
     if "ObjectSize" in wanted:
         inner += tag("ObjectSize", v.size)
     h = XML | {"last-modified": http_date(v.last_modified)} | _vid_header(b, v)
     return Response(200, h, doc("GetObjectAttributesResponse", inner))
+
+
+def _object_parts_xml(req: Req, v: ObjectVersion) -> str:
+    """ObjectParts of GetObjectAttributes: the part count and, when the parts were checksummed, a page of
+    parts (x-amz-max-parts, x-amz-part-number-marker) with their sizes and checksums."""
+    try:
+        max_parts = int(req.headers.get("x-amz-max-parts", "1000"))
+        marker = int(req.headers.get("x-amz-part-number-marker", "0"))
+    except ValueError:
+        raise S3Error("InvalidArgument", "x-amz-max-parts and x-amz-part-number-marker must be integers") from None
+    if max_parts < 0 or marker < 0:
+        raise S3Error("InvalidArgument", "x-amz-max-parts and x-amz-part-number-marker must not be negative")
+    max_parts = min(max_parts, 1000)
+    out = tag("PartsCount", v.parts_count)
+    alg = next((k for k in v.checksum or {} if k != "type"), None)
+    segments = v.segments or []
+    if alg is None or not all(len(seg) > 3 for seg in segments):
+        return f"<ObjectParts>{out}</ObjectParts>"
+    rest = [(i, seg) for i, seg in enumerate(segments, 1) if i > marker]
+    page = rest[:max_parts]
+    out += tag("PartNumberMarker", marker)
+    if page:
+        out += tag("NextPartNumberMarker", page[-1][0])
+    out += tag("MaxParts", max_parts) + tag("IsTruncated", "true" if len(rest) > len(page) else "false")
+    for i, seg in page:
+        out += f"<Part>{tag('PartNumber', i)}{tag('Size', seg[1])}{tag('Checksum' + alg, seg[3])}</Part>"
+    return f"<ObjectParts>{out}</ObjectParts>"
 
 
 _SUB: dict[str, dict[str, Callable[[Req, BucketInfo, str], Awaitable[Response]]]] = {
