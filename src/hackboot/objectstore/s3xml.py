@@ -16,14 +16,18 @@ NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 HEADER = '<?xml version="1.0" encoding="UTF-8"?>\n'
 MAX_XML_BODY = 1024 * 1024
 
-_SPECIAL = re.compile(r'[&<>"]')
+_SPECIAL = re.compile('[&<>"\r\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]')
+# characters XML 1.0 cannot carry at all, even as references (stored keys never hold them; a request's
+# prefix, marker or key echoed back in a listing or an error document may)
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 def esc(value: Any) -> str:
     text = str(value)
     if _SPECIAL.search(text) is None:  # the common case: nothing to escape
         return text
-    return _escape(text, {'"': "&quot;"})
+    # a carriage return as a reference: a literal one would reach the client as a line feed
+    return _NOT_XML.sub("\ufffd", _escape(text, {'"': "&quot;", "\r": "&#13;"}))
 
 
 def iso(ts: dt.datetime) -> str:
