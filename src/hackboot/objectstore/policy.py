@@ -55,7 +55,41 @@ class Requester:
 ANONYMOUS = Requester(None)
 
 
+# How ACLs are stored: the grants besides the owner's FULL_CONTROL, which is implicit. An ACL that does
+# not give the owner FULL_CONTROL (grants replaced by headers or a document without it, "revoke all")
+# starts with this marker and lists every grant. The owner keeps its rights either way (as in S3).
+NO_OWNER_GRANT = {"grantee": "", "permission": "NONE"}
+
+
+def stored_acl(grants: list[dict[str, str]], owner: str) -> list[dict[str, str]]:
+    """Grants as sent (owner's included) → the stored form (see NO_OWNER_GRANT); duplicates dropped."""
+    unique: list[dict[str, str]] = []
+    for g in grants:
+        if g not in unique:
+            unique.append(g)
+    owner_full = {"grantee": owner, "permission": "FULL_CONTROL"}
+    if owner_full in unique:
+        return [g for g in unique if g != owner_full]
+    return [NO_OWNER_GRANT, *unique]
+
+
+def displayed_acl(stored: list[dict[str, str]], owner: str) -> list[dict[str, str]]:
+    """The stored form → every grant, the owner's FULL_CONTROL first when it has it."""
+    if stored[:1] == [NO_OWNER_GRANT]:
+        return stored[1:]
+    return [{"grantee": owner, "permission": "FULL_CONTROL"}, *stored]
+
+
+def grants_to_others(stored: list[dict[str, str]] | None, owner: str) -> bool:
+    return any(g["grantee"] not in ("", owner) for g in stored or [])
+
+
 def canned_acl(name: str, owner: str, bucket_owner: str | None = None) -> list[dict[str, str]]:
+    """A canned ACL's grants as S3 lists them, the owner's FULL_CONTROL included."""
+    return [{"grantee": owner, "permission": "FULL_CONTROL"}, *_canned_extra(name, owner, bucket_owner)]
+
+
+def _canned_extra(name: str, owner: str, bucket_owner: str | None) -> list[dict[str, str]]:
     if name == "private":
         return []
     if name == "public-read":

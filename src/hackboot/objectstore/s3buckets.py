@@ -21,8 +21,10 @@ from hackboot.objectstore.engine import BucketInfo
 from hackboot.objectstore.models import Bucket, Upload
 from hackboot.objectstore.policy import (
     acl_from_headers,
+    grants_to_others,
     is_public_acl,
     is_public_policy,
+    stored_acl,
     validate_policy,
 )
 from hackboot.objectstore.s3errors import (
@@ -164,9 +166,8 @@ async def create_bucket(req: Req) -> Response:
 
     def tx(s: Session) -> Bucket:
         grants = acl
-        if grants:
-            grants = [g for g in engine.q_resolve_grantees(s, grants, project)
-                      if not (g["grantee"] == project and g["permission"] == "FULL_CONTROL")]
+        if grants is not None:
+            grants = stored_acl(engine.q_resolve_grantees(s, grants, project), project)
         if grants and ownership == "BucketOwnerEnforced":
             raise S3Error("InvalidBucketAclWithObjectOwnership", "Bucket cannot have ACLs set with ObjectOwnership's "
                                                                  "BucketOwnerEnforced setting")
@@ -663,7 +664,8 @@ async def put_ownership(req: Req, b: BucketInfo) -> Response:
 
     def tx(s: Session) -> None:
         bucket = engine.tx_bucket(s, b.id)
-        if value == "BucketOwnerEnforced" and bucket.acl:  # S3 wants the grants moved to a policy first
+        if value == "BucketOwnerEnforced" and grants_to_others(bucket.acl, bucket.project_id):
+            # S3 wants such grants moved to a bucket policy first
             raise S3Error("InvalidBucketAclWithObjectOwnership", "Bucket cannot have ACLs set with ObjectOwnership's "
                                                                  "BucketOwnerEnforced setting")
         bucket.object_ownership = value

@@ -29,7 +29,9 @@ from hackboot.objectstore.policy import (
     Requester,
     acl_from_headers,
     authorize,
+    displayed_acl,
     is_public_acl,
+    stored_acl,
 )
 from hackboot.objectstore.s3errors import S3Error, access_denied, no_such_bucket, public_acls_blocked
 from hackboot.objectstore.s3xml import doc, esc, parse, tag
@@ -307,14 +309,12 @@ def int_param(req: Req, name: str, default: int, lo: int = 0, hi: int = 1000) ->
 
 
 def acl_xml(owner: str, grants: list[dict[str, str]], names: dict[str, str] | None = None) -> bytes:
-    """An AccessControlPolicy: the owner (with FULL_CONTROL) then the extra grants; `names` maps canonical
-    IDs (project ids) to display names (project names)."""
+    """An AccessControlPolicy of a stored ACL (see policy.stored_acl); `names` maps canonical IDs (project
+    ids) to display names (project names)."""
     names = names or {}
     xsi = "http://www.w3.org/2001/XMLSchema-instance"
-    items = [f'<Grant><Grantee xmlns:xsi="{xsi}" xsi:type="CanonicalUser"><ID>{esc(owner)}</ID>'
-             f"<DisplayName>{esc(names.get(owner, owner))}</DisplayName></Grantee>"
-             f"<Permission>FULL_CONTROL</Permission></Grant>"]
-    for g in grants:
+    items = []
+    for g in displayed_acl(grants, owner):
         who = g["grantee"]
         if who in GROUPS:
             grantee = f'<Grantee xmlns:xsi="{xsi}" xsi:type="Group"><URI>{esc(who)}</URI></Grantee>'
@@ -333,17 +333,6 @@ async def acl_response_xml(b: BucketInfo, grants: list[dict[str, str]]) -> bytes
     ids = [b.project_id] + [g["grantee"] for g in shown if g["grantee"] not in GROUPS]
     names = await engine.read(lambda s: engine.project_display_names(s, ids))
     return acl_xml(b.project_id, shown, names)
-
-
-def _normalise_grants(grants: list[dict[str, str]], owner: str) -> list[dict[str, str]]:
-    """The owner's FULL_CONTROL is implicit (always listed first); duplicates say nothing more."""
-    out: list[dict[str, str]] = []
-    for g in grants:
-        if g["grantee"] == owner and g["permission"] == "FULL_CONTROL":
-            continue
-        if g not in out:
-            out.append(g)
-    return out
 
 
 def _needs_resolution(grants: list[dict[str, str]], owner: str) -> bool:
@@ -367,7 +356,7 @@ def new_object_acl(headers: dict[str, str], b: BucketInfo) -> list[dict[str, str
         return None
     if _needs_resolution(acl, b.project_id):  # rare: a tiny indexed read on the loop is cheaper than a hop
         acl = engine.resolve_grantees(acl, b.project_id)
-    acl = _normalise_grants(acl, b.project_id)
+    acl = stored_acl(acl, b.project_id)
     check_settable_acl(b, acl)
     return acl
 
@@ -377,7 +366,7 @@ async def acl_to_set(req: Req, b: BucketInfo) -> list[dict[str, str]]:
     grants = await parse_acl_request(req, b.project_id)
     if _needs_resolution(grants, b.project_id):
         grants = await engine.read(lambda s: engine.q_resolve_grantees(s, grants, b.project_id))
-    grants = _normalise_grants(grants, b.project_id)
+    grants = stored_acl(grants, b.project_id)
     check_settable_acl(b, grants)
     return grants
 
@@ -393,6 +382,10 @@ async def parse_acl_request(req: Req, owner: str) -> list[dict[str, str]]:
         raise S3Error("MissingSecurityHeader", "Your request was missing a required header",
                       MissingHeaderName="x-amz-acl")
     node = parse(body, "AccessControlPolicy")
+    stated_owner = node.find("Owner")
+    if stated_owner is None or not stated_owner.text_of("ID"):
+        raise S3Error("MalformedACLError", "The XML you provided was not well-formed or did not validate "
+                                           "against our published schema")
     acl = node.find("AccessControlList")
     grants: list[dict[str, str]] = []
     for g in acl.children("Grant") if acl is not None else []:
@@ -411,8 +404,6 @@ async def parse_acl_request(req: Req, owner: str) -> list[dict[str, str]]:
                                                "against our published schema")
         if (grantee.text_of("URI") is not None or who.startswith("http")) and who not in GROUPS:
             raise S3Error("InvalidArgument", "Invalid group uri", ArgumentName="Group/URI")
-        if who == owner and perm == "FULL_CONTROL":
-            continue
         grants.append({"grantee": who, "permission": perm})
     return grants
 

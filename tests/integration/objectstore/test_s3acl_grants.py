@@ -202,12 +202,13 @@ def test_header_grants_by_id_email_and_group(owner: Account, peer: Account, peer
     b = new_bucket(owner)
     owner.s3.put_object(Bucket=b, Key="k", Body=b"granted", GrantRead=f'id="{peer.project_id}"')
     acl = owner.s3.get_object_acl(Bucket=b, Key="k")
-    assert grants(acl) == {(owner.project_id, "FULL_CONTROL"), (peer.project_id, "READ")}
+    assert grants(acl) == {(peer.project_id, "READ")}  # header grants are the whole ACL, as in S3
     shown = [g["Grantee"] for g in acl["Grants"] if g["Grantee"].get("ID") == peer.project_id]
     assert shown == [{"Type": "CanonicalUser", "ID": peer.project_id, "DisplayName": peer.name}]
     assert peer.s3.get_object(Bucket=b, Key="k")["Body"].read() == b"granted"
 
-    owner.s3.put_object_acl(Bucket=b, Key="k", GrantFullControl=f'emailAddress="{peer_email.upper()}"',
+    owner.s3.put_object_acl(Bucket=b, Key="k", GrantFullControl=f'emailAddress="{peer_email.upper()}", '
+                                                                f'id="{owner.project_id}"',
                             GrantRead=f'uri="{AUTH_USERS}"')
     assert grants(owner.s3.get_object_acl(Bucket=b, Key="k")) == {
         (owner.project_id, "FULL_CONTROL"), (peer.project_id, "FULL_CONTROL"), (AUTH_USERS, "READ")}
@@ -261,13 +262,25 @@ def test_access_control_policy_documents_and_revoking_all(owner: Account, peer: 
           AccessControlPolicy=_policy_body(owner, ("Email", "nobody-here@example.com")))
     fails(owner.s3.put_object_acl, "InvalidArgument", Bucket=b, Key="k",
           AccessControlPolicy=_policy_body(owner, ("CanonicalUser", "prj-doesnotexist")))
-    # an ACL of the owner alone revokes every grant
+    # an AccessControlPolicy needs its Owner
+    r = owner.signed("PUT", f"{b}/k?acl", b"<AccessControlPolicy><AccessControlList/></AccessControlPolicy>")
+    assert r.status_code == 400 and b"<Code>MalformedACLError</Code>" in r.content
+    # an ACL of the owner alone revokes every other grant
     owner.s3.put_bucket_acl(Bucket=b, AccessControlPolicy=_policy_body(owner))
     owner.s3.put_object_acl(Bucket=b, Key="k", AccessControlPolicy=_policy_body(owner))
     assert grants(owner.s3.get_object_acl(Bucket=b, Key="k")) == {(owner.project_id, "FULL_CONTROL")}
     fails(peer.s3.list_objects_v2, "AccessDenied", Bucket=b)
     fails(peer.s3.get_object, "AccessDenied", Bucket=b, Key="k")
     assert owner.anon_get(f"{b}/k").status_code == 403
+    # an empty one revokes the owner's grant too (as S3 shows it); the owner keeps its rights
+    owner.s3.put_bucket_acl(Bucket=b, AccessControlPolicy={"Owner": {"ID": owner.project_id}, "Grants": []})
+    owner.s3.put_object_acl(Bucket=b, Key="k", AccessControlPolicy={"Owner": {"ID": owner.project_id}, "Grants": []})
+    assert owner.s3.get_bucket_acl(Bucket=b)["Grants"] == []
+    assert owner.s3.get_object_acl(Bucket=b, Key="k")["Grants"] == []
+    assert owner.s3.get_object(Bucket=b, Key="k")["Body"].read() == b"doc"
+    fails(peer.s3.get_object, "AccessDenied", Bucket=b, Key="k")
+    owner.s3.put_bucket_acl(Bucket=b, ACL="private")
+    assert grants(owner.s3.get_bucket_acl(Bucket=b)) == {(owner.project_id, "FULL_CONTROL")}
     # a raw document with a grantee by email, as other SDKs send it
     body = (f'<AccessControlPolicy><Owner><ID>{owner.project_id}</ID></Owner><AccessControlList><Grant>'
             f'<Grantee {XSI} xsi:type="AmazonCustomerByEmail"><EmailAddress>{peer_email}</EmailAddress></Grantee>'
