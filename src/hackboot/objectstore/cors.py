@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import fnmatch
+import re
+from functools import lru_cache
 from typing import Any
 
 from hackboot.objectstore import engine
@@ -10,15 +11,26 @@ from hackboot.objectstore.s3errors import S3Error, no_such_bucket
 from hackboot.objectstore.s3proto import Req, Response
 
 
+@lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(piece) for piece in pattern.split("*")), re.DOTALL)
+
+
+def wildcard_match(value: str, pattern: str) -> bool:
+    """S3's CORS patterns: `*` stands for any run of characters (e.g. "https://*.example.com"; PutBucketCors
+    allows one per origin); nothing else is special (no `?` or `[...]` as in shell globs)."""
+    return _pattern(pattern).fullmatch(value) is not None
+
+
 def _match(rules: list[dict[str, Any]] | None, origin: str, method: str,
            req_headers: list[str]) -> dict[str, Any] | None:
     for r in rules or []:
-        if not any(fnmatch.fnmatchcase(origin, o) for o in r["origins"]):
+        if not any(wildcard_match(origin, o) for o in r["origins"]):
             continue
         if method not in r["methods"]:
             continue
         allowed = [h.lower() for h in r["headers"]]
-        if all(any(fnmatch.fnmatchcase(h, a) for a in allowed) for h in req_headers):
+        if all(any(wildcard_match(h, a) for a in allowed) for h in req_headers):
             return r
     return None
 
@@ -29,8 +41,8 @@ def _headers(r: dict[str, Any], origin: str, preflight: bool, method: str, req_h
                                                                             "Access-Control-Request-Method"}
     if not wildcard:
         h["access-control-allow-credentials"] = "true"
+    h["access-control-allow-methods"] = ", ".join(r["methods"])  # S3 sends it on actual requests too
     if preflight:
-        h["access-control-allow-methods"] = ", ".join(r["methods"])
         if req_headers:
             h["access-control-allow-headers"] = ", ".join(req_headers)
         if r.get("max_age") is not None:
@@ -70,6 +82,8 @@ def actual_headers(req: Req) -> dict[str, str]:
     b = engine.cached_bucket(req.bucket_name or "")
     if b is None or not b.cors:
         return {}
-    method = "GET" if req.method == "HEAD" and not _match(b.cors, origin, "HEAD", []) else req.method
+    method = req.method
+    if method == "HEAD" and not _match(b.cors, origin, "HEAD", []):
+        method = "GET"
     r = _match(b.cors, origin, method, [])
     return _headers(r, origin, False, method, []) if r is not None else {}

@@ -643,7 +643,8 @@ def _check_conditions(cur: _Version | None, if_match: str | None, if_none_match:
     live = cur if cur is not None and not cur.delete_marker else None
     if if_none_match is not None:
         if if_none_match.strip() != "*":
-            raise S3Error("NotImplemented", "If-None-Match on writes only supports '*'")
+            raise S3Error("NotImplemented", "A header you provided implies functionality that is not implemented",
+                          Header="If-None-Match")
         if live is not None:
             raise precondition_failed(Condition="If-None-Match")
     if if_match is not None:
@@ -651,6 +652,11 @@ def _check_conditions(cur: _Version | None, if_match: str | None, if_none_match:
             raise no_such_key()
         if not etag_matches(if_match, live.etag):
             raise precondition_failed(Condition="If-Match")
+
+
+def check_write_conditions(cur: _Version | None, if_match: str | None, if_none_match: str | None) -> None:
+    """If-Match / If-None-Match of a write against the key's latest version (None: no version)."""
+    _check_conditions(cur, if_match, if_none_match)
 
 
 def etag_matches(header: str, etag: str) -> bool:

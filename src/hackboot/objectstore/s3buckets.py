@@ -508,6 +508,9 @@ async def put_cors(req: Req, b: BucketInfo) -> Response:
             if m not in ("GET", "PUT", "POST", "DELETE", "HEAD"):
                 raise S3Error("InvalidRequest", f"Found unsupported HTTP method in CORS config. Unsupported "
                                                 f"method is {m}")
+        for o in origins:
+            if (o or "").count("*") > 1:
+                raise S3Error("InvalidRequest", f'AllowedOrigin "{o}" can not have more than one wildcard.')
         max_age = r.text_of("MaxAgeSeconds")
         rules.append({"id": r.text_of("ID"), "origins": origins, "methods": methods,
                       "headers": [h.text for h in r.children("AllowedHeader")],

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
@@ -88,9 +89,27 @@ def validate_key(key: str) -> None:
                                          "segments", ArgumentName="key")
 
 
+def _header_text(value: str) -> str:
+    """A header value arrives as latin-1 text of its bytes; UTF-8 bytes (what SDKs send for non-ASCII
+    metadata) become the text they encode. S3 keeps metadata as Unicode and answers it RFC 2047-encoded."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
+def metadata_header_value(value: str) -> str:
+    """A metadata value as S3 sends it back: as is when ASCII, else an RFC 2047 encoded word."""
+    if value.isascii():
+        return value
+    return "=?UTF-8?B?" + base64.b64encode(value.encode("utf-8", "replace")).decode() + "?="
+
+
 def user_metadata(headers: dict[str, str]) -> dict[str, str]:
-    meta = {k[len("x-amz-meta-"):]: v for k, v in headers.items() if k.startswith("x-amz-meta-")}
-    size = sum(len(k.encode()) + len(v.encode("latin-1", "replace")) for k, v in meta.items())
+    meta = {k[len("x-amz-meta-"):]: _header_text(v) for k, v in headers.items() if k.startswith("x-amz-meta-")}
+    size = sum(len(k.encode()) + len(v.encode("utf-8", "replace")) for k, v in meta.items())
     if size > MAX_META_BYTES:
         raise S3Error("MetadataTooLarge", "Your metadata headers exceed the maximum allowed metadata size.",
                       Size=str(size), MaxSizeAllowed=str(MAX_META_BYTES))
@@ -100,11 +119,15 @@ def user_metadata(headers: dict[str, str]) -> dict[str, str]:
 def stored_headers(headers: dict[str, str]) -> dict[str, str]:
     out = {h: headers[h] for h in STORED_HEADERS if h in headers}
     if "content-encoding" in out:
-        enc = ",".join(e for e in (x.strip() for x in out["content-encoding"].split(",")) if e and e != "aws-chunked")
-        if enc:
-            out["content-encoding"] = enc
-        else:
-            del out["content-encoding"]
+        # aws-chunked describes this request's framing, not the object: drop it, keep the rest as sent
+        # ("aws-chunked,gzip" → "gzip", "deflate, gzip" stays "deflate, gzip")
+        codings = out["content-encoding"].split(",")
+        if any(c.strip().lower() == "aws-chunked" for c in codings):
+            enc = ",".join(c for c in codings if c.strip().lower() != "aws-chunked").strip()
+            if enc:
+                out["content-encoding"] = enc
+            else:
+                del out["content-encoding"]
     return out
 
 
@@ -424,6 +447,33 @@ def check_attribute_rights(req: Req, b: BucketInfo, key: str, acl: Any, tags: An
         req.check("s3:PutObjectLegalHold", b, key)
 
 
+async def precheck_write_conditions(req: Req, b: BucketInfo, key: str) -> tuple[str | None, str | None]:
+    """Conditional writes (If-Match, If-None-Match: *): checked before the body is read (412 without
+    uploading it) and again in the commit transaction, where `conflict_if_changed` tells a condition
+    that held at the start apart from one that failed from the start."""
+    if_match = req.headers.get("if-match")
+    if_none_match = req.headers.get("if-none-match")
+    if if_match is not None or if_none_match is not None:
+        engine.check_write_conditions(await engine.get_version_row(b.id, key, None), if_match, if_none_match)
+    return if_match, if_none_match
+
+
+@contextmanager
+def conflict_if_changed(if_match: str | None, if_none_match: str | None) -> Iterator[None]:
+    """A condition that held when the request started but not at commit: another write or delete of the
+    key finished meanwhile. As S3, that is 409 ConditionalRequestConflict (the client should retry)."""
+    try:
+        yield
+    except S3Error as err:
+        if (if_match is not None or if_none_match is not None) and (
+                err.code == "PreconditionFailed" or (err.code == "NoSuchKey" and if_match is not None)):
+            raise S3Error("ConditionalRequestConflict", "A conflicting operation occurred. If using PutObject you "
+                                                        "can retry the request. If using multipart upload you "
+                                                        "should initiate another CreateMultipartUpload request "
+                                                        "and re-upload each part.") from None
+        raise
+
+
 async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
     req.check("s3:PutObject", b, key)
     meta, headers, sc, tags, acl = new_object_attributes(req, b)
@@ -439,10 +489,7 @@ async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
     if length is not None and length > MAX_PUT_SIZE:
         raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size",
                       ProposedSize=str(length), MaxSizeAllowed=str(MAX_PUT_SIZE))
-    if_match = req.headers.get("if-match")
-    if_none_match = req.headers.get("if-none-match")
-    if if_none_match is not None and if_none_match.strip() != "*":
-        raise S3Error("NotImplemented", "If-None-Match on PUT only supports '*'")
+    if_match, if_none_match = await precheck_write_conditions(req, b, key)
     sink = Sink(data_key, 0, alg, allow_inline=length is None or length <= INLINE_MAX)
     payload_sha = req.defer_payload_hash()
     if payload_sha is not None:
@@ -458,8 +505,9 @@ async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
         if sink.blob_id is not None:
             obj.segments = [[sink.blob_id, sink.size, 0]]
             obj.new_blobs = [(sink.blob_id, sse.cipher_size(sink.size) if data_key else sink.size)]
-        result = await engine.write(lambda s: engine.tx_put_object(s, b.id, obj, req.actor, if_match=if_match,
-                                                                     if_none_match=if_none_match))
+        with conflict_if_changed(if_match, if_none_match):
+            result = await engine.write(lambda s: engine.tx_put_object(s, b.id, obj, req.actor, if_match=if_match,
+                                                                         if_none_match=if_none_match))
     except BaseException:
         await engine.blocking(sink.abort)
         raise
@@ -557,7 +605,7 @@ def object_headers(v: ObjectVersion, b: BucketInfo) -> dict[str, str]:
         if name in stored:
             h[name] = stored[name]
     for k, val in (v.user_meta or {}).items():
-        h["x-amz-meta-" + k] = val
+        h["x-amz-meta-" + k] = metadata_header_value(val)
     if b.versioning:
         h["x-amz-version-id"] = v.version_id
     if v.storage_class != "STANDARD":
@@ -1095,11 +1143,12 @@ async def complete_upload(req: Req, b: BucketInfo, key: str) -> Response:
                if p.find("Checksum" + alg) is not None}
         wanted.append(engine.PartRef(n, etag, cks))
     engine.check_part_list(wanted)
-    if_match = req.headers.get("if-match")
-    if_none_match = req.headers.get("if-none-match")
+    if_match, if_none_match = await precheck_write_conditions(req, b, key)
     checks = completion_checks(req)
-    result, obj = await engine.write(lambda s: engine.tx_complete_upload(
-        s, b.id, upload_id, key, wanted, req.actor, if_match=if_match, if_none_match=if_none_match, checks=checks))
+    with conflict_if_changed(if_match, if_none_match):
+        result, obj = await engine.write(lambda s: engine.tx_complete_upload(
+            s, b.id, upload_id, key, wanted, req.actor, if_match=if_match, if_none_match=if_none_match,
+            checks=checks))
     if result.dead_blobs:
         await engine.blocking(engine.delete_blob_data, result.dead_blobs)
     h = XML | sse_headers(obj.sse)

@@ -125,12 +125,18 @@ def parse_presigned(query: dict[str, str]) -> AuthRequest:
         amz_date = query["X-Amz-Date"]
         signed = query["X-Amz-SignedHeaders"]
         signature = query["X-Amz-Signature"]
-        expires = int(query.get("X-Amz-Expires", "604800"))
-    except (KeyError, ValueError):
+        expires_s = query["X-Amz-Expires"]
+    except KeyError:
         raise S3Error("AuthorizationQueryParametersError",
                       "Query-string authentication version 4 requires the X-Amz-Algorithm, X-Amz-Credential, "
                       "X-Amz-Signature, X-Amz-Date, X-Amz-SignedHeaders, and X-Amz-Expires parameters.") from None
-    if expires < 0 or expires > MAX_PRESIGN_EXPIRES:
+    # As S3: out-of-range values are malformed (400); 0 is well-formed and simply already expired (403).
+    if not re.fullmatch(r"-?\d{1,12}", expires_s):
+        raise S3Error("AuthorizationQueryParametersError", "X-Amz-Expires should be a number")
+    expires = int(expires_s)
+    if expires < 0:
+        raise S3Error("AuthorizationQueryParametersError", "X-Amz-Expires must be non-negative")
+    if expires > MAX_PRESIGN_EXPIRES:
         raise S3Error("AuthorizationQueryParametersError",
                       "X-Amz-Expires must be less than a week (in seconds) that is 604800")
     ak, date, region, service = _credential(credential)
@@ -204,9 +210,18 @@ def require_signed_amz_headers(auth: AuthRequest, headers: dict[str, str]) -> No
                       HeadersNotSigned=", ".join(extra))
 
 
+def wire_bytes(text: str) -> bytes:
+    """Request text back to the bytes that were sent: header values arrive decoded as latin-1 (byte for
+    byte), and clients sign the bytes they send (UTF-8 for non-ASCII metadata), not a re-encoding."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode()
+
+
 def string_to_sign(auth: AuthRequest, method: str, uri: str, query: str, headers_block: str) -> str:
     creq = "\n".join([method, uri, query, headers_block, ";".join(auth.signed_headers), auth.payload_hash])
-    return "\n".join([ALGORITHM, auth.amz_date, auth.scope, hashlib.sha256(creq.encode()).hexdigest()])
+    return "\n".join([ALGORITHM, auth.amz_date, auth.scope, hashlib.sha256(wire_bytes(creq)).hexdigest()])
 
 
 def sign(key: bytes, text: str) -> str:
@@ -451,7 +466,7 @@ def v2_string_to_sign(method: str, headers: dict[str, str], resource_path: str, 
 
 
 def verify_v2(secret: str, signature: str, string_to_sign: str) -> None:
-    expected = base64.b64encode(hmac.new(secret.encode(), string_to_sign.encode(), hashlib.sha1).digest()).decode()
+    expected = base64.b64encode(hmac.new(secret.encode(), wire_bytes(string_to_sign), hashlib.sha1).digest()).decode()
     if not hmac.compare_digest(expected, signature):
         raise S3Error("SignatureDoesNotMatch", "The request signature we calculated does not match the signature "
                                                "you provided. Check your key and signing method.",
