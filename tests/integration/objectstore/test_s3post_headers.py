@@ -282,7 +282,7 @@ def test_cors_wildcards_and_methods(s3server: S3Server, s3: Any, bucket: str) ->
 
 @pytest.mark.parametrize(("expires", "status", "expected"), [
     (604801, 400, "AuthorizationQueryParametersError"), (-1, 400, "AuthorizationQueryParametersError"),
-    (0, 403, "AccessDenied"), (604800, 200, ""), (1, 200, "")])
+    (0, 403, "AccessDenied"), (604800, 200, ""), (10, 200, "")])
 def test_presign_expiry_bounds(s3: Any, bucket: str, expires: int, status: int, expected: str) -> None:
     s3.put_object(Bucket=bucket, Key="p", Body=b"x")
     url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "p"}, ExpiresIn=expires)
