@@ -73,3 +73,14 @@ def test_default_checksum_types() -> None:
     assert checksums.default_checksum_type("CRC64NVME") == "FULL_OBJECT"
     assert checksums.default_checksum_type("crc32") == "COMPOSITE"
     assert checksums.default_checksum_type("SHA256") == "COMPOSITE"
+
+
+def test_crc64nvme_fast_and_pure_python_paths_agree_when_fed_in_pieces() -> None:
+    data = random.Random(7).randbytes(70_000)
+    h = checksums.new("CRC64NVME")
+    for i in range(0, len(data), 9_999):
+        h.update(data[i:i + 9_999])
+    h.update(b"")
+    expected = ref_crc("CRC64NVME", data)
+    assert int.from_bytes(h.digest(), "big") == expected
+    assert checksums._crc64_extend_py(checksums._crc64_extend_py(0, data[:5]), data[5:]) == expected
