@@ -957,7 +957,7 @@ async def copy_object(req: Req, b: BucketInfo, key: str) -> Response:
             obj.segments = [[sink.blob_id, sink.size, 0]]
             obj.new_blobs = [(sink.blob_id, sse.cipher_size(sink.size) if dest_key else sink.size)]
         obj.parts_count = 0
-        if alg and sink.checksum is not None and src.checksum and src.checksum.get("type") == "FULL_OBJECT":
+        if alg and sink.checksum is not None:  # the copy is one piece: its checksum covers all of it
             obj.checksum = {alg: checksums.b64(sink.checksum.digest()), "type": "FULL_OBJECT"}
     try:
         result = await engine.write(lambda s: engine.tx_put_object(s, b.id, obj, req.actor))
@@ -1346,9 +1346,16 @@ async def put_legal_hold(req: Req, b: BucketInfo, key: str) -> Response:
     return Response(200, _vid_header(b, v))
 
 
+OBJECT_ATTRIBUTES = frozenset({"ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize"})
+
+
 async def get_attributes(req: Req, b: BucketInfo, key: str) -> Response:
-    v = await _version_for(req, b, key, "s3:GetObjectAttributes")
     wanted = {a.strip() for a in req.headers.get("x-amz-object-attributes", "").split(",") if a.strip()}
+    if not wanted or not wanted <= OBJECT_ATTRIBUTES:
+        raise S3Error("InvalidArgument", "Invalid attribute name specified.", ArgumentName="x-amz-object-attributes")
+    v = await _version_for(req, b, key, "s3:GetObjectAttributes")
+    if v.sse and v.sse.get("mode") == "SSE-C":
+        read_key(req, v)  # as GET: an SSE-C object's attributes need its key
     inner = ""
     if "ETag" in wanted:
         inner += tag("ETag", v.etag.strip('"'))

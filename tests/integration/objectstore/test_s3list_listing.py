@@ -5,6 +5,7 @@ ListBuckets pagination and ListMultipartUploads owner/initiator fields."""
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -239,3 +240,20 @@ def test_list_uploads_owner_initiator_and_encoding(s3server: S3Server, s3: Any, 
                                             "key-marker": "up/"})
     assert texts(root, "Upload/Key") == ["up/a%20b"] and texts(root, "NextKeyMarker") == ["up/a%20b"]
     assert texts(root, "KeyMarker") == ["up/"] and texts(root, "IsTruncated") == ["true"]
+
+
+def test_aws_cli_lists_special_keys_and_reads_attributes(s3server: S3Server, special: str) -> None:
+    out = json.loads(s3server.aws("s3api", "list-objects-v2", "--bucket", special, "--prefix", "a b/",
+                                  "--delimiter", " ").stdout)
+    assert [p["Prefix"] for p in out["CommonPrefixes"]] == ["a b/c "]
+    listed = s3server.aws("s3", "ls", f"s3://{special}/", "--recursive").stdout
+    for key in SPECIAL:
+        assert key in listed
+    out = json.loads(s3server.aws("s3api", "list-buckets", "--prefix", special, "--max-buckets", "1").stdout)
+    assert [b["Name"] for b in out["Buckets"]] == [special]
+    out = json.loads(s3server.aws("s3api", "get-object-attributes", "--bucket", special, "--key", "a+b/x",
+                                  "--object-attributes", "ObjectSize", "ETag").stdout)
+    assert out["ObjectSize"] == len(b"a+b/x")
+    out = json.loads(s3server.aws("s3api", "create-multipart-upload", "--bucket", special, "--key", "m",
+                                  "--checksum-algorithm", "CRC32", "--checksum-type", "FULL_OBJECT").stdout)
+    assert out["ChecksumAlgorithm"] == "CRC32" and out["ChecksumType"] == "FULL_OBJECT"
