@@ -105,7 +105,7 @@ def start_hackboot(work: Path) -> Target:
     state = work / "hb-state"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HACKBOOT_")}
     env.update({"HACKBOOT_STATE_DIR": str(state), "HACKBOOT_CONFIG": str(state / "none.toml"),
-                "PYTHONPATH": str(REPO), "HACKBOOT_LOG_LEVEL": "warning"})
+                "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "HACKBOOT_LOG_LEVEL": "warning"})
     state.mkdir(parents=True)
     out = subprocess.run([sys.executable, "-m", "tests.integration.objectstore._server", "provision"], env=env,
                          cwd=REPO, capture_output=True, text=True, check=True)

@@ -6,10 +6,7 @@ Nothing imports this module; it imports every service's public pieces.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -22,11 +19,11 @@ from hackboot.catalog import service as catalog_service
 from hackboot.compute import api as compute_api
 from hackboot.compute import service as compute_service
 from hackboot.compute.agent import start_local_agent
+from hackboot.core import prefork
 from hackboot.core.app import build_app
 from hackboot.core.config import get_settings
 from hackboot.core.metrics import MetricSource
 from hackboot.core.migrate import upgrade
-from hackboot.core.privsep import die_with_parent
 from hackboot.core.workers import Loop, Workers
 from hackboot.events import api as events_api
 from hackboot.events import service as events_service
@@ -45,7 +42,7 @@ from hackboot.network import api as network_api
 from hackboot.network import service as network_service
 from hackboot.objectstore import api as objectstore_api
 from hackboot.objectstore import service as objectstore_service
-from hackboot.objectstore.s3app import create_s3_app
+from hackboot.objectstore.serve import fork_s3_workers, s3_server
 from hackboot.volumes import api as volumes_api
 from hackboot.volumes import service as volumes_service
 
@@ -90,72 +87,20 @@ def background_loops() -> list[Loop]:
     return [loop for service_loops in LOOPS for loop in service_loops()]
 
 
-def _run(coro: Any) -> None:
-    """Run on uvloop when installed (uvicorn[standard] brings it): noticeably faster I/O."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted connections inherit it: without it, small responses wait for delayed ACKs (40 ms).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 def _fork_api_workers(count: int, sock: socket.socket) -> list[int]:
-    """Extra API processes sharing the listening socket: the kernel spreads connections.
-
-    Python runs one request at a time per process (GIL), so one process per core is what
-    makes the API use the machine. They fork before any thread starts, and serve HTTP only:
-    reconcilers, workers and the S3 endpoint stay in the main process.
-    """
+    """Extra API processes sharing the listening socket (see core.prefork). They serve HTTP only:
+    reconcilers, workers and the S3 endpoint's background work stay in the main process."""
     settings = get_settings()
-    pids = []
-    for _ in range(count):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                die_with_parent()
-                server = _server(create_app(), settings.api_host, settings.api_port)
-                _run(server.serve(sockets=[sock]))
-            except BaseException:
-                log.exception("API worker failed")
-                code = 1
-            finally:
-                functions_local.flush_records()  # os._exit skips what atexit would do
-                os._exit(code)
-        pids.append(pid)
-    return pids
+    return prefork.fork_servers(count, sock, lambda: _server(create_app(), settings.api_host, settings.api_port),
+                                "API", at_exit=functions_local.flush_records)
 
 
-def _stop_children(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-
-
-def _server(app: Any, host: str, port: int, *, s3: bool = False) -> uvicorn.Server:
+def _server(app: Any, host: str, port: int) -> uvicorn.Server:
     # Request heads are bounded (431) on every port: see core.httpproto.
     from hackboot.core import httpproto
 
-    protocol = httpproto.S3CappedHttpToolsProtocol if s3 else httpproto.CappedHttpToolsProtocol
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, http=protocol,
+                            timeout_graceful_shutdown=5, http=httpproto.CappedHttpToolsProtocol,
                             h11_max_incomplete_event_size=httpproto.MAX_HEAD_BYTES)
     return uvicorn.Server(config)
 
@@ -166,8 +111,10 @@ def serve() -> None:
 
     dispose_engine()  # no connection may cross a fork
     functions_local.register_runtimes()  # before the fork: every API process validates runtimes the same way
-    api_socket = _bind(settings.api_host, settings.api_port)
+    api_socket = prefork.bind(settings.api_host, settings.api_port)
+    s3_socket = prefork.bind(settings.s3_host, settings.s3_port)
     children = _fork_api_workers(max(0, settings.api_workers - 1), api_socket)
+    children += fork_s3_workers(s3_socket, settings.s3_workers)
     workers = Workers()
     if settings.run_workers:
         for loop in background_loops():
@@ -175,23 +122,25 @@ def serve() -> None:
     if settings.run_local_agent:
         start_local_agent(workers)
     api = _server(create_app(), settings.api_host, settings.api_port)
-    servers = [api, _server(create_s3_app(), settings.s3_host, settings.s3_port, s3=True)]
+    s3 = s3_server(settings.s3_host, settings.s3_port)
+    servers = [api, s3]
     invoker_server = functions_local.start(workers) if settings.run_workers else None
     if invoker_server is not None:  # this machine's function invoker, on its unix socket
         servers.append(invoker_server)
 
     async def main() -> None:
         # Each uvicorn server catches SIGINT/SIGTERM for itself only: when one stops, stop all.
-        tasks = [asyncio.create_task(api.serve(sockets=[api_socket]))]
-        tasks += [asyncio.create_task(server.serve()) for server in servers[1:]]
+        tasks = [asyncio.create_task(api.serve(sockets=[api_socket])),
+                 asyncio.create_task(s3.serve(sockets=[s3_socket]))]
+        tasks += [asyncio.create_task(server.serve()) for server in servers[2:]]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for server in servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        _run(main())
+        prefork.run(main())
     finally:
-        _stop_children(children)
+        prefork.stop_children(children)
         workers.stop()
         functions_local.stop()

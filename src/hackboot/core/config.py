@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         "API processes sharing the port (one per core suits Python); background work stays in one. "
         "Default: min(4, cores)"))
     s3_host: str = Field(default="127.0.0.1", description="Address the S3 service listens on")
+    s3_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), description=(
+        "S3 processes sharing the port (one per core: hashing and HTTP parsing are CPU-bound); "
+        "background work stays in one. Default: min(4, cores)"))
     s3_port: int = Field(default=9000, description="Port the S3 service listens on")
     s3_domains: str = Field(default="s3.localhost,localhost",
                             description="Comma-separated base domains of virtual-host-style S3 requests")

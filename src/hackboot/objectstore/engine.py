@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
+import fcntl
 import itertools
 import json
 import logging
+import os
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
@@ -83,6 +86,7 @@ def reset() -> None:
     _backend = None
     _creds.clear()
     _buckets.clear()
+    _commit_turn.forget()
 
 
 # --- group commit ---------------------------------------------------------------------------------
@@ -100,6 +104,46 @@ def _quota(s: Session, project_id: str, resource: str, delta: int) -> None:
         quotas.claim(s, project_id, resource, delta)
     elif delta < 0:
         quotas.release(s, project_id, resource, -delta)
+
+
+class _CommitTurn:
+    """Orders the group commits of the S3 processes of this host on SQLite (one writer at a time anyway).
+
+    Without it a process finding the database locked polls with growing sleeps (SQLite's busy handler:
+    1, 2, 5, 10 ms…) while its batch waits; a lock file queues it in the kernel and wakes it the moment
+    the other process's commit is done. The descriptor is per process (flock belongs to the open file,
+    which a fork would share)."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._pid = -1
+
+    def forget(self) -> None:
+        """Tests: the state directory changed; open the lock file there next time."""
+        self._pid = -1
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        settings = get_settings()
+        if not settings.effective_database_url.startswith("sqlite"):
+            yield
+            return
+        if self._pid != os.getpid():
+            try:
+                self._fd = os.open(settings.state_dir / "s3-commit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                   0o600)
+            except OSError:  # e.g. a full disk: SQLite's own locking still serialises the writers
+                yield
+                return
+            self._pid = os.getpid()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+_commit_turn = _CommitTurn()
 
 
 class GroupCommitter:
@@ -131,7 +175,8 @@ class GroupCommitter:
                     batch.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-            self._commit(batch)
+            with _commit_turn():
+                self._commit(batch)
 
     def _commit(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
         """Run the whole batch in one transaction. Failures are rare (preconditions, quotas): when one
@@ -338,13 +383,35 @@ def _bucket_info(s: Session, b: Bucket) -> BucketInfo:
                       project_display_names(s, [b.project_id]).get(b.project_id, b.project_id))
 
 
-_buckets_epoch = {"seen": -1}
+_buckets_epoch: dict[str, tuple[int, int]] = {"seen": (-1, -1)}
+
+
+def _bucket_epoch_file() -> str:
+    return str(get_settings().state_dir / "s3-bucket-epoch")
+
+
+def bucket_epoch() -> int:
+    """Changes whenever a bucket's settings change in any process of this host (the S3 endpoint runs
+    in several processes, the REST API in others)."""
+    try:
+        return os.stat(_bucket_epoch_file()).st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _bump_bucket_epoch() -> None:
+    path = _bucket_epoch_file()
+    with open(path, "a"):
+        pass
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def get_bucket(name: str) -> BucketInfo | None:
     # The project's public-access switch is flipped through the REST API, maybe in another process:
-    # it bumps the shared epoch, so no process keeps serving a bucket under the old setting.
-    epoch = auth_epoch()
+    # it bumps the shared auth epoch; bucket settings changed by another S3 process bump the bucket
+    # epoch. Either way no process keeps serving a bucket under the old settings.
+    epoch = (auth_epoch(), bucket_epoch())
     if epoch != _buckets_epoch["seen"]:
         _buckets.clear()
         _buckets_epoch["seen"] = epoch
@@ -374,10 +441,12 @@ def cached_bucket(name: str) -> BucketInfo | None:
 
 
 def invalidate_bucket(name: str | None = None) -> None:
+    """Call after the change is committed: every process re-reads its buckets on its next request."""
     if name is None:
         _buckets.clear()
     else:
         _buckets.pop(name, None)
+    _bump_bucket_epoch()
 
 
 # --- accounts (projects) as S3 sees them ----------------------------------------------------------

@@ -109,8 +109,17 @@ def get_bucket(s: Session, p: Principal, name: str) -> Bucket:
 
 # --- workers --------------------------------------------------------------------------------------
 
+_startup_done = {"done": False}
+
+
 def startup() -> None:
-    """On start: remove data of writes that were never acknowledged (crash), and orphan blobs."""
+    """On start: remove data of writes that were never acknowledged (crash), and orphan blobs.
+
+    Runs once per server: the S3 processes forked after it inherit that it ran (emptying `objects/tmp`
+    once a sibling is receiving data into it would destroy an upload in flight)."""
+    if _startup_done["done"]:
+        return
+    _startup_done["done"] = True
     diskspace.maintain_reserve()
     removed = engine.backend().cleanup_temp()
     orphans = sweep_orphans(max_age_s=0.0, before=_started_at)

@@ -1,4 +1,4 @@
-"""Run the S3 endpoint and the object-storage REST API in one process, as `hackboot serve` does.
+"""Run the S3 endpoint (its `s3_workers` processes) and the object-storage REST API, as `hackboot serve` does.
 
 usage: python -m tests.integration.objectstore._server S3_PORT API_PORT   (env: HACKBOOT_STATE_DIR …)
 """
@@ -10,11 +10,13 @@ import sys
 
 import uvicorn
 
+from hackboot.core import prefork
 from hackboot.core.app import build_app
+from hackboot.core.config import get_settings
 from hackboot.core.workers import Workers
 from hackboot.identity.api import router as identity_router
 from hackboot.objectstore.api import router
-from hackboot.objectstore.s3app import create_s3_app
+from hackboot.objectstore.serve import fork_s3_workers, s3_server
 from hackboot.objectstore.service import loops
 
 
@@ -61,32 +63,29 @@ def main() -> None:
         provision()
         return
     s3_port, api_port = int(sys.argv[1]), int(sys.argv[2])
+    # As `hackboot serve`: the S3 processes fork before any thread starts; background work stays here.
+    s3_socket = prefork.bind("127.0.0.1", s3_port)
+    children = fork_s3_workers(s3_socket, get_settings().s3_workers)
     workers = Workers()
     for loop in loops():
         workers.start(loop)
     servers = [
-        uvicorn.Server(uvicorn.Config(create_s3_app(), host="127.0.0.1", port=s3_port, log_level="warning",
-                                      access_log=False)),
+        s3_server("127.0.0.1", s3_port),
         uvicorn.Server(uvicorn.Config(build_app([identity_router, router]), host="127.0.0.1", port=api_port,
                                       log_level="warning", access_log=False)),
     ]
 
     async def run() -> None:
-        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        tasks = [asyncio.create_task(servers[0].serve(sockets=[s3_socket])), asyncio.create_task(servers[1].serve())]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for s in servers:
             s.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        try:  # as uvicorn.run does: uvloop when installed (several times faster than asyncio's loop here)
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        except ImportError:
-            pass
-        asyncio.run(run())
+        prefork.run(run())
     finally:
+        prefork.stop_children(children)
         workers.stop()
 
 

@@ -88,6 +88,12 @@ class S3Server:
                 time.sleep(0.05)
         raise TimeoutError("S3 server did not start")
 
+    def pids(self) -> list[int]:
+        """The server process and the S3 worker processes it forked."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [self.proc.pid, *map(int, children)]
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
