@@ -207,7 +207,8 @@ def _encoding(req: Req) -> bool:
 
 def _checksum_alg_xml(row: Any) -> str:
     if row.checksum:
-        return "".join(tag("ChecksumAlgorithm", k) for k in row.checksum if k != "type")
+        return "".join(tag("ChecksumAlgorithm", k) for k in row.checksum if k != "type") + \
+            tag("ChecksumType", row.checksum.get("type", "FULL_OBJECT"))
     return ""
 
 
@@ -354,12 +355,12 @@ async def list_uploads(req: Req, b: BucketInfo) -> Response:
             if prefixes and prefixes[-1] == cp:
                 continue
             if len(uploads) + len(prefixes) >= max_uploads:
-                truncated = True
+                truncated = max_uploads > 0
                 break
             prefixes.append(cp)
             continue
         if len(uploads) + len(prefixes) >= max_uploads:
-            truncated = True
+            truncated = max_uploads > 0  # max-uploads=0: an empty page with nothing to go on from
             break
         uploads.append(up)
     parts = [tag("Bucket", b.name), f"<KeyMarker>{_enc(key_marker, url)}</KeyMarker>",

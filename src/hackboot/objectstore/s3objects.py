@@ -518,6 +518,7 @@ async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
         out["x-amz-version-id"] = result.version_id
     if checksum and alg is not None:  # a checksum is only ever computed for an algorithm
         out[f"x-amz-checksum-{alg.lower()}"] = checksum[alg]
+        out["x-amz-checksum-type"] = "FULL_OBJECT"
     return Response(200, out)
 
 
@@ -973,6 +974,8 @@ async def copy_object(req: Req, b: BucketInfo, key: str) -> Response:
     if sb.versioning:
         h["x-amz-copy-source-version-id"] = src.version_id
     ck = "".join(tag("Checksum" + k, v) for k, v in (obj.checksum or {}).items() if k != "type")
+    if obj.checksum:
+        ck += tag("ChecksumType", obj.checksum.get("type", "FULL_OBJECT"))
     return Response(200, XML | h, doc("CopyObjectResult", f"<LastModified>{iso(result.last_modified)}"
                                                           f"</LastModified>{tag('ETag', obj.etag)}{ck}"))
 
@@ -1220,7 +1223,7 @@ async def list_parts(req: Req, b: BucketInfo, key: str) -> Response:
 
     up, parts = await engine.read(q)
     parts = [p for p in parts if p.part_number > marker]
-    truncated = len(parts) > max_parts
+    truncated = len(parts) > max_parts > 0  # max-parts=0: an empty page, not one to go on from
     parts = parts[:max_parts]
     items = []
     for p in parts:

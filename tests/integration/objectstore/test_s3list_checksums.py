@@ -404,3 +404,28 @@ def test_reencrypting_copy_of_a_composite_object_gets_a_full_object_checksum(c: 
     assert "PartsCount" not in head
     got = c.get_object(Bucket=bk, Key="copy", ChecksumMode="ENABLED")  # botocore checks it while reading
     assert got["Body"].read() == b"".join(parts)
+
+
+def test_checksum_type_in_put_copy_and_listings(c: Any, bk: str) -> None:
+    r = c.put_object(Bucket=bk, Key="one", Body=b"data", ChecksumAlgorithm="CRC32")
+    assert r["ChecksumCRC32"] == crc_b64("CRC32", b"data") and r["ChecksumType"] == "FULL_OBJECT"
+    upload_id, done = upload(c, bk, "two", [b"x" * MIN_PART, b"y"], "CRC32")
+    c.complete_multipart_upload(Bucket=bk, Key="two", UploadId=upload_id, MultipartUpload={"Parts": done})
+    listed = {o["Key"]: o for o in c.list_objects_v2(Bucket=bk)["Contents"]}
+    assert (listed["one"]["ChecksumAlgorithm"], listed["one"]["ChecksumType"]) == (["CRC32"], "FULL_OBJECT")
+    assert (listed["two"]["ChecksumAlgorithm"], listed["two"]["ChecksumType"]) == (["CRC32"], "COMPOSITE")
+    versions = {v["Key"]: v for v in c.list_object_versions(Bucket=bk)["Versions"]}
+    assert versions["two"]["ChecksumType"] == "COMPOSITE"
+    copied = c.copy_object(Bucket=bk, Key="three", CopySource={"Bucket": bk, "Key": "one"})
+    assert copied["CopyObjectResult"]["ChecksumType"] == "FULL_OBJECT"
+    assert copied["CopyObjectResult"]["ChecksumCRC32"] == crc_b64("CRC32", b"data")
+
+
+def test_zero_sized_pages_of_parts_and_uploads_are_not_truncated(c: Any, bk: str) -> None:
+    uid = c.create_multipart_upload(Bucket=bk, Key="k")["UploadId"]
+    c.upload_part(Bucket=bk, Key="k", UploadId=uid, PartNumber=1, Body=b"x")
+    r = c.list_parts(Bucket=bk, Key="k", UploadId=uid, MaxParts=0)
+    assert r["IsTruncated"] is False and "Parts" not in r
+    r = c.list_multipart_uploads(Bucket=bk, MaxUploads=0)
+    assert r["IsTruncated"] is False and "Uploads" not in r
+    assert [u["Key"] for u in c.list_multipart_uploads(Bucket=bk, MaxUploads=1)["Uploads"]] == ["k"]
