@@ -138,3 +138,30 @@ def test_missing_and_private_keys_look_alike_without_list_permission(
         assert _code(ps3.get_object_tagging, Bucket=bucket, Key=key) == "AccessDenied"
         r = httpx.get(f"{cloud.s3_url}/{bucket}/{key}", timeout=10)
         assert r.status_code == 403 and error_code(r) == "AccessDenied"
+
+
+def test_owning_what_it_writes_gives_a_writer_nothing_else(cloud: Cloud,
+                                                          tenant_factory: Callable[..., Tenant]) -> None:
+    """Under ObjectWriter ownership a writer owns the versions it writes, and only those: overwriting a key
+    gives no access to the versions before it, and the bucket's public access block still binds it."""
+    victim, attacker = tenant_factory("admin"), tenant_factory("admin")
+    attacker.client.buckets.set_public_access_block(False)  # type: ignore[attr-defined]
+    vs3, as3 = boto(cloud, s3_key(victim)), boto(cloud, s3_key(attacker))
+    bucket = bucket_name("ow")
+    vs3.create_bucket(Bucket=bucket, ObjectOwnership="ObjectWriter")
+    vs3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    vs3.put_bucket_acl(Bucket=bucket, GrantWrite=f'id="{attacker.project_id}"',
+                       GrantFullControl=f'id="{victim.project_id}"')
+    old = vs3.put_object(Bucket=bucket, Key="secret", Body=b"victim data")["VersionId"]
+    as3.put_object(Bucket=bucket, Key="secret", Body=b"attacker data")
+    assert as3.get_object(Bucket=bucket, Key="secret")["Body"].read() == b"attacker data"
+    assert _code(as3.get_object, Bucket=bucket, Key="secret", VersionId=old) == "AccessDenied"
+    assert _code(as3.get_object_acl, Bucket=bucket, Key="secret", VersionId=old) == "AccessDenied"
+    assert _code(as3.put_object_acl, Bucket=bucket, Key="secret", VersionId=old,
+                 GrantRead=f'id="{attacker.project_id}"') == "AccessDenied"
+    assert _code(as3.list_object_versions, Bucket=bucket) == "AccessDenied"
+    # the victim's project blocks public access (the default): the attacker's own switch does not matter
+    assert _code(as3.put_object, Bucket=bucket, Key="pub", Body=b"x", ACL="public-read") == "AccessDenied"
+    assert _code(as3.put_object_acl, Bucket=bucket, Key="secret", ACL="public-read") == "AccessDenied"
+    assert httpx.get(f"{cloud.s3_url}/{bucket}/secret", timeout=10).status_code == 403
+    assert vs3.get_object(Bucket=bucket, Key="secret", VersionId=old)["Body"].read() == b"victim data"

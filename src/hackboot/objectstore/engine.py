@@ -613,7 +613,8 @@ def _segment_blobs(segments: list[list[Any]] | None) -> list[str]:
 
 OBJECT_COLUMNS = (ObjectVersion.id, ObjectVersion.key, ObjectVersion.version_id, ObjectVersion.is_latest,
                   ObjectVersion.delete_marker, ObjectVersion.size, ObjectVersion.etag,
-                  ObjectVersion.last_modified, ObjectVersion.storage_class, ObjectVersion.checksum)
+                  ObjectVersion.last_modified, ObjectVersion.storage_class, ObjectVersion.checksum,
+                  ObjectVersion.owner)
 
 
 def new_version_id() -> str:
@@ -639,6 +640,7 @@ class NewObject:
     legal_hold: bool = False
     tags: dict[str, str] | None = None
     acl: list[dict[str, str]] | None = None
+    owner: str | None = None  # None: the bucket's project
     new_blobs: list[tuple[str, int]] = field(default_factory=list)  # blobs written for this object
     shared_blobs: list[str] = field(default_factory=list)  # existing blobs it references (copy)
 
@@ -796,7 +798,7 @@ def tx_put_object(s: Session, bucket_id: str, obj: NewObject, actor: str, *, if_
         "headers": obj.headers, "user_meta": obj.user_meta, "data": obj.data, "segments": obj.segments,
         "parts_count": obj.parts_count, "checksum": obj.checksum, "sse": obj.sse, "lock_mode": obj.lock_mode,
         "lock_until": obj.lock_until, "legal_hold": obj.legal_hold, "tags": obj.tags, "acl": obj.acl,
-        "noncurrent_since": None})
+        "owner": obj.owner, "noncurrent_since": None})
     if upload_id is not None:
         s.execute(delete(Part).where(Part.upload_id == upload_id))
         s.execute(delete(Upload).where(Upload.id == upload_id))
@@ -1187,7 +1189,7 @@ def tx_complete_upload(s: Session, bucket_id: str, upload_id: str, key: str, wan
     obj = NewObject(key=key, size=total, etag=checksums.multipart_etag(md5s), storage_class=up.storage_class,
                     headers=up.headers, user_meta=up.user_meta, segments=segments, parts_count=len(segments),
                     checksum=checksum, sse=up.sse, lock_mode=up.lock_mode, lock_until=up.lock_until,
-                    legal_hold=up.legal_hold, tags=up.tags, acl=up.acl)
+                    legal_hold=up.legal_hold, tags=up.tags, acl=up.acl, owner=up.owner)
     dead = tx_ref(s, unused, -1)
     result = tx_put_object(s, bucket_id, obj, actor, if_match=if_match, if_none_match=if_none_match,
                            upload_id=upload_id)

@@ -99,6 +99,8 @@ class ObjectVersion(Base):
     legal_hold: Mapped[bool] = mapped_column(Boolean, default=False)
     tags: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     acl: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True)
+    # the project owning this version when not the bucket's (a writer, under ObjectWriter ownership)
+    owner: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # when the version became noncurrent (lifecycle NoncurrentDays counts from there)
     noncurrent_since: Mapped[dt.datetime | None] = mapped_column(nullable=True)
 
@@ -126,6 +128,7 @@ class Upload(Base):
     lock_until: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     legal_hold: Mapped[bool] = mapped_column(Boolean, default=False)
     initiator: Mapped[str] = mapped_column(String(40), default="")
+    owner: Mapped[str | None] = mapped_column(String(40), nullable=True)  # the completed object's owner
 
 
 class Part(Base):

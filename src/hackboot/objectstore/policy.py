@@ -437,8 +437,11 @@ def acl_allows(grants: list[dict[str, str]] | None, req: Requester, permission: 
 
 def authorize(*, req: Requester, action: str, bucket_name: str, bucket_owner: str, policy: dict[str, Any] | None,
               bucket_acl: list[dict[str, str]] | None, object_acl: list[dict[str, str]] | None, key: str | None,
-              ctx: dict[str, Any], ignore_public_policy: bool, ignore_public_acls: bool) -> None:
-    """Raise AccessDenied unless `req` may perform `action`."""
+              ctx: dict[str, Any], ignore_public_policy: bool, ignore_public_acls: bool,
+              object_owner: str | None = None) -> None:
+    """Raise AccessDenied unless `req` may perform `action`. `object_owner`: the project owning the object
+    when it is not the bucket's (written under ObjectWriter ownership): as in S3 it may always read and
+    change the object's ACL, and holds FULL_CONTROL unless its ACL says otherwise."""
     if not req.anonymous:
         if req.read_only and action not in READ_ACTIONS:
             raise S3Error("AccessDenied", "This access key is read-only")
@@ -453,6 +456,9 @@ def authorize(*, req: Requester, action: str, bucket_name: str, bucket_owner: st
     need = _ACL_NEEDS.get(action)
     if need is not None:
         where, perm = need
+        owner_may = perm in ("READ_ACP", "WRITE_ACP") or (object_acl or [])[:1] != [NO_OWNER_GRANT]
+        if where == "o" and object_owner is not None and req.project_id == object_owner and owner_may:
+            return
         grants = bucket_acl if where == "b" else object_acl
         if acl_allows(grants, req, perm, ignore_public_acls):
             return

@@ -29,7 +29,7 @@ from hackboot.objectstore.s3objects import (
     validate_key,
     verify_checksums,
 )
-from hackboot.objectstore.s3proto import Req, Response, load_bucket, parse_tagset
+from hackboot.objectstore.s3proto import Req, Response, load_bucket, new_object_owner, parse_tagset
 from hackboot.objectstore.s3xml import doc, tag
 
 MAX_FIELDS = 64 * 1024  # all form fields together (the file excepted); S3 allows 20 KiB of fields + policy
@@ -343,6 +343,7 @@ async def post_object(req: Req) -> Response:
         checksum = verify_checksums(req, sink, None, alg, expected, False)
         obj = NewObject(key=key, size=sink.size, etag=sink.etag, storage_class=sc, headers=headers or None,
                         user_meta=meta or None, segments=[[sink.blob_id, sink.size, 0]], acl=acl, tags=tags or None,
+                        owner=new_object_owner(req, b),
                         sse=sse_info, checksum=checksum,
                         new_blobs=[(sink.blob_id or "", sse.cipher_size(sink.size) if data_key else sink.size)])
         result = await engine.write(lambda s: engine.tx_put_object(s, b.id, obj, req.actor))

@@ -13,12 +13,12 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from hackboot.objectstore import engine, lifecycle
 from hackboot.objectstore.engine import BucketInfo
-from hackboot.objectstore.models import Bucket, Upload
+from hackboot.objectstore.models import Bucket, ObjectVersion, Upload
 from hackboot.objectstore.policy import (
     acl_from_headers,
     grants_to_others,
@@ -212,6 +212,14 @@ def _checksum_alg_xml(row: Any) -> str:
     return ""
 
 
+async def owner_elements(b: BucketInfo, rows: list[Any]) -> dict[str | None, str]:
+    """The `Owner` element of each listed version, by its `owner` column: the bucket's project (key None)
+    unless a writer owns the version (ObjectWriter ownership; ignored under BucketOwnerEnforced)."""
+    others = list({r.owner for r in rows if r.owner}) if not b.acls_disabled else []
+    names = await engine.read(lambda s: engine.project_display_names(s, others)) if others else {}
+    return {None: owner_xml(b.project_id, b.owner_name)} | {o: owner_xml(o, names.get(o)) for o in others}
+
+
 async def list_objects(req: Req, b: BucketInfo, v2: bool) -> Response:
     req.check("s3:ListBucket", b)
     prefix = req.query.get("prefix", "")
@@ -236,7 +244,7 @@ async def list_objects(req: Req, b: BucketInfo, v2: bool) -> Response:
     else:
         after = req.query.get("marker") or None
     listing = await engine.read(lambda s: engine.q_list_objects(s, b.id, prefix, delimiter, after, max_keys))
-    owner = owner_xml(b.project_id, b.owner_name) if fetch_owner else ""
+    owners = await owner_elements(b, listing.contents) if fetch_owner else {}
     parts = [tag("Name", b.name), f"<Prefix>{_enc(prefix, url)}</Prefix>"]
     if v2:
         if req.query.get("continuation-token") is not None:
@@ -261,7 +269,8 @@ async def list_objects(req: Req, b: BucketInfo, v2: bool) -> Response:
     for row in listing.contents:
         parts.append(f"<Contents><Key>{_enc(row.key, url)}</Key><LastModified>{iso(row.last_modified)}"
                      f"</LastModified><ETag>{esc(row.etag)}</ETag>{_checksum_alg_xml(row)}<Size>{row.size}</Size>"
-                     f"{owner}<StorageClass>{row.storage_class}</StorageClass></Contents>")
+                     f"{owners.get(row.owner, owners.get(None, ''))}<StorageClass>{row.storage_class}</StorageClass>"
+                     f"</Contents>")
     for cp in listing.prefixes:
         parts.append(f"<CommonPrefixes><Prefix>{_enc(cp, url)}</Prefix></CommonPrefixes>")
     root = "ListBucketResult"
@@ -306,11 +315,11 @@ async def list_versions(req: Req, b: BucketInfo) -> Response:
         elif last_c is not None:
             parts.append(f"<NextKeyMarker>{_enc(last_c.key, url)}</NextKeyMarker>"
                          f"<NextVersionIdMarker>{esc(last_c.version_id)}</NextVersionIdMarker>")
-    owner = owner_xml(b.project_id, b.owner_name)
+    owners = await owner_elements(b, listing.contents)
     for row in listing.contents:
         common = (f"<Key>{_enc(row.key, url)}</Key><VersionId>{esc(row.version_id)}</VersionId>"
                   f"<IsLatest>{'true' if row.is_latest else 'false'}</IsLatest>"
-                  f"<LastModified>{iso(row.last_modified)}</LastModified>{owner}")
+                  f"<LastModified>{iso(row.last_modified)}</LastModified>{owners.get(row.owner, owners[None])}")
         if row.delete_marker:
             parts.append(f"<DeleteMarker>{common}</DeleteMarker>")
         else:
@@ -673,6 +682,11 @@ async def put_ownership(req: Req, b: BucketInfo) -> Response:
             raise S3Error("InvalidBucketAclWithObjectOwnership", "Bucket cannot have ACLs set with ObjectOwnership's "
                                                                  "BucketOwnerEnforced setting")
         bucket.object_ownership = value
+        if value == "BucketOwnerEnforced":  # as S3: the bucket's owner now owns every object in it
+            s.execute(update(ObjectVersion).where(ObjectVersion.bucket_id == b.id, ObjectVersion.owner.is_not(None))
+                      .values(owner=None).execution_options(synchronize_session=False))
+            s.execute(update(Upload).where(Upload.bucket_id == b.id, Upload.owner.is_not(None))
+                      .values(owner=None).execution_options(synchronize_session=False))
 
     await engine.write(tx)
     engine.invalidate_bucket(b.name)

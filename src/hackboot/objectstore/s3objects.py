@@ -51,6 +51,7 @@ from hackboot.objectstore.s3proto import (
     int_param,
     load_bucket,
     new_object_acl,
+    new_object_owner,
     owner_xml,
     parse_tagset,
     tagging_xml,
@@ -431,13 +432,16 @@ def new_object_attributes(req: Req, b: BucketInfo) -> tuple[Any, Any, str, Any, 
     headers = stored_headers(req.headers)
     sc = storage_class(req.headers)
     tags = parse_tagging_header(req.headers.get("x-amz-tagging"))
-    acl = new_object_acl(req.headers, b)
+    acl = new_object_acl(req.headers, b, new_object_owner(req, b))
     return meta, headers, sc, tags, acl
 
 def check_attribute_rights(req: Req, b: BucketInfo, key: str, acl: Any, tags: Any) -> None:
     """Setting an ACL, tags, a retention or a legal hold along with a new object needs those permissions
-    too (as S3): another project granted only s3:PutObject must not make objects public or undeletable."""
-    if acl is not None:
+    too (as S3): another project granted only s3:PutObject must not make objects public or undeletable.
+    Not for an ACL a writer sets on an object it will own (ObjectWriter ownership: its own business, as in
+    S3), nor for `bucket-owner-full-control`, which grants nothing beyond the bucket owner's rights."""
+    own_object = new_object_owner(req, b) is not None
+    if acl is not None and not own_object and req.headers.get("x-amz-acl") != "bucket-owner-full-control":
         req.check("s3:PutObjectAcl", b, key)
     if tags:
         req.check("s3:PutObjectTagging", b, key)
@@ -501,7 +505,8 @@ async def put_object(req: Req, b: BucketInfo, key: str) -> Response:
         checksum = verify_checksums(req, sink, md5, alg, expected, trailer)
         obj = NewObject(key=key, size=sink.size, etag=sink.etag, storage_class=sc, headers=headers or None,
                         user_meta=meta or None, data=sink.inline, parts_count=0, checksum=checksum, sse=sse_info,
-                        lock_mode=lock_mode, lock_until=lock_until, legal_hold=hold, tags=tags, acl=acl)
+                        lock_mode=lock_mode, lock_until=lock_until, legal_hold=hold, tags=tags, acl=acl,
+                        owner=new_object_owner(req, b))
         if sink.blob_id is not None:
             obj.segments = [[sink.blob_id, sink.size, 0]]
             obj.new_blobs = [(sink.blob_id, sse.cipher_size(sink.size) if data_key else sink.size)]
@@ -583,7 +588,7 @@ async def load_version(req: Req, b: BucketInfo, key: str, version_id: str | None
         # (anonymous callers included), so no one learns which keys exist in a bucket they cannot list.
         req.check("s3:ListBucket", b)
     else:
-        req.check(action, b, key, v.acl if v is not None else None)
+        req.check(action, b, key, v.acl if v is not None else None, v.owner if v is not None else None)
     if v is None:
         if version_id is not None:
             if version_id != "null" and not engine.valid_version_id(version_id):
@@ -933,13 +938,14 @@ async def copy_object(req: Req, b: BucketInfo, key: str) -> Response:
     else:
         meta, headers = dict(src.user_meta or {}), dict(src.headers or {})
     tags = parse_tagging_header(req.headers.get("x-amz-tagging")) if tag_directive == "REPLACE" else src.tags
-    acl = new_object_acl(req.headers, b)
+    acl = new_object_acl(req.headers, b, new_object_owner(req, b))
     check_attribute_rights(req, b, key, acl, tags if tag_directive == "REPLACE" else None)
     lock_mode, lock_until, hold = lock_from_headers(req, b)
     await req.drain()
     obj = NewObject(key=key, size=src.size, etag=src.etag, storage_class=sc, headers=headers or None,
                     user_meta=meta or None, parts_count=src.parts_count, checksum=src.checksum, sse=sse_info,
-                    lock_mode=lock_mode, lock_until=lock_until, legal_hold=hold, tags=tags, acl=acl)
+                    lock_mode=lock_mode, lock_until=lock_until, legal_hold=hold, tags=tags, acl=acl,
+                    owner=new_object_owner(req, b))
     sink = None
     shareable = (not src.sse and sse_info is None) or (src.sse and src.sse["mode"] == "AES256" and sse_info
                                                        and sse_info["mode"] == "AES256")
@@ -1001,7 +1007,7 @@ async def create_upload(req: Req, b: BucketInfo, key: str) -> Response:
                      user_meta=meta or None, sse=sse_info, checksum_algorithm=alg.upper() if alg else None,
                      checksum_type=ck_type,
                      tags=tags, acl=acl, lock_mode=lock_mode, lock_until=lock_until, legal_hold=hold,
-                     initiator=req.requester.project_id or ""))
+                     initiator=req.requester.project_id or "", owner=new_object_owner(req, b)))
 
     await engine.write(tx)
     h = XML | sse_headers(sse_info)
@@ -1276,14 +1282,14 @@ async def delete_object_tagging(req: Req, b: BucketInfo, key: str) -> Response:
 
 async def get_object_acl(req: Req, b: BucketInfo, key: str) -> Response:
     v = await _version_for(req, b, key, "s3:GetObjectVersionAcl" if "versionId" in req.query else "s3:GetObjectAcl")
-    return Response(200, XML | _vid_header(b, v), await acl_response_xml(b, v.acl or []))
+    return Response(200, XML | _vid_header(b, v), await acl_response_xml(b, v.acl or [], v.owner))
 
 
 async def put_object_acl(req: Req, b: BucketInfo, key: str) -> Response:
     v0 = await engine.read(lambda s: engine.q_get_version(s, b.id, key, req.query.get("versionId")))
     action = "s3:PutObjectVersionAcl" if "versionId" in req.query else "s3:PutObjectAcl"
-    req.check(action, b, key, v0.acl if v0 is not None else None)
-    grants = await acl_to_set(req, b)
+    req.check(action, b, key, v0.acl if v0 is not None else None, v0.owner if v0 is not None else None)
+    grants = await acl_to_set(req, b, v0.owner if v0 is not None and not b.acls_disabled else None)
     v = await _update_version(req, b, key, lambda _v: {"acl": grants})
     return Response(200, _vid_header(b, v))
 

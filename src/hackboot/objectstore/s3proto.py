@@ -141,16 +141,16 @@ class Req:
         return {k: v for k, v in ctx.items() if v is not None}
 
     def check(self, action: str, bucket: engine.BucketInfo, key: str | None = None,
-              object_acl: list[dict[str, str]] | None = None) -> None:
+              object_acl: list[dict[str, str]] | None = None, object_owner: str | None = None) -> None:
         if bucket.acls_disabled:  # BucketOwnerEnforced: ACLs no longer affect permissions
-            bucket_acl, object_acl = None, None
+            bucket_acl, object_acl, object_owner = None, None, None
         else:
             bucket_acl = bucket.acl
         authorize(req=self.requester, action=action, bucket_name=bucket.name, bucket_owner=bucket.project_id,
                   policy=bucket.policy, bucket_acl=bucket_acl, object_acl=object_acl, key=key,
                   ctx=self.ctx() if bucket.policy else {},
                   ignore_public_policy=bucket.blocks("RestrictPublicBuckets"),
-                  ignore_public_acls=bucket.blocks("IgnorePublicAcls"))
+                  ignore_public_acls=bucket.blocks("IgnorePublicAcls"), object_owner=object_owner)
 
     @property
     def actor(self) -> str:
@@ -326,13 +326,29 @@ def acl_xml(owner: str, grants: list[dict[str, str]], names: dict[str, str] | No
                + f"<AccessControlList>{''.join(items)}</AccessControlList>")
 
 
-async def acl_response_xml(b: BucketInfo, grants: list[dict[str, str]]) -> bytes:
-    """GetBucketAcl / GetObjectAcl: with ACLs disabled (BucketOwnerEnforced) only the owner's FULL_CONTROL,
-    which is all that applies then; grantees carry their projects' names as display names."""
+async def acl_response_xml(b: BucketInfo, grants: list[dict[str, str]], object_owner: str | None = None) -> bytes:
+    """GetBucketAcl / GetObjectAcl: with ACLs disabled (BucketOwnerEnforced) only the bucket owner's
+    FULL_CONTROL, which is all that applies then; grantees carry their projects' names as display names."""
     shown = [] if b.acls_disabled else grants
-    ids = [b.project_id] + [g["grantee"] for g in shown if g["grantee"] not in GROUPS]
+    owner = b.project_id if b.acls_disabled else object_owner or b.project_id
+    ids = [owner] + [g["grantee"] for g in shown if g["grantee"] not in GROUPS]
     names = await engine.read(lambda s: engine.project_display_names(s, ids))
-    return acl_xml(b.project_id, shown, names)
+    return acl_xml(owner, shown, names)
+
+
+def new_object_owner(req: Req, b: BucketInfo) -> str | None:
+    """The owner of an object this request writes, None meaning the bucket's project. Writers from other
+    projects own what they write only where the bucket's owner chose it (as S3 defines the settings):
+    ObjectWriter, or BucketOwnerPreferred without the `bucket-owner-full-control` canned ACL. Without
+    ownership controls the bucket's project owns everything (S3's default for new buckets)."""
+    writer = req.requester.project_id
+    if writer is None or writer == b.project_id:
+        return None
+    if b.object_ownership == "ObjectWriter":
+        return writer
+    if b.object_ownership == "BucketOwnerPreferred" and req.headers.get("x-amz-acl") != "bucket-owner-full-control":
+        return writer
+    return None
 
 
 def _needs_resolution(grants: list[dict[str, str]], owner: str) -> bool:
@@ -348,31 +364,35 @@ def check_settable_acl(b: BucketInfo, grants: list[dict[str, str]]) -> None:
         raise public_acls_blocked()
 
 
-def new_object_acl(headers: dict[str, str], b: BucketInfo) -> list[dict[str, str]] | None:
+def new_object_acl(headers: dict[str, str], b: BucketInfo, owner: str | None = None) -> list[dict[str, str]] | None:
     """The ACL sent with new data (`x-amz-acl` / `x-amz-grant-*`, or a POST form's `acl`), resolved and
-    checked against the bucket's settings; None when the request sets none."""
-    acl = acl_from_headers(headers, b.project_id, b.project_id)
+    checked against the bucket's settings; None when the request sets none. `owner`: the new object's
+    owner when not the bucket's (see new_object_owner)."""
+    owner = owner or b.project_id
+    acl = acl_from_headers(headers, owner, b.project_id)
     if acl is None:
         return None
-    if _needs_resolution(acl, b.project_id):  # rare: a tiny indexed read on the loop is cheaper than a hop
+    if _needs_resolution(acl, owner):  # rare: a tiny indexed read on the loop is cheaper than a hop
         acl = engine.resolve_grantees(acl, b.project_id)
-    acl = stored_acl(acl, b.project_id)
+    acl = stored_acl(acl, owner)
     check_settable_acl(b, acl)
     return acl
 
 
-async def acl_to_set(req: Req, b: BucketInfo) -> list[dict[str, str]]:
-    """PutBucketAcl / PutObjectAcl: the headers or the AccessControlPolicy body, resolved and checked."""
-    grants = await parse_acl_request(req, b.project_id)
-    if _needs_resolution(grants, b.project_id):
+async def acl_to_set(req: Req, b: BucketInfo, object_owner: str | None = None) -> list[dict[str, str]]:
+    """PutBucketAcl / PutObjectAcl: the headers or the AccessControlPolicy body, resolved and checked.
+    `object_owner`: the object's owner when not the bucket's."""
+    owner = object_owner or b.project_id
+    grants = await parse_acl_request(req, owner, b.project_id)
+    if _needs_resolution(grants, owner):
         grants = await engine.read(lambda s: engine.q_resolve_grantees(s, grants, b.project_id))
-    grants = stored_acl(grants, b.project_id)
+    grants = stored_acl(grants, owner)
     check_settable_acl(b, grants)
     return grants
 
 
-async def parse_acl_request(req: Req, owner: str) -> list[dict[str, str]]:
-    from_headers = acl_from_headers(req.headers, owner)
+async def parse_acl_request(req: Req, owner: str, bucket_owner: str | None = None) -> list[dict[str, str]]:
+    from_headers = acl_from_headers(req.headers, owner, bucket_owner)
     body = await req.read_body(64 * 1024)
     if from_headers is not None:
         if body.strip():

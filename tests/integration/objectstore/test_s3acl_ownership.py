@@ -167,3 +167,64 @@ def test_expected_bucket_owner_raw_header(owner: Account) -> None:
     assert r.status_code == 403 and b"<Code>AccessDenied</Code>" in r.content
     r = owner.signed("GET", b, headers={"x-amz-expected-bucket-owner": owner.project_id})
     assert r.status_code == 200, r.text
+
+
+# --- who owns what a writer from another project puts --------------------------------------------
+
+def _owner_of(acc: Account, bucket: str, key: str) -> str:
+    return str(acc.s3.get_object_acl(Bucket=bucket, Key=key)["Owner"]["ID"])
+
+
+def test_object_writer_owns_what_it_writes(owner: Account, peer: Account) -> None:
+    b = new_name("own")
+    owner.s3.create_bucket(Bucket=b, ObjectOwnership="ObjectWriter")
+    owner.s3.put_bucket_acl(Bucket=b, GrantWrite=f'id="{peer.project_id}"', GrantFullControl=f'id="{owner.project_id}"')
+    peer.s3.put_object(Bucket=b, Key="mine", Body=b"peer data")
+    peer.s3.put_object(Bucket=b, Key="shared", Body=b"for the owner", ACL="bucket-owner-read")
+    acl = peer.s3.get_object_acl(Bucket=b, Key="shared")  # the writer reads its object's ACL…
+    assert acl["Owner"] == {"ID": peer.project_id, "DisplayName": peer.name}
+    assert grants(acl) == {(peer.project_id, "FULL_CONTROL"), (owner.project_id, "READ")}
+    assert grants(peer.s3.get_object_acl(Bucket=b, Key="mine")) == {(peer.project_id, "FULL_CONTROL")}
+    assert peer.s3.get_object(Bucket=b, Key="mine")["Body"].read() == b"peer data"  # …and its data
+    peer.s3.put_object_acl(Bucket=b, Key="mine", ACL="bucket-owner-full-control")
+    assert grants(owner.s3.get_object_acl(Bucket=b, Key="mine")) == {(peer.project_id, "FULL_CONTROL"),
+                                                                       (owner.project_id, "FULL_CONTROL")}
+    listed = {o["Key"]: o["Owner"] for o in owner.s3.list_objects_v2(Bucket=b, FetchOwner=True)["Contents"]}
+    assert listed["mine"] == {"ID": peer.project_id, "DisplayName": peer.name}
+    versions = owner.s3.list_object_versions(Bucket=b)["Versions"]
+    assert {v["Owner"]["ID"] for v in versions} == {peer.project_id}
+    # an object the bucket's owner writes stays its own, out of the writer's reach
+    owner.s3.put_object(Bucket=b, Key="owners", Body=b"x")
+    assert _owner_of(owner, b, "owners") == owner.project_id
+    fails(peer.s3.get_object, "AccessDenied", Bucket=b, Key="owners")
+    fails(peer.s3.get_object_acl, "AccessDenied", Bucket=b, Key="owners")
+    # a copy and a multipart upload belong to their writer too
+    peer.s3.copy_object(Bucket=b, Key="copied", CopySource={"Bucket": b, "Key": "mine"})
+    up = peer.s3.create_multipart_upload(Bucket=b, Key="multi")
+    etag = peer.s3.upload_part(Bucket=b, Key="multi", UploadId=up["UploadId"], PartNumber=1, Body=b"m")["ETag"]
+    peer.s3.complete_multipart_upload(Bucket=b, Key="multi", UploadId=up["UploadId"],
+                                      MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    assert _owner_of(owner, b, "copied") == _owner_of(owner, b, "multi") == peer.project_id
+    # BucketOwnerEnforced takes every object over, for good
+    owner.s3.put_bucket_acl(Bucket=b, ACL="private")
+    owner.s3.put_bucket_ownership_controls(Bucket=b, OwnershipControls=controls("BucketOwnerEnforced"))
+    assert _owner_of(owner, b, "mine") == owner.project_id
+    fails(peer.s3.get_object, "AccessDenied", Bucket=b, Key="mine")
+    owner.s3.put_bucket_ownership_controls(Bucket=b, OwnershipControls=controls("ObjectWriter"))
+    assert _owner_of(owner, b, "mine") == owner.project_id
+
+
+def test_bucket_owner_preferred_and_default_ownership(owner: Account, peer: Account) -> None:
+    preferred, default = new_name("own"), new_name("own")
+    owner.s3.create_bucket(Bucket=preferred, ObjectOwnership="BucketOwnerPreferred")
+    owner.s3.create_bucket(Bucket=default)
+    for b in (preferred, default):
+        owner.s3.put_bucket_acl(Bucket=b, GrantWrite=f'id="{peer.project_id}"')
+        peer.s3.put_object(Bucket=b, Key="bofc", Body=b"x", ACL="bucket-owner-full-control")
+        peer.s3.put_object(Bucket=b, Key="plain", Body=b"x")
+    assert _owner_of(owner, preferred, "bofc") == owner.project_id
+    assert _owner_of(owner, preferred, "plain") == peer.project_id
+    # without ownership controls the bucket's project owns whatever others write (no implicit rights)
+    assert _owner_of(owner, default, "bofc") == _owner_of(owner, default, "plain") == owner.project_id
+    fails(peer.s3.get_object, "AccessDenied", Bucket=default, Key="plain")
+    fails(peer.s3.put_object_acl, "AccessDenied", Bucket=default, Key="plain", ACL="public-read")
