@@ -383,8 +383,9 @@ async def list_uploads(req: Req, b: BucketInfo) -> Response:
     if url:
         parts.append("<EncodingType>url</EncodingType>")
     parts.append(tag("IsTruncated", "true" if truncated else "false"))
-    owner = owner_xml(b.project_id, b.owner_name)
+    owners = await owner_elements(b, uploads)  # the completed object's owner (a writer under ObjectWriter)
     for up in uploads:
+        owner = owners.get(up.owner, owners[None])
         parts.append(f"<Upload><Key>{_enc(up.key, url)}</Key><UploadId>{esc(up.id)}</UploadId>"
                      f"{initiator_xml(up.initiator, b)}{owner}<StorageClass>{up.storage_class}</StorageClass>"
                      f"<Initiated>{iso(up.created_at)}</Initiated></Upload>")

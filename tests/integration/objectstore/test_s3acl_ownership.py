@@ -201,6 +201,9 @@ def test_object_writer_owns_what_it_writes(owner: Account, peer: Account) -> Non
     # a copy and a multipart upload belong to their writer too
     peer.s3.copy_object(Bucket=b, Key="copied", CopySource={"Bucket": b, "Key": "mine"})
     up = peer.s3.create_multipart_upload(Bucket=b, Key="multi")
+    listed_up = owner.s3.list_multipart_uploads(Bucket=b)["Uploads"][0]
+    assert listed_up["Owner"] == {"ID": peer.project_id, "DisplayName": peer.name}
+    assert listed_up["Initiator"]["ID"] == peer.project_id
     etag = peer.s3.upload_part(Bucket=b, Key="multi", UploadId=up["UploadId"], PartNumber=1, Body=b"m")["ETag"]
     peer.s3.complete_multipart_upload(Bucket=b, Key="multi", UploadId=up["UploadId"],
                                       MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
